@@ -1,0 +1,62 @@
+"""Backbone registry: ``family/model`` names resolve here, and only here.
+
+Families map to modules imported lazily, so naming ``timm/...`` never imports TensorFlow and
+``keras/...`` never imports torch (like timm's ``create_model``, unknown names fail with the
+closest known ones).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from backbones.base import BackboneSpec, FoldJob, FoldResult
+from oof.errors import ConfigError
+
+if TYPE_CHECKING:
+    from oof.config import RunConfig
+
+FAMILIES: dict[str, str] = {
+    "timm": "backbones.timm_backend",
+    "keras": "backbones.keras_backend",
+}
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'timm/resnet10t' -> ('timm', 'resnet10t'); refuses names without a known family."""
+    family, sep, model = name.partition("/")
+    if not sep or not model:
+        raise ConfigError(
+            f"--backbone {name!r}: write it as FAMILY/MODEL, e.g. timm/resnet10t or "
+            "keras/EfficientNetB0"
+        )
+    if family not in FAMILIES:
+        close = difflib.get_close_matches(family, FAMILIES, 1)
+        hint = f" (did you mean {close[0]}/{model}?)" if close else ""
+        raise ConfigError(f"--backbone {name!r}: unknown family {family!r}{hint}; "
+                          f"known: {sorted(FAMILIES)}")
+    return family, model
+
+
+def get_backend(family: str) -> ModuleType:
+    return importlib.import_module(FAMILIES[family])
+
+
+def close_names(name: str, known: list[str], n: int = 5) -> str:
+    """Human hint listing the known names closest to ``name``."""
+    lowered = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n, cutoff=0.5)
+    return ", ".join(lowered[c] for c in close) or "none close"
+
+
+def resolve(cfg: RunConfig) -> tuple[BackboneSpec, ModuleType]:
+    """Resolve ``cfg.backbone`` to its spec and the backend module that trains it."""
+    family, model = split_name(cfg.backbone)
+    backend = get_backend(family)
+    return backend.resolve_spec(model, cfg), backend
+
+
+__all__ = ["BackboneSpec", "FoldJob", "FoldResult", "FAMILIES", "resolve", "split_name",
+           "get_backend", "close_names"]

@@ -1,0 +1,76 @@
+"""What every backbone family hands the rest of foldstack: a spec and a one-fold trainer.
+
+Framework-free on purpose: the runner, the tests and the scripts import this module, never torch or
+tensorflow. Preprocessing travels with the spec (like timm's ``PretrainedCfg``), so the data
+pipeline asks the backbone for input size, mean and std instead of guessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from oof.config import RunConfig
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A resolved backbone: what to build and how its inputs must look."""
+
+    name: str  # "timm/resnet10t", "keras/EfficientNetB0"
+    family: str  # "timm" | "keras"
+    framework: str  # "torch" | "tensorflow"
+    model_name: str
+    input_size: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # on the 0..1 scale
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    preprocessing: str = ""  # how raw 0..255 RGB becomes model input, in words
+    pretrained: str = ""  # '' (scratch), 'auto', or a file
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FoldJob:
+    """One fold's inputs: uint8 RGB images (N, H, W, 3), integer labels, where to write."""
+
+    spec: BackboneSpec
+    cfg: RunConfig
+    fold: int
+    classes: list[str]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    checkpoint_path: Path  # final weights of the fold, written atomically
+    work_dir: Path  # scratch for resumable state; removed by the runner when the fold is done
+    history_path: Path  # per-epoch CSV, may be written live
+    seed: int = 0
+
+
+@dataclass
+class FoldResult:
+    """What a backend returns: held-out and test probabilities, per-epoch history, timings."""
+
+    val_proba: np.ndarray
+    test_proba: np.ndarray
+    history: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """The small interface each family module (``backbones.timm_backend`` ...) implements."""
+
+    FRAMEWORK: str
+
+    def resolve_spec(self, model_name: str, cfg: RunConfig) -> BackboneSpec: ...
+
+    def train_fold(self, job: FoldJob) -> FoldResult: ...
+
+    def versions(self) -> dict[str, str]: ...

@@ -1,0 +1,291 @@
+"""timm backbones: build, train one fold, predict with TTA. The only module that imports torch.
+
+The loop is deliberately small (AdamW, warmup + cosine/one-cycle per step, label smoothing, AMP on
+GPU) and its hooks carry Keras' names (``backbones.callbacks``). Images arrive as uint8 arrays from
+the decoded-image cache and are normalised on the device, so the loop never touches a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from backbones import close_names
+from backbones.augment import build_augment
+from backbones.base import BackboneSpec, FoldJob, FoldResult
+from backbones.callbacks import Callback, CSVLogger, TerminateOnNaN
+from oof.atomic import atomic_path
+from oof.config import RunConfig
+from oof.errors import ConfigError
+from oof.metrics import accuracy, log_loss
+
+log = logging.getLogger(__name__)
+FRAMEWORK = "torch"
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__}
+
+
+def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
+    """Check the name against timm's registry and read its preprocessing from the pretrained cfg."""
+    if not timm.is_model(model_name):
+        raise ConfigError(
+            f"--backbone timm/{model_name}: timm has no such model; closest: "
+            f"{close_names(model_name, timm.list_models())}"
+        )
+    pcfg = timm.get_pretrained_cfg(model_name)
+    default_size = pcfg.input_size[-1] if pcfg and pcfg.input_size else 224
+    mean = tuple(pcfg.mean) if pcfg else (0.485, 0.456, 0.406)
+    std = tuple(pcfg.std) if pcfg else (0.229, 0.224, 0.225)
+    return BackboneSpec(
+        name=f"timm/{model_name}", family="timm", framework=FRAMEWORK, model_name=model_name,
+        input_size=int(cfg.img_size or default_size), mean=mean, std=std,  # type: ignore[arg-type]
+        preprocessing=f"x/255, minus mean {mean}, divided by std {std} (timm pretrained cfg)",
+        pretrained=cfg.pretrained,
+    )
+
+
+def create_model(spec: BackboneSpec, num_classes: int) -> nn.Module:
+    """Build the model with a fresh head; weights from scratch, timm's cache, or a local file."""
+    source = spec.pretrained
+    if not source:
+        return timm.create_model(spec.model_name, pretrained=False, num_classes=num_classes)
+    kwargs: dict[str, Any] = {}
+    if source != "auto":
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--pretrained {source}: no such weights file")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+    try:
+        return timm.create_model(spec.model_name, pretrained=True, num_classes=num_classes,
+                                 **kwargs)
+    except Exception as exc:  # noqa: BLE001 - timm raises many types for "no weights"
+        where = source if source != "auto" else "the Hugging Face / torch hub cache or online"
+        raise ConfigError(
+            f"--pretrained {source}: could not load weights for timm/{spec.model_name} from "
+            f"{where} ({type(exc).__name__}: {str(exc)[:300]}). Offline, pass a local file: "
+            "--pretrained /path/to/model.safetensors (or .pth / .bin)"
+        ) from exc
+
+
+def pick_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 HWC images in memory (or memory-mapped) with an albumentations transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: Any | None) -> None:
+        self.images, self.labels, self.augment = images, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = np.asarray(self.images[i])
+        if self.augment is not None:
+            img = self.augment(image=img)["image"]
+        return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[i])
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak LR at ``step``: linear warmup, then cosine/one-cycle/constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "onecycle":  # anneal to 1/10^4 of peak, like torch's OneCycleLR default
+        return 1e-4 + (1 - 1e-4) * cosine
+    return 0.01 + 0.99 * cosine  # cosine to 1% of peak
+
+
+@dataclass
+class Trainer:
+    """One fold's model, optimiser and loop; ``stop_training`` is the callbacks' brake."""
+
+    model: nn.Module
+    spec: BackboneSpec
+    cfg: RunConfig
+    device: torch.device
+    steps_per_epoch: int
+    stop_training: bool = False
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        total = max(1, cfg.epochs * self.steps_per_epoch)
+        warmup = min(total - 1, int(cfg.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, max(warmup, 1), cfg.schedule)
+        )
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        use_amp = cfg.amp and self.device.type == "cuda"
+        self.amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
+                          else torch.float16 if use_amp else None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1) * 255
+
+    def to_input(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        """NHWC uint8 -> normalised NCHW float on the device."""
+        x = batch_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
+
+    def train_epoch(self, loader: Any, epoch: int) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=not self.cfg.progress, unit="batch")
+        for images, labels in bar:
+            x, y = self.to_input(images), labels.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(x)
+                loss = self.loss_fn(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            n = len(y)
+            total_loss += loss.item() * n
+            correct += int((logits.argmax(1) == y).sum())
+            seen += n
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+        return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
+        """Class probabilities for uint8 images; 'hflip' averages with the mirrored view."""
+        self.model.eval()
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = self.to_input(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])))
+            with self._autocast():
+                probs = self.model(x).float().softmax(1)
+                if tta == "hflip":
+                    probs = (probs + self.model(x.flip(3)).float().softmax(1)) / 2
+            out.append(probs.cpu().numpy().astype(np.float64))
+        if not out:
+            return np.zeros((0, self.model.num_classes), dtype=np.float64)
+        probs = np.concatenate(out)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+
+def make_loader(images: np.ndarray, labels: np.ndarray, cfg: RunConfig, seed: int,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    workers = cfg.num_workers
+    if workers is None:  # on 2 cores a worker process steals the compute threads' core
+        cores = os.cpu_count() or 1
+        workers = 0 if cores <= 2 or device.type == "cpu" else min(8, cores - 1)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        ArrayDataset(images, labels, build_augment(cfg.augment)), batch_size=cfg.batch_size,
+        shuffle=True, drop_last=len(images) > cfg.batch_size, num_workers=workers,
+        generator=gen, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+    )
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Weights with their metadata inside (like timm's CheckpointSaver), written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_trainer(job: FoldJob, steps_per_epoch: int) -> Trainer:
+    cfg = job.cfg
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(job.seed)
+    device = pick_device(cfg)
+    model = create_model(job.spec, len(job.classes))
+    return Trainer(model, job.spec, cfg, device, steps_per_epoch)
+
+
+def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldResult:
+    """Train on the fold's training rows, then predict its held-out rows and the test set."""
+    cfg = job.cfg
+    t0 = time.perf_counter()
+    device = pick_device(cfg)
+    loader = make_loader(job.x_train, job.y_train, cfg, job.seed, device)
+    trainer = build_trainer(job, len(loader))
+    callbacks = [CSVLogger(job.history_path), TerminateOnNaN(), *(callbacks or [])]
+    for cb in callbacks:
+        cb.set_trainer(trainer)
+        cb.on_train_begin({})
+    history: list[dict[str, Any]] = []
+    startup = time.perf_counter() - t0
+    for epoch in range(cfg.epochs):
+        e0 = time.perf_counter()
+        for cb in callbacks:
+            cb.on_epoch_begin(epoch, {})
+        logs = trainer.train_epoch(loader, epoch)
+        val = trainer.predict(job.x_val)
+        logs.update(val_loss=log_loss(job.y_val, val), val_accuracy=accuracy(job.y_val, val),
+                    seconds=time.perf_counter() - e0)
+        history.append({"epoch": epoch, **logs})
+        log.info("fold %d epoch %d/%d %s", job.fold, epoch + 1, cfg.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, logs)
+        if trainer.stop_training:
+            break
+    for cb in callbacks:
+        cb.on_train_end({})
+    train_seconds = time.perf_counter() - t0
+    val_proba = trainer.predict(job.x_val, cfg.tta)
+    test_proba = trainer.predict(job.x_test, cfg.tta)
+    save_checkpoint(job.checkpoint_path, trainer.model, {
+        "backbone": job.spec.to_dict(), "classes": job.classes, "fold": job.fold,
+        "epochs_run": len(history), "num_classes": len(job.classes),
+    })
+    return FoldResult(val_proba, test_proba, history, {
+        "device": str(device), "amp": str(trainer.amp_dtype), "epochs_run": len(history),
+        "startup_seconds": startup, "train_seconds": train_seconds,
+        "predict_seconds": time.perf_counter() - t0 - train_seconds,
+    })
+

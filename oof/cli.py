@@ -1,0 +1,34 @@
+"""Shared start-up of the thin scripts: logging, and user errors printed without a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from oof.errors import FoldstackError
+
+
+def main_guard(fn: Callable[[], int | None]) -> int:
+    """Run a script's body; a FoldstackError becomes one clear message and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return fn() or 0
+    except FoldstackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def format_table(rows: list[dict], columns: list[str], floats: str = "{:.4f}") -> str:
+    """A plain fixed-width table for the terminal (and Markdown-compatible)."""
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return floats.format(v)
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(columns), sep, *(line(r) for r in cells)])

@@ -1,0 +1,128 @@
+"""Fold assignment, stored once per run root so every backbone trains on the same folds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from oof.atomic import write_atomic, write_json
+from oof.errors import ConfigError, DataError
+
+DEFAULT_FOLDS = 5
+DEFAULT_SEED = 42
+FOLDS_FILE = "folds.csv"
+FOLDS_META = "folds.json"
+
+
+def fold_fingerprint(ids: np.ndarray, folds: np.ndarray, k: int, seed: int) -> str:
+    """Hash of the sorted (id, fold) pairs plus K and seed: equal hash, equal folds."""
+    digest = hashlib.sha256(f"k={k};seed={seed}".encode())
+    for i, f in sorted(zip(map(str, ids), map(int, folds))):
+        digest.update(f"\n{i}\t{f}".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Folds:
+    """The stored assignment: one row per training id."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    fold: np.ndarray
+    k: int
+    seed: int
+    fingerprint: str
+
+    def split(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row indices (train, held-out) of fold ``k``."""
+        held = self.fold == k
+        return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def make_folds(ids: list[str], labels: list[str], k: int, seed: int) -> Folds:
+    """StratifiedKFold with shuffling; refuses classes smaller than K, naming them."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if k < 2:
+        raise ConfigError(f"--folds {k}: need at least 2 folds")
+    counts = pd.Series(labels).value_counts()
+    small = counts[counts < k]
+    if len(small):
+        detail = ", ".join(f"{c!r} has {n}" for c, n in small.items())
+        raise DataError(f"--folds {k}: every class needs at least {k} images; {detail}")
+    fold = np.full(len(ids), -1, dtype=np.int64)
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, held) in enumerate(skf.split(np.zeros(len(labels)), labels)):
+        fold[held] = f
+    ids_arr, labels_arr = np.asarray(ids, dtype=object), np.asarray(labels, dtype=object)
+    return Folds(ids_arr, labels_arr, fold, k, seed, fold_fingerprint(ids_arr, fold, k, seed))
+
+
+def load_folds(run_root: Path) -> Folds | None:
+    """Read ``folds.csv`` + ``folds.json``; verify the stored fingerprint against the rows."""
+    path, meta_path = Path(run_root) / FOLDS_FILE, Path(run_root) / FOLDS_META
+    if not path.exists():
+        return None
+    if not meta_path.exists():
+        raise DataError(f"{path}: exists but {meta_path.name} (K, seed, fingerprint) is missing")
+    meta = json.loads(meta_path.read_text())
+    df = pd.read_csv(path, dtype={"id": str, "label": str, "fold": np.int64}, keep_default_na=False)
+    folds = Folds(
+        df["id"].to_numpy(object), df["label"].to_numpy(object), df["fold"].to_numpy(),
+        int(meta["k"]), int(meta["seed"]), meta["fingerprint"],
+    )
+    actual = fold_fingerprint(folds.ids, folds.fold, folds.k, folds.seed)
+    if actual != folds.fingerprint:
+        raise DataError(
+            f"{path}: rows do not match the fingerprint in {meta_path.name} "
+            f"({actual} != {folds.fingerprint}); the file was edited by hand"
+        )
+    return folds
+
+
+def write_folds(run_root: Path, folds: Folds) -> None:
+    run_root = Path(run_root)
+    df = pd.DataFrame({"id": folds.ids, "label": folds.labels, "fold": folds.fold})
+    write_atomic(run_root / FOLDS_FILE, lambda p: df.to_csv(p, index=False))
+    write_json(
+        run_root / FOLDS_META,
+        {"k": folds.k, "seed": folds.seed, "fingerprint": folds.fingerprint, "rows": len(df)},
+    )
+
+
+def ensure_folds(
+    run_root: Path, ids: list[str], labels: list[str], k: int | None, seed: int | None
+) -> Folds:
+    """Reuse the run root's folds, or create them; refuse a different K/seed or dataset."""
+    existing = load_folds(run_root)
+    if existing is None:
+        folds = make_folds(ids, labels, k or DEFAULT_FOLDS, DEFAULT_SEED if seed is None else seed)
+        write_folds(run_root, folds)
+        return folds
+    asked = {"--folds": (k, existing.k), "--seed": (seed, existing.seed)}
+    clash = [f"{flag} {new} (stored: {old})" for flag, (new, old) in asked.items()
+             if new is not None and new != old]
+    if clash:
+        raise ConfigError(
+            f"{Path(run_root) / FOLDS_FILE} already fixes K={existing.k}, seed={existing.seed}; "
+            f"asked for {', '.join(clash)}. Runs in one run root must share folds to be stacked: "
+            f"drop the flag, or start a new run root with --out OTHER_DIR."
+        )
+    if sorted(map(str, ids)) != sorted(map(str, existing.ids)):
+        raise DataError(
+            f"{Path(run_root) / FOLDS_FILE}: its ids differ from the dataset's training ids; "
+            "the dataset changed since the folds were made: use a new --out"
+        )
+    stored = dict(zip(existing.ids, existing.labels))
+    changed = [i for i, lab in zip(ids, labels) if stored[i] != lab]
+    if changed:
+        raise DataError(
+            f"{Path(run_root) / FOLDS_FILE}: labels changed since the folds were made for "
+            f"{len(changed)} id(s), e.g. {changed[:5]}; use a new --out"
+        )
+    return existing

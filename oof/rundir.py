@@ -1,0 +1,308 @@
+"""The run directory: the OOF contract on disk.
+
+Layout of ``<run root>/<run>/``::
+
+    config.yaml          resolved config the run was started with
+    meta.json            config, versions, seeds, fold fingerprint, classes, per-fold metrics
+    parts/foldK.*        per-fold OOF rows, test predictions and history; foldK.json marks done
+    oof.parquet          id, label, fold, <run>__<class>...   (every training id exactly once)
+    test.parquet         id, <run>__<class>...                (mean of the fold models)
+    test_folds.parquet   id, fold, <run>__<class>...          (each fold model's test prediction)
+    history.csv          fold, epoch, metrics per epoch
+
+Rows no fold predicted are NaN, never 0 (leak-aware, as AutoGluon's bagged models do: a 0 would
+look like a confident prediction to a stacker). Every file is written atomically, and a fold's
+JSON marker is written last, so a killed fold leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from oof.atomic import write_atomic, write_json
+from oof.errors import RunMismatchError
+from oof.folds import Folds
+from oof.metrics import scores
+
+log = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+PARQUET_META_KEY = b"foldstack"
+
+
+def column_names(run: str, classes: list[str]) -> list[str]:
+    return [f"{run}__{c}" for c in classes]
+
+
+@dataclass
+class FoldPart:
+    """What one fold contributes: predictions for its held-out rows and for the test set."""
+
+    fold: int
+    val_ids: np.ndarray
+    val_proba: np.ndarray
+    test_proba: np.ndarray
+    history: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """A complete run loaded from disk: what a notebook, a stacker or the analysis needs."""
+
+    path: Path
+    name: str
+    classes: list[str]
+    ids: np.ndarray
+    labels: np.ndarray  # class names (str)
+    y: np.ndarray  # class indices into ``classes``
+    folds: np.ndarray
+    oof: np.ndarray  # (n_train, n_classes), NaN where no fold predicted
+    test_ids: np.ndarray
+    test: np.ndarray  # (n_test, n_classes), mean of the fold models
+    fingerprint: str
+    meta: dict[str, Any]
+
+    @property
+    def columns(self) -> list[str]:
+        return column_names(self.name, self.classes)
+
+    def test_per_fold(self) -> np.ndarray:
+        """(K, n_test, n_classes): each fold model's test prediction, in ``test_ids`` order."""
+        df = pd.read_parquet(self.path / "test_folds.parquet")
+        k = int(df["fold"].max()) + 1 if len(df) else 0
+        out = np.full((k, len(self.test_ids), len(self.classes)), np.nan)
+        pos = {i: n for n, i in enumerate(self.test_ids)}
+        for f, part in df.groupby("fold"):
+            rows = [pos[i] for i in part["id"]]
+            out[int(f), rows] = part[self.columns].to_numpy(np.float64)
+        return out
+
+    def scores(self) -> dict[str, float]:
+        return scores(self.y, self.oof)
+
+
+def _write_parquet(path: Path, df: pd.DataFrame, info: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[PARQUET_META_KEY] = json.dumps(info).encode()
+    write_atomic(path, lambda p: pq.write_table(table.replace_schema_metadata(meta), p))
+
+
+def write_run(
+    path: Path,
+    name: str,
+    classes: list[str],
+    folds: Folds,
+    oof: np.ndarray,
+    test_ids: np.ndarray,
+    test_per_fold: np.ndarray,
+    meta: dict[str, Any],
+) -> Run:
+    """Write the assembled matrices of a run (level 1 or 2) and its meta; return it loaded.
+
+    ``oof`` rows follow ``folds.ids``; ``test_per_fold`` is (K, n_test, C) and its mean over
+    folds becomes the run's test prediction.
+    """
+    path = Path(path)
+    cols = column_names(name, classes)
+    info = {"run": name, "classes": classes, "fingerprint": folds.fingerprint}
+    oof_df = pd.DataFrame({"id": folds.ids.astype(str), "label": folds.labels.astype(str),
+                           "fold": folds.fold})
+    oof_df[cols] = np.asarray(oof, dtype=np.float64)
+    _write_parquet(path / "oof.parquet", oof_df, info)
+    test_ids = np.asarray(test_ids, dtype=object).astype(str)
+    test_mean = test_per_fold.mean(axis=0) if len(test_per_fold) else np.zeros((len(test_ids), len(classes)))
+    test_df = pd.DataFrame({"id": test_ids})
+    test_df[cols] = test_mean
+    _write_parquet(path / "test.parquet", test_df, info)
+    per_fold = pd.concat(
+        [pd.DataFrame({"id": test_ids, "fold": f}).assign(**dict(zip(cols, p.T)))
+         for f, p in enumerate(test_per_fold)] or [pd.DataFrame(columns=["id", "fold", *cols])],
+        ignore_index=True,
+    )
+    _write_parquet(path / "test_folds.parquet", per_fold, info)
+    y = np.array([classes.index(lab) for lab in folds.labels.astype(str)])
+    full_meta = {
+        **meta, "run": name, "status": "complete", "classes": classes,
+        "fold_fingerprint": folds.fingerprint, "folds": folds.k, "fold_seed": folds.seed,
+        "oof_metrics": scores(y, np.asarray(oof, dtype=np.float64)),
+        "rows_without_prediction": int(np.isnan(oof).any(axis=1).sum()),
+    }
+    write_json(path / META_FILE, full_meta)
+    return load_run(path)
+
+
+class RunDir:
+    """Per-fold parts of a run in progress, and their assembly into the final matrices."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.parts = self.path / "parts"
+
+    def history_path(self, fold: int) -> Path:
+        """Per-fold history CSV; backends may append to it live, ``write_fold`` rewrites it."""
+        return self.parts / f"fold{fold}_history.csv"
+
+    def work_dir(self, fold: int) -> Path:
+        """Scratch space of a fold in progress (backups for resuming); removed when it is done."""
+        return self.path / "work" / f"fold{fold}"
+
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def is_done(self, fold: int) -> bool:
+        return (self.parts / f"fold{fold}.json").exists()
+
+    def done_folds(self) -> list[int]:
+        return sorted(int(p.stem[4:]) for p in self.parts.glob("fold*.json"))
+
+    def read_meta(self) -> dict[str, Any]:
+        p = self.path / META_FILE
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        write_json(self.path / META_FILE, meta)
+
+    def write_fold(self, part: FoldPart, classes: list[str]) -> None:
+        """Write one fold's predictions, history and info; the JSON marker goes last."""
+        k = part.fold
+        val = pd.DataFrame({"id": np.asarray(part.val_ids).astype(str)})
+        val[list(classes)] = np.asarray(part.val_proba, dtype=np.float64)
+        write_atomic(self.parts / f"fold{k}_oof.parquet", lambda p: val.to_parquet(p, index=False))
+        tst = pd.DataFrame(np.asarray(part.test_proba, dtype=np.float64), columns=list(classes))
+        write_atomic(self.parts / f"fold{k}_test.parquet", lambda p: tst.to_parquet(p, index=False))
+        hist = pd.DataFrame(part.history).assign(fold=k)
+        write_atomic(self.history_path(k), lambda p: hist.to_csv(p, index=False))
+        write_json(self.parts / f"fold{k}.json", {"fold": k, **part.info})
+
+    def read_fold_info(self, fold: int) -> dict[str, Any]:
+        return json.loads((self.parts / f"fold{fold}.json").read_text())
+
+    def assemble(
+        self, name: str, classes: list[str], folds: Folds, test_ids: np.ndarray,
+        meta: dict[str, Any],
+    ) -> Run:
+        """Join all finished folds into the run's matrices (only called when all are done)."""
+        pos = {i: n for n, i in enumerate(folds.ids.astype(str))}
+        oof = np.full((len(folds.ids), len(classes)), np.nan)
+        per_fold = np.full((folds.k, len(test_ids), len(classes)), np.nan)
+        histories = []
+        for k in range(folds.k):
+            val = pd.read_parquet(self.parts / f"fold{k}_oof.parquet")
+            rows = np.array([pos[i] for i in val["id"]], dtype=np.int64)
+            if not (folds.fold[rows] == k).all():
+                raise RunMismatchError(f"{self.parts}: fold {k} predicted rows outside fold {k}")
+            oof[rows] = val[list(classes)].to_numpy(np.float64)
+            per_fold[k] = pd.read_parquet(self.parts / f"fold{k}_test.parquet")[list(classes)]
+            if self.history_path(k).exists() and self.history_path(k).stat().st_size > 1:
+                histories.append(pd.read_csv(self.history_path(k)))
+        if histories:
+            hist = pd.concat(histories, ignore_index=True)
+            front = [c for c in ("fold", "epoch") if c in hist.columns]
+            hist = hist[front + [c for c in hist.columns if c not in front]]
+            write_atomic(self.path / "history.csv", lambda p: hist.to_csv(p, index=False))
+        meta = {**meta, "fold_info": {k: self.read_fold_info(k) for k in range(folds.k)}}
+        return write_run(self.path, name, classes, folds, oof, test_ids, per_fold, meta)
+
+
+def _read_parquet_info(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(PARQUET_META_KEY)
+    if raw is None:
+        raise RunMismatchError(f"{path}: not written by foldstack (no class order in its metadata)")
+    return table.to_pandas(), json.loads(raw)
+
+
+def load_run(path: str | Path) -> Run:
+    """Load a complete run folder: ids, labels, folds, class names, OOF and test probabilities."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.exists():
+        raise RunMismatchError(f"{path}: not a run folder (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("status") != "complete":
+        done = sorted(int(p.stem[4:]) for p in (path / "parts").glob("fold*.json"))
+        raise RunMismatchError(
+            f"{path}: run is incomplete (folds done: {done} of {meta.get('folds', '?')}); "
+            "rerun its run_folds.py command to finish it"
+        )
+    oof_df, info = _read_parquet_info(path / "oof.parquet")
+    test_df, _ = _read_parquet_info(path / "test.parquet")
+    name, classes = info["run"], list(info["classes"])
+    cols = column_names(name, classes)
+    missing = [c for c in cols if c not in oof_df.columns]
+    if missing:
+        raise RunMismatchError(f"{path / 'oof.parquet'}: columns {missing} missing")
+    labels = oof_df["label"].astype(str).to_numpy(object)
+    index = {c: i for i, c in enumerate(classes)}
+    return Run(
+        path=path, name=name, classes=classes,
+        ids=oof_df["id"].astype(str).to_numpy(object), labels=labels,
+        y=np.array([index[lab] for lab in labels], dtype=np.int64),
+        folds=oof_df["fold"].to_numpy(np.int64), oof=oof_df[cols].to_numpy(np.float64),
+        test_ids=test_df["id"].astype(str).to_numpy(object),
+        test=test_df[cols].to_numpy(np.float64), fingerprint=info["fingerprint"], meta=meta,
+    )
+
+
+def find_runs(run_root: str | Path, complete_only: bool = True) -> list[Path]:
+    """Run folders under a run root (those with a meta.json), complete ones only by default."""
+    found = []
+    for meta in sorted(Path(run_root).glob(f"*/{META_FILE}")):
+        status = json.loads(meta.read_text()).get("status")
+        if status == "complete" or not complete_only:
+            found.append(meta.parent)
+    return found
+
+
+def check_compatible(runs: list[Run], atol: float = 1e-4) -> None:
+    """Refuse a set of runs that cannot be stacked or compared, naming each run and why."""
+    if not runs:
+        raise RunMismatchError("no runs to combine")
+    problems = []
+    ref = runs[0]
+    names = [r.name for r in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        problems.append(f"run names used twice: {dup} (column names must be unique)")
+    for r in runs:
+        where = f"{r.name} ({r.path})"
+        if r.fingerprint != ref.fingerprint:
+            problems.append(f"{where}: fold fingerprint {r.fingerprint} != {ref.fingerprint} "
+                            f"of {ref.name}: trained on other folds")
+        if r.classes != ref.classes:
+            problems.append(f"{where}: class order {r.classes} != {ref.classes} of {ref.name}")
+        if len(r.ids) != len(ref.ids) or (r.ids != ref.ids).any():
+            problems.append(f"{where}: training ids differ from {ref.name}")
+        elif (r.folds != ref.folds).any():
+            problems.append(f"{where}: fold column differs from {ref.name}")
+        if len(r.test_ids) != len(ref.test_ids) or (r.test_ids != ref.test_ids).any():
+            problems.append(f"{where}: test ids differ from {ref.name}")
+        nan_rows = int(np.isnan(r.oof).any(axis=1).sum())
+        if nan_rows:
+            problems.append(f"{where}: {nan_rows} OOF rows have no prediction (folds missing)")
+        for label, mat in (("OOF", r.oof), ("test", r.test)):
+            finite = np.isfinite(mat)
+            if not finite[~np.isnan(mat)].all():
+                problems.append(f"{where}: {label} probabilities contain inf")
+            sums = mat[finite.all(axis=1)].sum(axis=1)
+            if len(sums) and (np.abs(sums - 1) > atol).any():
+                problems.append(f"{where}: {int((np.abs(sums - 1) > atol).sum())} {label} rows "
+                                "do not sum to 1")
+            if (mat[finite] < 0).any():
+                problems.append(f"{where}: negative {label} probabilities")
+    if problems:
+        raise RunMismatchError("these runs cannot be combined:\n  " + "\n  ".join(problems))

@@ -1,0 +1,160 @@
+"""Running one backbone over the stored folds: the library behind ``run_folds.py``.
+
+Framework-free: the backbone family module is imported only through ``backbones.resolve``, so a
+timm run never loads TensorFlow and a Keras run never loads torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oof.config import RunConfig, config_dict, save_config
+from oof.datasets import ImageDataset, load_dataset
+from oof.errors import ConfigError
+from oof.folds import Folds, ensure_folds
+from oof.images import cached_images
+from oof.metrics import scores
+from oof.rundir import FoldPart, Run, RunDir, load_run
+
+log = logging.getLogger(__name__)
+
+# Keys that may change between invocations of one run without changing what it computes.
+RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data"}
+
+
+@dataclass
+class RunSummary:
+    """What ``run_folds`` returns: per-fold rows for the final table and the OOF score."""
+
+    run_dir: Path
+    fold_rows: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = False
+    oof_scores: dict[str, float] = field(default_factory=dict)
+    run: Run | None = None
+
+
+def library_versions() -> dict[str, str]:
+    names = ("numpy", "pandas", "scikit-learn", "pyarrow", "albumentations", "Pillow")
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_root_for(cfg: RunConfig, dataset: ImageDataset) -> Path:
+    return Path(cfg.out) / dataset.name
+
+
+def _check_same_config(run: RunDir, cfg: RunConfig) -> None:
+    """A run folder belongs to one config: refuse to resume it with different settings."""
+    stored = run.read_meta().get("config")
+    if not stored:
+        return
+    now = config_dict(cfg)
+    diff = [f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in now
+            if k not in RESUMABLE_KEYS and stored.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError(
+            f"{run.path} was started with other settings ({'; '.join(diff)}). "
+            "Pass --run-name NEW_NAME for a new run, or delete the folder to start over."
+        )
+
+
+def run_folds(cfg: RunConfig) -> RunSummary:
+    """Train ``cfg.backbone`` on each stored fold not yet done, then assemble the run."""
+    import backbones
+
+    dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
+    root = run_root_for(cfg, dataset)
+    folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
+                         cfg.folds, cfg.seed)
+    if cfg.fold is not None and not 0 <= cfg.fold < folds.k:
+        raise ConfigError(f"--fold {cfg.fold}: folds are numbered 0..{folds.k - 1}")
+    spec, backend = backbones.resolve(cfg)
+    run = RunDir(root / cfg.resolved_run_name(spec.input_size))
+    _check_same_config(run, cfg)
+    meta = {
+        "run": run.path.name, "status": "partial", "level": 1, "backbone": spec.to_dict(),
+        "config": config_dict(cfg), "versions": {**library_versions(), **backend.versions()},
+        "train_seed": cfg.train_seed if cfg.train_seed is not None else folds.seed,
+        "fold_fingerprint": folds.fingerprint, "folds": folds.k, "fold_seed": folds.seed,
+        "classes": dataset.classes,
+        "data": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root),
+                 "n_train": len(dataset.train), "n_test": len(dataset.test)},
+    }
+    if not run.path.exists() or run.read_meta().get("status") != "complete":
+        run.write_meta(meta)
+        save_config(cfg, run.path / "config.yaml")
+
+    todo = [k for k in ([cfg.fold] if cfg.fold is not None else range(folds.k))
+            if not run.is_done(k)]
+    if todo:
+        _train_folds(cfg, dataset, folds, run, spec, backend, todo, meta["train_seed"])
+    summary = RunSummary(run_dir=run.path)
+    for k in run.done_folds():
+        info = run.read_fold_info(k)
+        summary.fold_rows.append({"fold": k, **{m: info.get(m) for m in
+                                  ("accuracy", "log_loss", "seconds", "epochs_run")}})
+    if len(run.done_folds()) == folds.k:
+        test_ids = np.asarray(dataset.test["id"], dtype=object)
+        if run.read_meta().get("status") != "complete":
+            run.assemble(run.path.name, dataset.classes, folds, test_ids, meta)
+            shutil.rmtree(run.path / "work", ignore_errors=True)
+        summary.run = load_run(run.path)
+        summary.complete = True
+        summary.oof_scores = summary.run.scores()
+    return summary
+
+
+def _train_folds(cfg: RunConfig, dataset: ImageDataset, folds: Folds, run: RunDir,
+                 spec: Any, backend: Any, todo: list[int], train_seed: int) -> None:
+    from backbones.base import FoldJob
+
+    cache = Path(cfg.out) / dataset.name / "cache"
+    t0 = time.perf_counter()
+    # Decoding validates every image, train and test, before the first epoch.
+    x_all = cached_images(list(dataset.train["path"]), spec.input_size, cache)
+    x_test = cached_images(list(dataset.test["path"]), spec.input_size, cache)
+    log.info("images ready in %.1fs", time.perf_counter() - t0)
+    row_of = {i: n for n, i in enumerate(dataset.train["id"])}
+    order = np.array([row_of[i] for i in folds.ids.astype(str)])  # folds.csv order -> dataset rows
+    index = dataset.class_index
+    y_all = np.array([index[lab] for lab in folds.labels.astype(str)], dtype=np.int64)
+    for k in todo:
+        tr, va = folds.split(k)
+        f0 = time.perf_counter()
+        log.info("fold %d/%d: %d train, %d held out, %d test", k + 1, folds.k, len(tr), len(va),
+                 len(x_test))
+        job = FoldJob(
+            spec=spec, cfg=cfg, fold=k, classes=dataset.classes,
+            x_train=np.asarray(x_all[order[tr]]),
+            y_train=y_all[tr], x_val=np.asarray(x_all[order[va]]), y_val=y_all[va],
+            x_test=x_test, checkpoint_path=run.checkpoint_dir() / f"fold{k}{_ckpt_suffix(spec)}",
+            work_dir=run.work_dir(k), history_path=run.history_path(k), seed=train_seed + k,
+        )
+        result = backend.train_fold(job)
+        fold_scores = scores(y_all[va], result.val_proba)
+        info = {**result.info, **fold_scores, "seconds": time.perf_counter() - f0,
+                "n_train": int(len(tr)), "n_val": int(len(va)),
+                "epochs_run": result.info.get("epochs_run", len(result.history))}
+        run.write_fold(FoldPart(k, folds.ids[va], result.val_proba, result.test_proba,
+                                result.history, info), dataset.classes)
+        shutil.rmtree(run.work_dir(k), ignore_errors=True)
+        log.info("fold %d done: accuracy %.4f, log loss %.4f, %.1fs", k, fold_scores["accuracy"],
+                 fold_scores["log_loss"], info["seconds"])
+
+
+def _ckpt_suffix(spec: Any) -> str:
+    return ".pt" if spec.framework == "torch" else ".weights.h5"

@@ -1,0 +1,28 @@
+#!/usr/bin/env python
+"""Train one backbone over K stratified folds; save its OOF and test probabilities."""
+
+from __future__ import annotations
+
+import sys
+
+from oof.cli import format_table, main_guard
+from oof.config import RunConfig, parse_config
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    from oof.runner import run_folds
+
+    cfg = parse_config(RunConfig, argv, "run_folds.py", __doc__ or "")
+    summary = run_folds(cfg)
+    print(format_table(summary.fold_rows, ["fold", "accuracy", "log_loss", "seconds", "epochs_run"]))
+    if summary.complete:
+        s = summary.oof_scores
+        print(f"OOF accuracy {s['accuracy']:.4f}  log loss {s['log_loss']:.4f}  -> {summary.run_dir}")
+    else:
+        print(f"run incomplete: folds done {[r['fold'] for r in summary.fold_rows]} "
+              f"-> {summary.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(lambda: main(sys.argv[1:])))
