@@ -1,0 +1,247 @@
+"""Offline OOF analysis: numbers known by hand, the CLI's three files, refusals, and the report
+rendered in a real (headless) browser with every image loaded."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from oof.analysis import (
+    analyze,
+    confusion_matrix,
+    expected_calibration_error,
+    load_runs,
+    per_class_scores,
+    reliability,
+)
+from oof.errors import RunMismatchError
+from oof.folds import Folds, fold_fingerprint, make_folds, write_folds
+from oof.rundir import check_compatible, load_run, write_run
+from tests.synthetic import synthetic_folds, synthetic_proba, synthetic_run
+
+CLASSES = ["a", "b", "c"]
+# Six rows, true classes a a b b c c, folds 0 1 0 1 0 1.
+Y = np.array([0, 0, 1, 1, 2, 2])
+RUN_A = np.array([  # argmax 0 1 1 1 2 0 -> right, wrong, right, right, right, wrong
+    [0.90, 0.05, 0.05], [0.20, 0.70, 0.10], [0.10, 0.75, 0.15],
+    [0.10, 0.62, 0.28], [0.32, 0.10, 0.58], [0.50, 0.20, 0.30]])
+RUN_B = np.array([  # argmax 0 0 1 0 2 1 -> right, right, right, wrong, right, wrong
+    [0.60, 0.30, 0.10], [0.80, 0.10, 0.10], [0.30, 0.40, 0.30],
+    [0.80, 0.10, 0.10], [0.20, 0.20, 0.60], [0.10, 0.80, 0.10]])
+
+
+def _tiny_folds(root: Path) -> Folds:
+    ids = np.array([f"img{i}.png" for i in range(6)], dtype=object)
+    labels = np.array([CLASSES[i] for i in Y], dtype=object)
+    fold = np.array([0, 1, 0, 1, 0, 1])
+    folds = Folds(ids, labels, fold, 2, 0, fold_fingerprint(ids, fold, 2, 0))
+    write_folds(root, folds)
+    return folds
+
+
+def _write(root: Path, name: str, folds: Folds, oof: np.ndarray, meta: dict | None = None):
+    c = oof.shape[1]
+    test = np.full((folds.k, 2, c), 1.0 / c)
+    return write_run(root / name, name, CLASSES[:c] if c <= 3 else [str(i) for i in range(c)],
+                     folds, oof, np.array(["t0.png", "t1.png"], dtype=object), test,
+                     meta or {"level": 1})
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):
+    folds = _tiny_folds(tmp_path)
+    return [_write(tmp_path, "A", folds, RUN_A), _write(tmp_path, "B", folds, RUN_B)]
+
+
+def test_numbers_known_by_hand(tiny) -> None:
+    a = analyze(tiny, find_images=False)
+    s = a.summary().set_index("run")
+    assert s.loc["A", "accuracy"] == pytest.approx(4 / 6)
+    assert s.loc["B", "accuracy"] == pytest.approx(4 / 6)
+    p_true_a = [0.90, 0.20, 0.75, 0.62, 0.58, 0.30]
+    assert s.loc["A", "log_loss"] == pytest.approx(-np.mean(np.log(p_true_a)))
+    # fold 0 = rows 0, 2, 4 (A gets all right); fold 1 = rows 1, 3, 5 (A gets row 3 right)
+    pf = a.runs[0].per_fold.set_index("fold")
+    assert pf.loc[0, "accuracy"] == pytest.approx(1.0)
+    assert pf.loc[1, "accuracy"] == pytest.approx(1 / 3)
+    assert s.loc["A", "fold_acc_std"] == pytest.approx(1 / 3)
+    # A predicts a b b b c a for a a b b c c
+    np.testing.assert_array_equal(a.runs[0].confusion, [[1, 1, 0], [0, 2, 0], [1, 0, 1]])
+    pc = a.runs[0].per_class.set_index("class")
+    np.testing.assert_allclose(pc["precision"], [1 / 2, 2 / 3, 1.0])
+    np.testing.assert_allclose(pc["recall"], [1 / 2, 1.0, 1 / 2])
+    # between runs: predictions differ on rows 1, 3, 5
+    assert a.disagreement.loc["A", "B"] == pytest.approx(0.5)
+    assert a.disagreement.loc["A", "A"] == 0
+    assert a.one_right_other_wrong.loc["A", "B"] == 1  # row 3
+    assert a.one_right_other_wrong.loc["B", "A"] == 1  # row 1
+    assert a.oracle["oracle_accuracy"] == pytest.approx(5 / 6)  # only row 5 is missed by both
+    assert a.oracle["rows_all_wrong"] == 1
+    assert a.oracle["oracle_gain"] == pytest.approx(5 / 6 - 4 / 6)
+    flat = np.corrcoef(RUN_A.ravel(), RUN_B.ravel())[0, 1]
+    assert a.correlation.loc["A", "B"] == pytest.approx(flat)
+    # A's six confidences fall in six different bins: ECE = mean |correct - confidence|
+    gaps = [0.1, 0.7, 0.25, 0.38, 0.42, 0.5]
+    assert a.runs[0].ece == pytest.approx(sum(gaps) / 6)
+    # ensemble mean is wrong on row 5 (b 0.50 vs c 0.20) and row 3 (a 0.45 vs b 0.36)
+    h = a.hardest
+    assert list(h["id"]) == ["img5.png", "img3.png"]
+    assert list(h["predicted"]) == ["b", "a"]
+    assert list(h["true"]) == ["c", "b"]
+    np.testing.assert_allclose(h["confidence"], [0.50, 0.45])
+    np.testing.assert_allclose(h["p_true"], [0.20, 0.36])
+    assert list(h["runs_wrong"]) == [2, 1]
+    json.dumps(a.to_dict(), allow_nan=False)  # plain, valid JSON
+
+
+def test_ece_bins_by_hand() -> None:
+    y = np.array([0, 0, 1, 1])
+    proba = np.array([[0.90, 0.10], [0.92, 0.08], [0.61, 0.39], [0.30, 0.70]])
+    rel = reliability(y, proba, n_bins=15)
+    assert len(rel) == 15 and rel["count"].sum() == 4
+    # 0.90 and 0.92 share bin 13 (13/15, 14/15]; 0.61 -> bin 9; 0.70 -> bin 10
+    assert rel.loc[13, "count"] == 2
+    assert rel.loc[13, "confidence"] == pytest.approx(0.91)
+    assert rel.loc[9, "accuracy"] == 0.0
+    assert math.isnan(rel.loc[0, "accuracy"])  # empty bin
+    assert expected_calibration_error(y, proba) == pytest.approx((2 * 0.09 + 0.61 + 0.30) / 4)
+    # four rows at 0.75 confidence with three right: perfectly calibrated
+    calibrated = np.array([[0.75, 0.25]] * 4)
+    assert expected_calibration_error(np.array([0, 0, 0, 1]), calibrated) == pytest.approx(0.0)
+
+
+def test_confusion_and_undefined_precision() -> None:
+    cm = confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 0, 0, 2]), 3)
+    np.testing.assert_array_equal(cm, [[1, 0, 0], [1, 0, 0], [1, 0, 1]])
+    pc = per_class_scores(cm, ["a", "b", "c"])
+    assert math.isnan(pc.loc[1, "precision"])  # class b is never predicted
+    assert pc.loc[0, "precision"] == pytest.approx(1 / 3)
+    assert list(pc["support"]) == [1, 1, 2]
+
+
+def test_mismatched_runs_refused_with_check_compatible_message(tmp_path: Path, capsys) -> None:
+    from oof.analyze import main
+    from oof.cli import main_guard
+
+    a = synthetic_run(tmp_path, "a", synthetic_folds(tmp_path / "x", n=60, seed=0), 0.8, 1)
+    b = synthetic_run(tmp_path, "b", synthetic_folds(tmp_path / "y", n=60, seed=1), 0.8, 2)
+    with pytest.raises(RunMismatchError) as expected:
+        check_compatible([a, b])
+    with pytest.raises(RunMismatchError) as got:
+        load_runs(tmp_path)
+    assert str(got.value) == str(expected.value)
+    assert "fold fingerprint" in str(got.value)
+    with pytest.raises(RunMismatchError):
+        analyze([load_run(a.path), load_run(b.path)])
+    assert main_guard(lambda: main([str(tmp_path), "--out", str(tmp_path / "rep")])) == 2
+    assert str(expected.value) in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists()
+    with pytest.raises(RunMismatchError, match="no run folder"):
+        load_runs(tmp_path, ["nope"])
+
+
+def test_cli_writes_html_json_md(tmp_path: Path, capsys) -> None:
+    from oof.analyze import main
+
+    folds = synthetic_folds(tmp_path, n=120, k=3)
+    for name, skill, seed in (("good", 0.5, 1), ("weak", 0.2, 2), ("noise", 0.0, 3)):
+        synthetic_run(tmp_path, name, folds, skill, seed)
+    out = tmp_path / "report"
+    assert main([str(tmp_path), "--runs", "good", "weak", "--out", str(out), "--bins", "10",
+                 "--hardest", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "good" in printed and "noise" not in printed and "oracle accuracy" in printed
+    data = json.loads((out / "report.json").read_text())
+    assert [r["run"] for r in data["summary"]] == ["good", "weak"]
+    assert data["calibration_bins"]["n_bins"] == 10
+    assert len(data["runs"]["good"]["reliability"]) == 10
+    assert len(data["hardest"]) == 5
+    good = load_run(tmp_path / "good")
+    assert data["runs"]["good"]["accuracy"] == pytest.approx(good.scores()["accuracy"])
+    md = (out / "report.md").read_text()
+    assert "## Between runs" in md and "| good" in md
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "Hardest images" in html
+    assert "src=\"http" not in html and "<link" not in html  # nothing outside the file
+    assert (out / "analyze_config.yaml").exists()
+    assert main([str(tmp_path), "--out", str(tmp_path / "all")]) == 0  # all three runs
+    all_runs = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert len(all_runs["summary"]) == 3
+
+
+# ---------------------------------------------------------------- real images, real browser
+
+
+def _run_with_images(root: Path, name: str, folds: Folds, data: Path, skill: float, seed: int,
+                     history: bool, level: int = 1):
+    """A run over the demo subset's ids whose meta points at the real image files."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(folds.labels.astype(str)))
+    y = np.array([classes.index(lab) for lab in folds.labels.astype(str)])
+    oof = synthetic_proba(y, len(classes), skill, rng)
+    test = np.stack([synthetic_proba(np.zeros(4, int), len(classes), 0.5, rng)
+                     for _ in range(folds.k)])
+    meta = {"level": level, "config": {"data": str(data), "layout": "competition"}}
+    if level == 1:
+        meta["data"] = {"root": str(data), "layout": "competition"}
+    run = write_run(root / name, name, classes, folds, oof,
+                    np.array([f"t{i}.png" for i in range(4)], dtype=object), test, meta)
+    if history:
+        rows = [{"fold": f, "epoch": e, "loss": 2.0 / (e + 1), "accuracy": 0.5 + 0.1 * e,
+                 "lr": 1e-3, "val_loss": 2.2 / (e + 1), "val_accuracy": 0.45 + 0.1 * e,
+                 "seconds": 1.0} for f in range(folds.k) for e in range(3)]
+        pd.DataFrame(rows).to_csv(run.path / "history.csv", index=False)
+    return run
+
+
+LOADED_MARKER = """<script>
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute('data-images', ok + '/' + imgs.length);
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium not installed (Debian package 'chromium'; `make browser`)")
+def test_report_renders_in_headless_chromium(demo_subset: Path, tmp_path: Path) -> None:
+    from oof.analyze import main
+
+    train = pd.read_csv(demo_subset / "train.csv", dtype=str)
+    root = tmp_path / "runs"
+    folds = make_folds(list(train["Id"]), list(train["Category"]), 3, 0)
+    write_folds(root, folds)
+    _run_with_images(root, "alpha", folds, demo_subset, 0.5, 1, history=True)
+    _run_with_images(root, "beta", folds, demo_subset, 0.3, 2, history=True)
+    _run_with_images(root, "stack", folds, demo_subset, 0.6, 3, history=False, level=2)
+    out = tmp_path / "report"
+    assert main([str(root), "--out", str(out), "--hardest", "12"]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["hardest"]) == 12
+    assert all(Path(h["path"]).is_file() for h in data["hardest"])
+    html = (out / "report.html").read_text()
+    assert html.count('class="thumb"') == 12
+    assert "No history.csv for: stack" in html
+    n_images = html.count("<img ")
+    assert n_images == 5 + 12  # folds, confusion, pairwise, reliability, curves + thumbnails
+
+    probe = tmp_path / "probe.html"  # the report plus a script counting decoded images
+    probe.write_text(html.replace("</body>", LOADED_MARKER, 1))
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
+           "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'data-images="(\d+)/(\d+)"', dom)
+    assert found, f"marker missing from the DOM: {dom[:500]!r}"
+    assert (int(found[1]), int(found[2])) == (n_images, n_images)
+    assert "Hardest images" in dom and "Learning curves" in dom
