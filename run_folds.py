@@ -14,10 +14,12 @@ def main(argv: list[str] | None = None) -> int | None:
 
     cfg = parse_config(RunConfig, argv, "run_folds.py", __doc__ or "")
     summary = run_folds(cfg)
-    print(format_table(summary.fold_rows, ["fold", "accuracy", "log_loss", "seconds", "epochs_run"]))
+    columns = ["fold", "accuracy", "log_loss", "seconds", "epochs_run"]
+    print(format_table(summary.fold_rows, columns))
     if summary.complete:
         s = summary.oof_scores
-        print(f"OOF accuracy {s['accuracy']:.4f}  log loss {s['log_loss']:.4f}  -> {summary.run_dir}")
+        print(f"OOF accuracy {s['accuracy']:.4f}  log loss {s['log_loss']:.4f}"
+              f"  -> {summary.run_dir}")
     else:
         print(f"run incomplete: folds done {[r['fold'] for r in summary.fold_rows]} "
               f"-> {summary.run_dir}")

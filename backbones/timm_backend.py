@@ -47,6 +47,9 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
             f"--backbone timm/{model_name}: timm has no such model; closest: "
             f"{close_names(model_name, timm.list_models())}"
         )
+    if cfg.pretrained not in ("", "auto") and not Path(cfg.pretrained).expanduser().is_file():
+        # checked here, before images are decoded or the run folder is written
+        raise ConfigError(f"--pretrained {cfg.pretrained}: no such weights file")
     pcfg = timm.get_pretrained_cfg(model_name)
     default_size = pcfg.input_size[-1] if pcfg and pcfg.input_size else 224
     mean = tuple(pcfg.mean) if pcfg else (0.485, 0.456, 0.406)
@@ -98,7 +101,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = np.asarray(self.images[i])
+        img = np.array(self.images[i])  # a writable copy: the cache is a read-only memmap
         if self.augment is not None:
             img = self.augment(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[i])
@@ -196,7 +199,7 @@ class Trainer:
         self.model.eval()
         out = []
         for start in range(0, len(images), batch_size):
-            x = self.to_input(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])))
+            x = self.to_input(torch.from_numpy(np.array(images[start:start + batch_size])))
             with self._autocast():
                 probs = self.model(x).float().softmax(1)
                 if tta == "hflip":

@@ -11,8 +11,8 @@ from oof.errors import FoldstackError
 
 def main_guard(fn: Callable[[], int | None]) -> int:
     """Run a script's body; a FoldstackError becomes one clear message and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return fn() or 0
     except FoldstackError as exc:

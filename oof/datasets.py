@@ -19,9 +19,15 @@ from oof.images import IMAGE_EXTENSIONS, MAX_LISTED
 LAYOUTS = ("auto", "competition", "imagefolder", "csv")
 
 
-def natural_key(text: str) -> list[object]:
-    """Sort key that puts 'class2' before 'class10' (and '2' before '10')."""
-    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", str(text))]
+def natural_key(text: str) -> tuple[list[object], str]:
+    """Sort key that puts 'class2' before 'class10' (and '2' before '10').
+
+    ``re.split`` with a group alternates text and digit runs, so odd positions are the numbers
+    (``str.isdigit`` would also accept '²', which ``int`` refuses). The raw text breaks ties
+    ('Cat' vs 'cat', 'a01' vs 'a1'), so the order never depends on the listing order of the disk.
+    """
+    parts = re.split(r"(\d+)", str(text))
+    return [int(tok) if i % 2 else tok.lower() for i, tok in enumerate(parts)], str(text)
 
 
 @dataclass
@@ -94,7 +100,8 @@ def _image_files(folder: Path) -> list[Path]:
 def _test_from_folder(folder: Path) -> pd.DataFrame:
     files = _image_files(folder)
     if not files:
-        raise DataError(f"{folder}: the test folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        kinds = ", ".join(IMAGE_EXTENSIONS)
+        raise DataError(f"{folder}: the test folder holds no images ({kinds})")
     ids = [str(p.relative_to(folder).as_posix()) for p in files]
     return pd.DataFrame({"id": ids, "path": [str(p) for p in files]})
 
@@ -143,7 +150,8 @@ def _load_competition(root: Path) -> ImageDataset:
 
 def _load_imagefolder(root: Path) -> ImageDataset:
     train_dir = root / "train"
-    class_dirs = sorted((p for p in train_dir.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
+    class_dirs = sorted((p for p in train_dir.iterdir() if p.is_dir()),
+                        key=lambda p: natural_key(p.name))
     if not class_dirs:
         raise DataError(f"{train_dir}: no class folders (expected train/<class name>/<images>)")
     rows = []

@@ -1,7 +1,7 @@
-"""The bundled demo: scikit-learn's digits written to disk in the competition layout.
+"""The bundled demo: scikit-learn's digits, written to disk in the competition layout.
 
 The demo goes through exactly the code path of real photos (CSV, folders, PNG files). Test labels
-live in ``test_labels.csv``, which only ``score_submission`` reads: nothing in training can see them.
+live in ``test_labels.csv``, read only by ``score_submission``: training cannot see them.
 """
 
 from __future__ import annotations

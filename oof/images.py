@@ -70,7 +70,7 @@ def _cache_key(paths: Sequence[str], size: int) -> str:
 
 
 def decode_images(paths: Sequence[str], size: int, threads: int | None = None) -> np.ndarray:
-    """Decode ``paths`` into an (N, size, size, 3) uint8 array; raise one DataError for all bad files."""
+    """Decode ``paths`` into (N, size, size, 3) uint8; one DataError lists every bad file."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     errors: list[str] = []
 
@@ -104,7 +104,6 @@ def cached_images(paths: Sequence[str], size: int, cache_dir: Path) -> np.ndarra
         return np.load(target, mmap_mode="r")
     log.info("decoding %d images at %dpx into %s", len(paths), size, target)
     arr = decode_images(paths, size)
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr)
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr)
     return np.load(target, mmap_mode="r")

@@ -10,7 +10,9 @@ EPS = 1e-15
 def accuracy(y: np.ndarray, proba: np.ndarray) -> float:
     """Share of rows whose arg-max class is the label (rows with NaN are skipped)."""
     ok = ~np.isnan(proba).any(axis=1)
-    return float((proba[ok].argmax(axis=1) == np.asarray(y)[ok]).mean()) if ok.any() else float("nan")
+    if not ok.any():
+        return float("nan")
+    return float((proba[ok].argmax(axis=1) == np.asarray(y)[ok]).mean())
 
 
 def log_loss(y: np.ndarray, proba: np.ndarray) -> float:

@@ -6,6 +6,7 @@ timm run never loads TensorFlow and a Keras run never loads torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import shutil
@@ -28,7 +29,10 @@ from oof.rundir import FoldPart, Run, RunDir, load_run
 log = logging.getLogger(__name__)
 
 # Keys that may change between invocations of one run without changing what it computes.
-RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data"}
+# ``folds`` and ``seed`` are checked through the stored folds' fingerprint instead: leaving them
+# out on a rerun means "the stored ones" (``ensure_folds`` already refused different values).
+RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data",
+                  "folds", "seed"}
 
 
 @dataclass
@@ -46,10 +50,8 @@ def library_versions() -> dict[str, str]:
     names = ("numpy", "pandas", "scikit-learn", "pyarrow", "albumentations", "Pillow")
     out = {"python": platform.python_version()}
     for n in names:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -57,9 +59,17 @@ def run_root_for(cfg: RunConfig, dataset: ImageDataset) -> Path:
     return Path(cfg.out) / dataset.name
 
 
-def _check_same_config(run: RunDir, cfg: RunConfig) -> None:
-    """A run folder belongs to one config: refuse to resume it with different settings."""
-    stored = run.read_meta().get("config")
+def _check_same_config(run: RunDir, cfg: RunConfig, folds: Folds) -> None:
+    """A run folder belongs to one config and one fold assignment: refuse anything else."""
+    meta = run.read_meta()
+    trained_on = meta.get("fold_fingerprint")
+    if trained_on and trained_on != folds.fingerprint:
+        raise ConfigError(
+            f"{run.path} was trained on folds {trained_on}, but the run root's folds.csv now "
+            f"has fingerprint {folds.fingerprint}. Delete the run folder to retrain it on the "
+            "current folds, or use another --out."
+        )
+    stored = meta.get("config")
     if not stored:
         return
     now = config_dict(cfg)
@@ -84,7 +94,7 @@ def run_folds(cfg: RunConfig) -> RunSummary:
         raise ConfigError(f"--fold {cfg.fold}: folds are numbered 0..{folds.k - 1}")
     spec, backend = backbones.resolve(cfg)
     run = RunDir(root / cfg.resolved_run_name(spec.input_size))
-    _check_same_config(run, cfg)
+    _check_same_config(run, cfg, folds)
     meta = {
         "run": run.path.name, "status": "partial", "level": 1, "backbone": spec.to_dict(),
         "config": config_dict(cfg), "versions": {**library_versions(), **backend.versions()},

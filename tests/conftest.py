@@ -1,0 +1,63 @@
+"""Shared fixtures: real image files on disk in the competition layout, built from the demo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def foldstack_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep generated data (the demo) out of the user's home during tests."""
+    cache = tmp_path_factory.mktemp("foldstack_cache")
+    os.environ["FOLDSTACK_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def demo_dir(foldstack_cache: Path) -> Path:
+    from oof.demo import ensure_demo
+
+    return ensure_demo()
+
+
+def write_demo_subset(demo: Path, dest: Path, per_class: int, n_test: int) -> Path:
+    """Copy ``per_class`` train images of each class and ``n_test`` test images of the demo."""
+    train = pd.read_csv(demo / "train.csv", dtype=str)
+    sub = train.groupby("Category", group_keys=False).head(per_class).reset_index(drop=True)
+    for image_id, cat in zip(sub["Id"], sub["Category"]):
+        (dest / "train" / cat).mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo / "train" / cat / image_id, dest / "train" / cat / image_id)
+    sub.to_csv(dest / "train.csv", index=False)
+    sample = pd.read_csv(demo / "sample-submission.csv", dtype=str).head(n_test)
+    (dest / "test_upload").mkdir(parents=True, exist_ok=True)
+    for image_id in sample["Id"]:
+        shutil.copy(demo / "test_upload" / image_id, dest / "test_upload" / image_id)
+    sample.to_csv(dest / "sample-submission.csv", index=False)
+    labels = pd.read_csv(demo / "test_labels.csv", dtype=str).head(n_test)
+    labels.to_csv(dest / "test_labels.csv", index=False)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def demo_subset(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small competition-layout dataset (30 images per class, 40 test) of real PNG scans.
+
+    Session-scoped and shared: tests must not modify it (copy it with ``copy_dataset``).
+    """
+    return write_demo_subset(demo_dir, tmp_path_factory.mktemp("demo_subset"), 30, 40)
+
+
+@pytest.fixture
+def copy_dataset(tmp_path: Path):
+    """Return a function copying a dataset folder into this test's tmp dir, for mutation."""
+    def _copy(src: Path, name: str = "data") -> Path:
+        dest = tmp_path / name
+        shutil.copytree(src, dest)
+        return dest
+
+    return _copy
