@@ -13,8 +13,9 @@ Conventions, written once so every number can be checked by hand:
   bins over [0, 1] (default 15, as Guo et al., ICML 2017): bin ``b`` holds confidences in
   ``(b/n, (b+1)/n]``, bin 0 also holds 0. ECE = sum over bins of (rows in bin / all rows) *
   |accuracy in bin - mean confidence in bin|;
-- the "ensemble" is the plain mean of the runs' OOF probabilities; the hardest images are the
-  rows it gets wrong, most confident first.
+- the "ensemble" is the plain mean of the OOF probabilities of the level-1 runs (of all runs
+  when none is level 1: a stacker is already a blend of them); the hardest images are the rows
+  it gets wrong, most confident first. The oracle covers every run analysed.
 """
 
 from __future__ import annotations
@@ -300,6 +301,7 @@ class Analysis:
     oracle: dict[str, Any]
     ensemble: dict[str, float]
     hardest: pd.DataFrame
+    ensemble_members: list[str] = field(default_factory=list)
     image_paths: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -332,7 +334,7 @@ class Analysis:
             "calibration_bins": {"n_bins": self.n_bins, "kind": "equal-width on [0, 1], "
                                  "top-label confidence, bin b = (b/n, (b+1)/n]"},
             "summary": frame(self.summary()),
-            "ensemble_mean": _plain(self.ensemble),
+            "ensemble_mean": {"members": self.ensemble_members, **_plain(self.ensemble)},
             "oracle": _plain(self.oracle),
             "correlation": square(self.correlation),
             "disagreement": square(self.disagreement),
@@ -381,7 +383,8 @@ def analyze(runs: list[Run], n_bins: int = DEFAULT_BINS, n_hardest: int = DEFAUL
     probas = [r.oof for r in runs]
     preds = np.stack([predictions(p) for p in probas])
     correct = preds == ref.y[None, :]
-    mean = np.mean(probas, axis=0)
+    members = [r for r in runs if int(r.meta.get("level", 1)) == 1] or runs
+    mean = np.mean([r.oof for r in members], axis=0)
     worst = hardest(ref.ids, ref.y, ref.folds, mean, correct, ref.classes, n_hardest)
     paths = image_paths(runs, list(worst["id"])) if find_images and len(worst) else {}
     return Analysis(
@@ -391,5 +394,5 @@ def analyze(runs: list[Run], n_bins: int = DEFAULT_BINS, n_hardest: int = DEFAUL
         one_right_other_wrong=one_right_other_wrong(correct, names), oracle=oracle(correct),
         ensemble={"accuracy": accuracy(ref.y, mean), "log_loss": log_loss(ref.y, mean),
                   "ece": expected_calibration_error(ref.y, mean, n_bins)},
-        hardest=worst, image_paths=paths,
+        hardest=worst, ensemble_members=[r.name for r in members], image_paths=paths,
     )

@@ -228,6 +228,7 @@ def test_report_renders_in_headless_chromium(demo_subset: Path, tmp_path: Path) 
     data = json.loads((out / "report.json").read_text())
     assert len(data["hardest"]) == 12
     assert all(Path(h["path"]).is_file() for h in data["hardest"])
+    assert data["ensemble_mean"]["members"] == ["alpha", "beta"]  # level 2 is already a blend
     html = (out / "report.html").read_text()
     assert html.count('class="thumb"') == 12
     assert "No history.csv for: stack" in html
