@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 HTML_NAME, JSON_NAME, MD_NAME = "report.html", "report.json", "report.md"
 THUMB_SIZE = 128
 ANNOTATE_MAX = 12  # annotate heatmap cells with numbers only up to this many rows/columns
+MD_CONFUSION_MAX = 30  # larger confusion matrices go to the JSON only
 
 
 # ---------------------------------------------------------------- figures
@@ -369,7 +370,8 @@ def build_html(a: Analysis, figures: dict[str, bytes | None], thumbs: dict[str, 
         "<h2 id='classes'>Per-class recall and precision</h2>",
         "<p class='note'>Recall: share of a class's images predicted as that class. Precision: "
         "share of the predictions of a class that are right (\u2013 when never predicted).</p>",
-        f"<details open><summary>recall</summary>{_heat_table(a.per_class('recall'))}</details>",
+        f"<details{' open' if len(a.classes) <= MD_CONFUSION_MAX else ''}><summary>recall"
+        f"</summary>{_heat_table(a.per_class('recall'))}</details>",
         f"<details><summary>precision</summary>{_heat_table(a.per_class('precision'))}</details>",
         "<h2 id='confusion'>Confusion matrices</h2>",
         "<p class='note'>Rows: true class, columns: predicted class; numbers are counts, colour is "
@@ -458,7 +460,10 @@ def build_markdown(a: Analysis, title: str) -> str:
            "", "Rows the row-run gets right and the column-run wrong:", "",
            _md_frame(a.one_right_other_wrong.rename_axis("run").reset_index()), "",
            "## Confusion matrices (rows true, columns predicted)", ""]
-    for r in a.runs:
+    if len(a.classes) > MD_CONFUSION_MAX:
+        out += [f"{len(a.classes)} classes: the matrices are in report.json (runs.<run>.confusion)"
+                " and pictured in report.html.", ""]
+    for r in a.runs if len(a.classes) <= MD_CONFUSION_MAX else []:
         cm = pd.DataFrame(r.confusion, index=a.classes, columns=a.classes)
         out += [f"### {r.name}", "", _md_frame(cm.rename_axis("true").reset_index()), ""]
     out += ["## Hardest images (ensemble mean most confidently wrong)", "",
