@@ -122,7 +122,8 @@ def write_run(
     oof_df[cols] = np.asarray(oof, dtype=np.float64)
     _write_parquet(path / "oof.parquet", oof_df, info)
     test_ids = np.asarray(test_ids, dtype=object).astype(str)
-    test_mean = test_per_fold.mean(axis=0) if len(test_per_fold) else np.zeros((len(test_ids), len(classes)))
+    test_mean = (test_per_fold.mean(axis=0) if len(test_per_fold)  # no fold: NaN, never 0
+                 else np.full((len(test_ids), len(classes)), np.nan))
     test_df = pd.DataFrame({"id": test_ids})
     test_df[cols] = test_mean
     _write_parquet(path / "test.parquet", test_df, info)
@@ -193,7 +194,17 @@ class RunDir:
         self, name: str, classes: list[str], folds: Folds, test_ids: np.ndarray,
         meta: dict[str, Any],
     ) -> Run:
-        """Join all finished folds into the run's matrices (only called when all are done)."""
+        """Join all finished folds into the run's matrices (only called when all are done).
+
+        Only a fold's JSON marker makes it finished: parts of a fold killed mid-write are not
+        read, and a missing fold is refused here rather than assembled as a hole.
+        """
+        missing = [k for k in range(folds.k) if not self.is_done(k)]
+        if missing:
+            raise RunMismatchError(
+                f"{self.path}: folds {missing} are not finished (no parts/fold<k>.json); "
+                "rerun the run's command to train them before assembling"
+            )
         pos = {i: n for n, i in enumerate(folds.ids.astype(str))}
         oof = np.full((len(folds.ids), len(classes)), np.nan)
         per_fold = np.full((folds.k, len(test_ids), len(classes)), np.nan)
@@ -289,11 +300,17 @@ def check_compatible(runs: list[Run], atol: float = 1e-4) -> None:
             problems.append(f"{where}: training ids differ from {ref.name}")
         elif (r.folds != ref.folds).any():
             problems.append(f"{where}: fold column differs from {ref.name}")
+        elif (r.labels != ref.labels).any():
+            problems.append(f"{where}: {int((r.labels != ref.labels).sum())} training labels "
+                            f"differ from {ref.name}")
         if len(r.test_ids) != len(ref.test_ids) or (r.test_ids != ref.test_ids).any():
             problems.append(f"{where}: test ids differ from {ref.name}")
         nan_rows = int(np.isnan(r.oof).any(axis=1).sum())
         if nan_rows:
             problems.append(f"{where}: {nan_rows} OOF rows have no prediction (folds missing)")
+        nan_test = int(np.isnan(r.test).any(axis=1).sum())
+        if nan_test:
+            problems.append(f"{where}: {nan_test} test rows have no prediction (NaN)")
         for label, mat in (("OOF", r.oof), ("test", r.test)):
             finite = np.isfinite(mat)
             if not finite[~np.isnan(mat)].all():
