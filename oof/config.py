@@ -103,7 +103,12 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         if f.metadata.get("yaml_only"):
             continue
         tp = _base_type(hints[f.name])
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        text = f.metadata.get("help", "")
+        # defaults are SUPPRESSed (so that a YAML value is not overwritten by an untyped flag),
+        # which hides them from ArgumentDefaultsHelpFormatter: show them here instead
+        if f.default not in (MISSING, None, "") and "default" not in text:
+            text += f" (default: {f.default})"
+        kwargs: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
         if tp is bool:
             kwargs.update(type=_bool, metavar="BOOL")
         elif tp is list:
