@@ -1,0 +1,16 @@
+"""Level 2: stackers as scikit-learn estimators, honest CV over the stored folds, submissions.
+
+Nothing here imports torch or tensorflow: stacking reads probability files only.
+"""
+
+from ensemble.stackers import (
+    STACKERS,
+    GreedyEnsemble,
+    LightGBMStacker,
+    LogRegStacker,
+    MeanBlend,
+    make_stacker,
+)
+
+__all__ = ["STACKERS", "GreedyEnsemble", "LightGBMStacker", "LogRegStacker", "MeanBlend",
+           "make_stacker"]

@@ -1,0 +1,168 @@
+"""Stackers: scikit-learn conformance, known answers, and honesty of the level-2 CV."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from ensemble.evaluate import cross_val_level2
+from ensemble.stackers import (
+    STACKERS,
+    GreedyEnsemble,
+    LightGBMStacker,
+    LogRegStacker,
+    MeanBlend,
+    make_stacker,
+)
+from oof.errors import ConfigError
+from oof.metrics import log_loss
+from tests.synthetic import synthetic_proba
+
+# MeanBlend and GreedyEnsemble read X as R blocks of C class probabilities (C = classes in y):
+# that is their whole job. These checks feed free-form features whose width is not a multiple
+# of the number of classes (e.g. 2 features, 3 classes) or whose columns are not probabilities,
+# so fit refuses with a ValueError naming the block shape, or (classifiers_train) the arg-max
+# of raw features is not a good classifier. Their pickling, NaN refusal and n_features checks
+# are exercised on proper probability blocks in test_block_stackers_basics below.
+_BLOCK_ONLY = {
+    name: "X must be whole blocks of class probabilities; this check feeds free-form features"
+    for name in (
+        "check_estimators_overwrite_params", "check_estimators_fit_returns_self",
+        "check_readonly_memmap_input", "check_n_features_in_after_fitting",
+        "check_estimators_dtypes", "check_dtype_object", "check_pipeline_consistency",
+        "check_estimators_nan_inf", "check_estimators_pickle", "check_classifiers_classes",
+        "check_classifiers_train", "check_fit2d_1feature",
+    )
+}
+
+
+def _expected_failures(est: BaseEstimator) -> dict[str, str]:
+    return _BLOCK_ONLY if isinstance(est, (MeanBlend, GreedyEnsemble)) else {}
+
+
+@parametrize_with_checks(
+    [MeanBlend(), GreedyEnsemble(), LogRegStacker(), LightGBMStacker()],
+    expected_failed_checks=_expected_failures,
+)
+def test_sklearn_conformance(estimator: BaseEstimator, check) -> None:
+    check(estimator)
+
+
+def _level1(n: int = 600, skills: tuple[float, ...] = (0.7, 0.0, 0.0, 0.0), n_classes: int = 4,
+            seed: int = 0, temperatures: tuple[float, ...] | None = None):
+    """X (n, R*C), y, a stratified fold column: one block per run of known skill."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(n) % n_classes)
+    temps = temperatures or (1.0,) * len(skills)
+    X = np.hstack([synthetic_proba(y, n_classes, s, rng, t) for s, t in zip(skills, temps)])
+    folds = np.empty(n, dtype=np.int64)
+    folds[np.argsort(y, kind="stable")] = np.arange(n) % 5
+    return X, y, folds
+
+
+@pytest.mark.parametrize("metric", ["log_loss", "accuracy"])
+def test_greedy_picks_the_informative_run(metric: str) -> None:
+    X, y, _ = _level1(skills=(0.0, 0.0, 0.7, 0.0))
+    g = GreedyEnsemble(metric=metric).fit(X, y)
+    assert g.path_[0] == 2 and g.weights_.argmax() == 2
+    # Accuracy is coarse: adding a noise run can flip a few training arg-maxes by luck, so it
+    # keeps some noise weight; log loss sees that noise dilutes the informative run.
+    assert g.weights_[2] >= (0.9 if metric == "log_loss" else 0.5), g.weights_
+    assert g.weights_.sum() == pytest.approx(1.0)
+    assert g.best_size_ <= g.ensemble_size
+
+
+def test_greedy_keeps_best_prefix_and_counts() -> None:
+    X, y, _ = _level1(skills=(0.6, 0.5, 0.0))
+    g = GreedyEnsemble(ensemble_size=10).fit(X, y)
+    assert g.path_log_loss_[g.best_size_ - 1] == pytest.approx(g.path_log_loss_.min())
+    counts = np.bincount(g.path_[: g.best_size_], minlength=3)
+    np.testing.assert_allclose(g.weights_, counts / g.best_size_)
+
+
+def test_logreg_beats_the_mean_level2() -> None:
+    """With noise runs diluting the mean, LR on log-probs must do better, scored honestly."""
+    X, y, folds = _level1(skills=(0.7, 0.0, 0.0, 0.0, 0.3), temperatures=(1, 1, 1, 1, 2))
+    mean = cross_val_level2("mean", MeanBlend(), X, y, folds, 4)
+    lr = cross_val_level2("logreg", LogRegStacker(), X, y, folds, 4)
+    assert lr.scores["log_loss"] < mean.scores["log_loss"] - 0.1
+    assert lr.scores["accuracy"] >= mean.scores["accuracy"]
+    assert not np.isnan(lr.oof).any()
+
+
+def test_lightgbm_early_stops_and_beats_the_mean() -> None:
+    X, y, folds = _level1(n=1000, skills=(0.7, 0.0, 0.0, 0.3))
+    lg = cross_val_level2("lightgbm", LightGBMStacker(), X, y, folds, 4)
+    mean = cross_val_level2("mean", MeanBlend(), X, y, folds, 4)
+    assert lg.scores["log_loss"] < mean.scores["log_loss"]
+    assert all(f["boosting_rounds"] < 150 for f in lg.folds)
+
+
+class _Spy(ClassifierMixin, BaseEstimator):
+    """Records the row ids (column 0) it was fitted on; predicts uniform probabilities."""
+
+    fitted: list[set[int]] = []
+
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        _Spy.fitted.append(set(X[:, 0].astype(int)))
+        return self
+
+    def predict_proba(self, X):
+        return np.full((len(X), len(self.classes_)), 1 / len(self.classes_))
+
+
+def test_level2_cv_never_fits_on_the_rows_it_scores() -> None:
+    _, y, folds = _level1()
+    X = np.arange(len(y), dtype=float)[:, None]
+    _Spy.fitted = []
+    res = cross_val_level2("spy", _Spy(), X, y, folds, 4)
+    assert len(_Spy.fitted) == 5
+    for k, rows in enumerate(_Spy.fitted):
+        held = set(np.flatnonzero(folds == k))
+        assert rows.isdisjoint(held) and rows | held == set(range(len(y)))
+    assert not np.isnan(res.oof).any()
+
+
+@pytest.mark.parametrize("cls", [MeanBlend, GreedyEnsemble])
+def test_block_stackers_basics(cls: type) -> None:
+    X, y, _ = _level1(n=200, skills=(0.6, 0.3))
+    est = cls().fit(X, y)
+    p = est.predict_proba(X)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    np.testing.assert_allclose(pickle.loads(pickle.dumps(est)).predict_proba(X), p)
+    assert log_loss(y, p) < log_loss(y, np.full_like(p, 0.25))
+    with pytest.raises(ValueError, match="whole number of blocks"):
+        cls().fit(X[:, :6], y)
+    with pytest.raises(ValueError, match="8 features"):
+        est.predict_proba(X[:, :4])
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        cls().fit(bad, y)
+
+
+def test_mean_blend_weights_validated() -> None:
+    X, y, _ = _level1(n=100, skills=(0.6, 0.3))
+    np.testing.assert_allclose(MeanBlend(weights=(3, 1)).fit(X, y).weights_, [0.75, 0.25])
+    with pytest.raises(ValueError, match="one per run"):
+        MeanBlend(weights=(1, 1, 1)).fit(X, y)
+
+
+def test_make_stacker_names_the_choices() -> None:
+    assert set(STACKERS) == {"mean", "greedy", "logreg", "lightgbm"}
+    with pytest.raises(ConfigError, match="lightgbm"):
+        make_stacker("xgboost")
+
+
+def test_lightgbm_is_imported_lazily() -> None:
+    code = ("import sys, ensemble.stackers, ensemble.evaluate; "
+            "print('lightgbm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
