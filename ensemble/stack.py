@@ -1,0 +1,298 @@
+"""``stack_runs``: level-1 run folders in, honest level-2 table + submission + report out.
+
+Order of work: find and load the runs, check them all (nothing is written if any check fails),
+score every method by CV over the stored folds, fit the chosen one on all OOF rows, apply it to
+the runs' fold-mean test matrices, then write the level-2 run, the submission and the report.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ensemble.evaluate import Level2, cross_val_level2, describe, full_proba, level1_matrix
+from ensemble.stackers import STACKERS, make_stacker
+from ensemble.submission import build_submission, submission_ids
+from oof.atomic import write_json, write_text
+from oof.cli import format_table
+from oof.config import config_dict, opt, save_config
+from oof.errors import ConfigError, FoldstackError, RunMismatchError
+from oof.folds import Folds, load_folds
+from oof.rundir import Run, check_compatible, find_runs, load_run
+
+log = logging.getLogger(__name__)
+
+METHODS = tuple(STACKERS)  # mean, greedy, logreg, lightgbm: also the order of the table
+TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "seconds", "chosen", "note"]
+
+
+@dataclass
+class StackConfig:
+    """Everything ``stack.py`` needs: where the runs are, which stacker, and its few knobs."""
+
+    config: str | None = opt(None, "YAML file of defaults; flags given here override it")
+    data: str = opt("demo", "dataset folder or CSV (finds the run root and the submission ids)")
+    layout: str = opt("auto", "dataset layout", ("auto", "competition", "imagefolder", "csv"))
+    test: str | None = opt(None, "csv layout: test image folder or CSV (path[,id])")
+    out: str = opt("runs", "root of run folders; the dataset's run root is OUT/<dataset name>")
+    runs: list = opt([], "run folders or globs (relative to the run root or the current "
+                         "folder); default: every complete level-1 run in the run root")
+    method: str = opt("auto", "level-2 method for the submission; auto = best level-2 score",
+                      ("auto", *METHODS))
+    metric: str = opt("log_loss", "metric of auto and of greedy selection",
+                      ("log_loss", "accuracy"))
+    compare: bool = opt(True, "score every method for the table (false: mean + the chosen one)")
+    name: str | None = opt(None, "output folder in the run root (default: stack-<method>)")
+    ensemble_size: int = opt(25, "greedy: steps of ensemble selection (with replacement)")
+    inputs: str = opt("log", "logreg: features are log-probabilities or probabilities",
+                      ("log", "proba"))
+    threads: int = opt(1, "lightgbm threads")
+    seed: int = opt(0, "seed of the stackers' inner CV splits")
+
+
+@dataclass
+class StackResult:
+    """What ``stack_runs`` did: the side-by-side table, the choice, and where files went."""
+
+    rows: list[dict[str, Any]]
+    columns: list[str]
+    chosen: str
+    out_dir: Path
+    submission: Path
+    level2_run: Path
+    test_accuracy: float | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """The lines a script prints under the table."""
+        row = next(r for r in self.rows if r["chosen"])
+        lines = [f"chosen: {self.chosen} (level-2 CV accuracy {row['accuracy']:.4f}, "
+                 f"log loss {row['log_loss']:.4f}) -> {self.submission}"]
+        if self.test_accuracy is not None:
+            lines.append(f"submission accuracy on the held-out test labels: "
+                         f"{self.test_accuracy:.4f}")
+        return "\n".join(lines)
+
+
+def stacker_params(method: str, cfg: StackConfig) -> dict[str, Any]:
+    """Config -> keyword arguments of one stacker."""
+    if method == "greedy":
+        return {"ensemble_size": cfg.ensemble_size, "metric": cfg.metric}
+    if method == "logreg":
+        return {"inputs": cfg.inputs, "random_state": cfg.seed}
+    if method == "lightgbm":
+        return {"n_jobs": cfg.threads, "random_state": cfg.seed}
+    return {}
+
+
+def resolve_run_paths(run_root: Path, patterns: list[str]) -> list[Path]:
+    """Run folders named by ``--runs`` (names or globs), or every complete run of the root."""
+    if not patterns:
+        found = find_runs(run_root)
+        skipped = sorted(set(find_runs(run_root, complete_only=False)) - set(found))
+        for p in skipped:
+            log.warning("skipping incomplete run %s (finish it with its run_folds.py command)", p)
+        if not found:
+            raise RunMismatchError(
+                f"{run_root}: no complete runs to stack; train some first with "
+                "run_folds.py (same --data and --out), or name them with --runs"
+            )
+        return found
+    paths: list[Path] = []
+    for pat in patterns:
+        if glob.has_magic(pat):
+            hits = [Path(h) for base in (run_root, Path.cwd())
+                    for h in sorted(glob.glob(os.path.join(base, pat)))
+                    if (Path(h) / "meta.json").exists()]
+        else:
+            hits = [next((c for c in (run_root / pat, Path(pat)) if c.exists()), run_root / pat)]
+        if not hits:
+            raise ConfigError(f"--runs {pat!r}: matches no run folder under {run_root} or "
+                              f"{Path.cwd()}")
+        paths.extend(hits)
+    unique: dict[Path, Path] = {}
+    for p in paths:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
+
+
+def load_checked(paths: list[Path], run_root: Path, explicit: bool) -> tuple[list[Run], Folds]:
+    """Load every run and refuse the set, naming each bad run and why, before any work."""
+    runs, problems = [], []
+    for p in paths:
+        try:
+            runs.append(load_run(p))
+        except (FoldstackError, OSError, KeyError, ValueError) as exc:
+            problems.append(f"{p}: {exc}")
+    if problems:
+        raise RunMismatchError("these runs cannot be stacked:\n  " + "\n  ".join(problems))
+    if not explicit:
+        level2 = [r for r in runs if r.meta.get("level") == 2]
+        runs = [r for r in runs if r.meta.get("level") != 2]
+        if level2:
+            log.info("not stacking level-2 runs by default: %s (name them with --runs to do so)",
+                     ", ".join(r.name for r in level2))
+        if not runs:
+            raise RunMismatchError(f"{run_root}: only level-2 runs found; train level-1 runs "
+                                   "first with run_folds.py")
+    check_compatible(runs)
+    ref = runs[0]
+    stored = load_folds(run_root)
+    if stored is not None and stored.fingerprint != ref.fingerprint:
+        raise RunMismatchError(
+            "these runs cannot be stacked:\n  " + "\n  ".join(
+                f"{r.name} ({r.path}): fold fingerprint {r.fingerprint} != {stored.fingerprint} "
+                f"of {run_root / 'folds.csv'}: trained on other folds" for r in runs))
+    k = stored.k if stored else int(ref.meta.get("folds", len(np.unique(ref.folds))))
+    seed = stored.seed if stored else int(ref.meta.get("fold_seed", -1))
+    folds = Folds(ref.ids, ref.labels, ref.folds, k, seed, ref.fingerprint)
+    return runs, folds
+
+
+def _note(method: str, level2: Level2) -> str:
+    """One short cell: what each fold's stacker learned."""
+    f = level2.folds
+    if method == "greedy":
+        w = np.mean([list(d["weights"].values()) for d in f], axis=0)
+        names = list(f[0]["weights"])
+        return "mean weights " + " ".join(f"{n}={v:.2f}" for n, v in zip(names, w) if v > 0)
+    if method == "logreg":
+        return "C per fold " + ",".join(f"{d['C']:g}" for d in f)
+    if method == "lightgbm":
+        return "rounds per fold " + ",".join(str(d["boosting_rounds"]) for d in f)
+    return "equal weights"
+
+
+def _backbone(run: Run) -> str:
+    bb = run.meta.get("backbone")
+    return str(bb.get("name", "")) if isinstance(bb, dict) else str(bb or "")
+
+
+def choose(results: dict[str, Level2], metric: str) -> str:
+    """Best level-2 score; ties go to the simpler method (the METHODS order)."""
+    def key(m: str) -> tuple[float, float, int]:
+        s = results[m].scores
+        first = s["log_loss"] if metric == "log_loss" else -s["accuracy"]
+        return (first, s["log_loss"], METHODS.index(m))
+
+    return min(results, key=key)
+
+
+def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [f"# Level-2 stack of {report['dataset']}", "",
+             f"Chosen: **{report['chosen']}** ({report['choice']}).", "",
+             "Level-1 rows: each run's OOF scores. Level-2 rows: CV over the stored folds "
+             f"(K={report['folds']['k']}); the stacker scoring fold k was fitted on the other "
+             "folds' rows only. With `auto`, picking the best of several level-2 scores makes the "
+             "chosen score slightly optimistic.", "", format_table(rows, TABLE_COLUMNS), ""]
+    if report.get("test_accuracy") is not None:
+        lines += [f"Submission accuracy on held-out test labels: {report['test_accuracy']:.4f}",
+                  ""]
+    lines += [f"Final stacker (fitted on all OOF rows): `{report['final']}`", "",
+              f"Submission: `{report['submission']}` ({report['submission_ids']})", ""]
+    return "\n".join(lines)
+
+
+def stack_runs(cfg: StackConfig) -> StackResult:
+    """Check, score (level-2 CV), choose, fit on all rows, write the submission and report."""
+    from oof.datasets import load_dataset
+
+    started = time.perf_counter()
+    dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
+    run_root = Path(cfg.out) / dataset.name
+    runs, folds = load_checked(resolve_run_paths(run_root, list(cfg.runs)), run_root,
+                               explicit=bool(cfg.runs))
+    ref = runs[0]
+    names = [r.name for r in runs]
+    if ref.classes != [str(c) for c in dataset.classes]:
+        raise RunMismatchError(f"{ref.name} ({ref.path}): class order {ref.classes} != the "
+                               f"dataset's {dataset.classes} ({dataset.root})")
+    ids, id_source = submission_ids(dataset)
+    # Built before any write so a test-id mismatch refuses the whole job.
+    build_submission(ids, ref.test_ids, ref.test, ref.classes, dataset.submission_columns,
+                     f"{ref.name} ({ref.path}) vs {id_source}")
+
+    X, X_test = level1_matrix(runs)
+    y, n_classes = ref.y, len(ref.classes)
+    methods = list(METHODS) if cfg.compare or cfg.method == "auto" else \
+        list(dict.fromkeys(["mean", cfg.method]))
+    results: dict[str, Level2] = {}
+    for m in methods:
+        log.info("level-2 CV of %s over %d stored folds (%d rows x %d runs)", m, folds.k, len(y),
+                 len(runs))
+        results[m] = cross_val_level2(m, make_stacker(m, **stacker_params(m, cfg)), X, y,
+                                      folds.fold, n_classes, X_test, names)
+        log.info("  %s: %s in %.1f s", m, results[m].scores, results[m].seconds)
+    chosen = choose(results, cfg.metric) if cfg.method == "auto" else cfg.method
+    out_dir = run_root / (cfg.name or f"stack-{chosen}")
+    if out_dir.name in names:
+        raise ConfigError(f"output {out_dir} is one of the input runs; pass another --name")
+
+    final = make_stacker(chosen, **stacker_params(chosen, cfg)).fit(X, y)
+    test_proba = full_proba(final, X_test, n_classes)
+    sub = build_submission(ids, ref.test_ids, test_proba, ref.classes,
+                           dataset.submission_columns, id_source)
+
+    rows = [{"model": r.name, "level": 1, **r.scores(), "seconds": None, "chosen": "",
+             "note": _backbone(r)} for r in runs]
+    rows += [{"model": f"stack-{m}", "level": 2, **res.scores, "seconds": round(res.seconds, 2),
+              "chosen": "*" if m == chosen else "", "note": _note(m, res)}
+             for m, res in results.items()]
+
+    # All checks passed and everything is computed: write.
+    level2 = results[chosen]
+    inputs = [{"run": r.name, "path": str(r.path), "fingerprint": r.fingerprint,
+               "oof_metrics": r.scores()} for r in runs]
+    run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg)
+    sub_path = out_dir / "submission.csv"
+    sub.write(sub_path, out_dir / "submission_proba.csv")
+    test_acc = _held_out_accuracy(sub_path, dataset.root)
+    report = {
+        "dataset": dataset.name, "run_root": str(run_root), "runs": inputs,
+        "folds": {"k": folds.k, "seed": folds.seed, "fingerprint": folds.fingerprint},
+        "methods": {m: {"scores": r.scores, "seconds": round(r.seconds, 3), "folds": r.folds}
+                    for m, r in results.items()},
+        "chosen": chosen,
+        "choice": (f"best level-2 {cfg.metric} of {methods}" if cfg.method == "auto"
+                   else "--method"),
+        "final": {"method": chosen, "params": final.get_params(), **describe(final, names)},
+        "level2_run": str(run.path), "submission": str(sub_path), "submission_ids": id_source,
+        "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 2),
+        "config": config_dict(cfg), "table": rows,
+    }
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.md", _markdown(report, rows))
+    save_config(cfg, out_dir / "config.yaml")
+    return StackResult(rows, TABLE_COLUMNS, chosen, out_dir, sub_path, run.path, test_acc, report)
+
+
+def _write_level2(out_dir: Path, method: str, ref: Run, folds: Folds, level2: Level2,
+                  inputs: list[dict[str, Any]], cfg: StackConfig) -> Run:
+    """The level-2 OOF saved like any run (meta level=2), so it can be analysed and stacked."""
+    from oof.rundir import write_run
+
+    meta = {"level": 2, "method": method, "inputs": inputs, "config": config_dict(cfg),
+            "backbone": {"name": f"stack/{method}"}, "fold_info": level2.folds,
+            "level2_seconds": round(level2.seconds, 3)}
+    return write_run(out_dir, out_dir.name, ref.classes, folds, level2.oof, ref.test_ids,
+                     level2.test_per_fold, meta)
+
+
+def _held_out_accuracy(submission: Path, data_root: Path) -> float | None:
+    """Accuracy on held-out labels where the dataset ships them (the demo's test_labels.csv)."""
+    if not (data_root / "test_labels.csv").exists():
+        return None
+    from oof.demo import score_submission
+
+    try:
+        return score_submission(submission, data_root)
+    except (FoldstackError, KeyError, ValueError) as exc:
+        log.warning("could not score %s against %s: %s", submission, data_root, exc)
+        return None
