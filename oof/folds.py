@@ -71,11 +71,16 @@ def load_folds(run_root: Path) -> Folds | None:
     if not meta_path.exists():
         raise DataError(f"{path}: exists but {meta_path.name} (K, seed, fingerprint) is missing")
     meta = json.loads(meta_path.read_text())
-    df = pd.read_csv(path, dtype={"id": str, "label": str, "fold": np.int64}, keep_default_na=False)
-    folds = Folds(
-        df["id"].to_numpy(object), df["label"].to_numpy(object), df["fold"].to_numpy(),
-        int(meta["k"]), int(meta["seed"]), meta["fingerprint"],
-    )
+    try:
+        df = pd.read_csv(path, dtype={"id": str, "label": str, "fold": np.int64},
+                         keep_default_na=False)
+        folds = Folds(
+            df["id"].to_numpy(object), df["label"].to_numpy(object), df["fold"].to_numpy(),
+            int(meta["k"]), int(meta["seed"]), meta["fingerprint"],
+        )
+    except (ValueError, KeyError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: not a folds file of id,label,fold rows ({type(exc).__name__}: "
+                        f"{exc}); it was edited by hand") from exc
     actual = fold_fingerprint(folds.ids, folds.fold, folds.k, folds.seed)
     if actual != folds.fingerprint:
         raise DataError(

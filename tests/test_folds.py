@@ -164,3 +164,17 @@ def test_small_classes_refused_or_split(labels: list[str]) -> None:
             make_folds(ids, labels, 3, 0)
     else:
         assert set(make_folds(ids, labels, 3, 0).fold) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("edit", ["fold_not_a_number", "column_dropped"])
+def test_unparseable_folds_csv_is_a_clear_error(tmp_path: Path, edit: str) -> None:
+    ids, labels = _dataset()
+    ensure_folds(tmp_path, ids, labels, 3, 11)
+    df = pd.read_csv(tmp_path / FOLDS_FILE, dtype=str)
+    if edit == "fold_not_a_number":
+        df.loc[3, "fold"] = "two"
+    else:
+        df = df.drop(columns="fold")
+    df.to_csv(tmp_path / FOLDS_FILE, index=False)
+    with pytest.raises(DataError, match=f"{FOLDS_FILE}: not a folds file .*edited by hand"):
+        load_folds(tmp_path)
