@@ -219,7 +219,8 @@ def detect_layout(data: Path) -> str:
         raise DataError(f"--data {data}: no such folder or CSV file")
     train_csv = data / "train.csv"
     if train_csv.is_file():
-        header = train_csv.open(encoding="utf-8", errors="replace").readline()
+        with train_csv.open(encoding="utf-8-sig", errors="replace") as fh:  # Excel writes a BOM
+            header = fh.readline()
         columns = [c.strip() for c in header.split(",")]
         if "Id" in columns and "Category" in columns and (data / "train").is_dir():
             return "competition"

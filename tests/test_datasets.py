@@ -397,3 +397,14 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert small[1, 8, 0] > 200 and small[-2, 8, 2] > 200
     assert small[2, 1, 0] > 200 and small[2, -2, 0] > 200  # the whole top row is red
     assert small[-2, 1, 2] > 200 and small[-2, -2, 2] > 200  # the whole bottom row is blue
+
+
+def test_train_csv_with_byte_order_mark_is_still_competition(demo_subset: Path,
+                                                            copy_dataset: CopyFn) -> None:
+    """Excel saves CSV as UTF-8 with a BOM: the header is still Id,Category."""
+    data = copy_dataset(demo_subset)
+    text = (data / "train.csv").read_text(encoding="utf-8")
+    (data / "train.csv").write_text("\ufeff" + text, encoding="utf-8")
+    assert detect_layout(data) == "competition"
+    ds = load_dataset(data)
+    assert ds.layout == "competition" and len(ds.train) == 300
