@@ -195,7 +195,9 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if report.get("test_accuracy") is not None:
         lines += [f"Submission accuracy on held-out test labels: {report['test_accuracy']:.4f}",
                   ""]
-    lines += [f"Final stacker (fitted on all OOF rows): `{report['final']}`", "",
+    learned = {k: v for k, v in report["final"].items() if k not in ("method", "params")}
+    lines += [f"Final stacker, fitted on all OOF rows: **{report['chosen']}**, learned {learned}, "
+              f"parameters {report['final']['params']}.", "",
               f"Submission: `{report['submission']}` ({report['submission_ids']})", ""]
     return "\n".join(lines)
 

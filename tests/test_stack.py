@@ -285,3 +285,20 @@ def test_tiny_end_to_end_train_stack_submit(demo_subset: Path, tmp_path: Path) -
     assert list(sub["Id"]) == list(sample["Id"])
     assert res.test_accuracy is not None and 0.0 <= res.test_accuracy <= 1.0
     assert load_run(res.level2_run).meta["level"] == 2
+
+
+def test_resolved_config_is_written_and_reusable(project: Project) -> None:
+    from oof.config import parse_config
+
+    res = stack_runs(project.cfg(method="mean", compare=False, ensemble_size=7))
+    cfg = parse_config(StackConfig, ["--config", str(res.out_dir / "config.yaml"),
+                                     "--method", "greedy"], "stack.py", "")
+    assert cfg.ensemble_size == 7 and cfg.method == "greedy" and cfg.out == str(project.out)
+    with pytest.raises(ConfigError, match="ensemble_size"):
+        parse_config(StackConfig, ["--config", str(_yaml(project, "ensemble_sise: 3"))], "s", "")
+
+
+def _yaml(project: Project, text: str) -> Path:
+    path = project.out / "bad.yaml"
+    path.write_text(text)
+    return path

@@ -101,7 +101,7 @@ def test_lightgbm_early_stops_and_beats_the_mean() -> None:
     lg = cross_val_level2("lightgbm", LightGBMStacker(), X, y, folds, 4)
     mean = cross_val_level2("mean", MeanBlend(), X, y, folds, 4)
     assert lg.scores["log_loss"] < mean.scores["log_loss"]
-    assert all(f["boosting_rounds"] < 150 for f in lg.folds)
+    assert all(f["boosting_rounds"] < 80 for f in lg.folds)
 
 
 class _Spy(ClassifierMixin, BaseEstimator):
