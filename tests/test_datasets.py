@@ -408,3 +408,22 @@ def test_train_csv_with_byte_order_mark_is_still_competition(demo_subset: Path,
     assert detect_layout(data) == "competition"
     ds = load_dataset(data)
     assert ds.layout == "competition" and len(ds.train) == 300
+
+
+def test_bundled_demo_is_real_files_in_competition_layout(demo_dir: Path, tmp_path: Path) -> None:
+    from oof.demo import score_submission
+
+    ds = load_dataset("demo")  # the default --data: written once under $FOLDSTACK_CACHE
+    assert ds.root == demo_dir.resolve() and ds.layout == "competition"
+    assert len(ds.train) == 1497 and len(ds.test) == 300
+    assert ds.classes == [str(i) for i in range(10)]
+    shares = ds.train["label"].value_counts(normalize=True)
+    assert shares.max() - shares.min() < 0.02  # stratified split of balanced digits
+    with Image.open(ds.train["path"][0]) as img:
+        assert img.format == "PNG" and img.size == (8, 8)
+    truth = pd.read_csv(demo_dir / "test_labels.csv", dtype=str)
+    sample = pd.read_csv(demo_dir / "sample-submission.csv", dtype=str)
+    assert list(truth["Id"]) == list(ds.test["id"]) and "Category" in sample
+    assert not (sample["Category"] == truth["Category"]).all()  # labels not leaked there
+    truth.to_csv(tmp_path / "perfect.csv", index=False)
+    assert score_submission(tmp_path / "perfect.csv") == 1.0
