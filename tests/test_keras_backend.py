@@ -1,0 +1,211 @@
+"""Keras backbones on the OOF contract: every TensorFlow call runs in a subprocess.
+
+TensorFlow never enters the pytest process (nor torch a Keras run), so these tests also check
+the isolation the runner promises. Runs are tiny (32 px, 1 epoch, K=3 on the demo subset).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+
+from oof.rundir import check_compatible, load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "MobileNetV3Small"  # the smallest keras.applications model; 32 px is its minimum
+
+# Runs run_folds.main, then asserts which framework modules the process loaded.
+WRAPPER = """
+import sys
+import run_folds
+forbidden = sys.argv[1].split(",")
+rc = run_folds.main(sys.argv[2:])
+loaded = [m for m in forbidden if m in sys.modules]
+assert not loaded, f"forbidden modules imported: {loaded}"
+sys.exit(rc or 0)
+"""
+
+PROBE = """
+import json, os, sys
+import numpy as np
+from backbones import keras_backend as kb
+from oof.config import RunConfig
+from oof.errors import ConfigError
+out = {"torch_loaded": "torch" in sys.modules}
+cfg = RunConfig(backbone="keras/" + sys.argv[2], img_size=32)
+def error(fn):
+    try:
+        fn()
+    except ConfigError as exc:
+        return str(exc)
+    return None
+out["unknown_app"] = error(lambda: kb.resolve_spec("MobileNetV3Smal", cfg))
+out["unknown_callback"] = error(lambda: kb.user_callbacks([{"name": "EarlyStoping"}]))
+out["bad_kwargs"] = error(lambda: kb.user_callbacks([{"name": "EarlyStopping", "bogus": 1}]))
+out["plateau_with_cosine"] = error(lambda: kb.make_optimizer(
+    RunConfig(callbacks=[{"name": "ReduceLROnPlateau"}]), 10))
+es = kb.user_callbacks([{"name": "EarlyStopping", "kwargs": {"patience": 2}}])[0]
+out["early_stopping"] = [type(es).__name__, es.patience, es.restore_best_weights]
+out["preprocessing"] = {n: kb.resolve_spec(n, cfg).preprocessing
+                        for n in ("MobileNetV3Small", "ResNet50", "InceptionV3", "DenseNet121")}
+resnet = kb.resolve_spec("ResNet50", cfg)
+out["resnet_mean_std"] = [resnet.mean, resnet.std]
+# a local weights file: the application without top, from scratch, saved then loaded by name
+import keras
+base = getattr(keras.applications, sys.argv[2])(include_top=False, weights=None,
+                                                input_shape=(32, 32, 3))
+path = os.path.join(sys.argv[1], "tiny.weights.h5")
+base.save_weights(path)
+spec = kb.resolve_spec(sys.argv[2], RunConfig(img_size=32, pretrained=path))
+model = kb.build_model(spec, 10)
+inner = next(l for l in model.layers if isinstance(l, keras.Model))
+out["local_weights_equal"] = all(np.array_equal(a, b) for a, b in
+                                 zip(base.get_weights(), inner.get_weights()))
+out["bn_momentum"] = sorted({l.momentum for l in kb._iter_layers(model)
+                             if isinstance(l, keras.layers.BatchNormalization)})
+out["missing_file"] = error(lambda: kb.resolve_spec(sys.argv[2], RunConfig(pretrained="/no/w.h5")))
+out["offline_imagenet"] = error(lambda: kb.build_model(
+    kb.resolve_spec(sys.argv[2], RunConfig(img_size=32, pretrained="auto")), 10))
+out["weights_path"] = path
+print("PROBE" + json.dumps(out))
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", **extra}
+    env.pop("KERAS_BACKEND", None)
+    return env
+
+
+def _run_folds(forbidden: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``run_folds.py ARGS`` in a fresh interpreter that must not load ``forbidden`` modules."""
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, forbidden, *args, "--progress", "false"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One TensorFlow subprocess answering the unit-level questions (names, preprocessing,
+    callbacks, weights files); offline is simulated with an empty Keras cache and a dead proxy."""
+    tmp = tmp_path_factory.mktemp("keras_probe")
+    env = _env(KERAS_HOME=str(tmp / "keras_home"), HTTPS_PROXY="http://127.0.0.1:9",
+               https_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
+               http_proxy="http://127.0.0.1:9")
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(tmp), APP], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE"))
+    return json.loads(line[len("PROBE"):])
+
+
+def test_names_fail_with_closest(probe: dict) -> None:
+    assert "MobileNetV3Small" in probe["unknown_app"]
+    assert "EarlyStopping" in probe["unknown_callback"]
+    assert "bogus" in probe["bad_kwargs"]
+    assert "--schedule constant" in probe["plateau_with_cosine"]
+    assert probe["early_stopping"] == ["EarlyStopping", 2, True]
+    assert not probe["torch_loaded"]
+
+
+def test_preprocessing_is_each_applications_own(probe: dict) -> None:
+    pre = probe["preprocessing"]
+    assert "mobilenet_v3.preprocess_input: identity" in pre["MobileNetV3Small"]
+    assert "RGB->BGR" in pre["ResNet50"] and "resnet" in pre["ResNet50"]
+    assert "(0.007843, 0.007843, 0.007843) + (-1.0, -1.0, -1.0)" in pre["InceptionV3"]
+    assert "densenet.preprocess_input" in pre["DenseNet121"]
+    mean, std = probe["resnet_mean_std"]  # caffe mode: BGR means, std 1/255 on the 0..1 scale
+    assert mean[0] == pytest.approx(103.939 / 255, abs=1e-4)
+    assert std[0] == pytest.approx(1 / 255)
+
+
+def test_weights_from_a_local_file_and_offline_imagenet(probe: dict) -> None:
+    assert probe["local_weights_equal"]
+    assert probe["bn_momentum"] == [0.9]
+    assert "no such weights file" in probe["missing_file"]
+    msg = probe["offline_imagenet"]
+    assert msg and "--pretrained auto" in msg and "~/.keras/models" in msg
+
+
+@pytest.mark.slow
+def test_keras_run_stacks_with_a_timm_run(demo_subset: Path, tmp_path: Path, probe: dict) -> None:
+    out = tmp_path / "runs"
+    common = ["--data", str(demo_subset), "--out", str(out), "--folds", "3", "--epochs", "1"]
+    _run_folds("tensorflow,keras", *common, "--backbone", "timm/resnet10t", "--img-size", "16")
+    user_csv = tmp_path / "user_history.csv"
+    config = tmp_path / "keras.yaml"
+    config.write_text(
+        "callbacks:\n"
+        f"  - {{name: CSVLogger, filename: '{user_csv}'}}\n"
+        "  - {name: EarlyStopping, monitor: val_loss, patience: 5}\n"
+    )
+    _run_folds("torch,timm", *common, "--backbone", f"keras/{APP}", "--img-size", "32",
+               "--config", str(config), "--pretrained", probe["weights_path"])
+    root = out / demo_subset.name
+    timm_run = load_run(root / "timm-resnet10t_16px")
+    keras_run = load_run(root / f"keras-{APP}_32px")
+    check_compatible([timm_run, keras_run])
+    assert (keras_run.ids == timm_run.ids).all() and keras_run.fingerprint == timm_run.fingerprint
+    assert keras_run.classes == timm_run.classes
+    assert keras_run.oof.shape == timm_run.oof.shape and not pd.isna(keras_run.oof).any()
+    meta = keras_run.meta
+    assert meta["backbone"]["framework"] == "tensorflow"
+    assert "preprocess_input" in meta["backbone"]["preprocessing"]
+    assert meta["backbone"]["pretrained"] == probe["weights_path"]
+    assert {"tensorflow", "keras"} <= set(meta["versions"])
+    # callbacks wrote where they say: history, checkpoints with metadata, the user's CSVLogger
+    hist_k = pd.read_csv(keras_run.path / "history.csv")
+    hist_t = pd.read_csv(timm_run.path / "history.csv")
+    assert set(hist_t.columns) <= set(hist_k.columns)
+    assert sorted(hist_k["fold"]) == [0, 1, 2]
+    for k in range(3):
+        ckpt = keras_run.path / "checkpoints" / f"fold{k}.weights.h5"
+        with h5py.File(ckpt, "r") as fh:
+            assert json.loads(fh.attrs["foldstack"])["fold"] == k
+    assert len(pd.read_csv(user_csv)) == 1  # the last fold's single epoch
+    assert not (keras_run.path / "work").exists()
+    info = meta["fold_info"]
+    assert [info[str(k)]["compiled_step_reused"] for k in range(3)] == [False, True, True]
+    assert all(info[str(k)]["startup_seconds"] >= 0 for k in range(3))
+    assert info["2"]["rss_mb"] < info["0"]["rss_mb"] + 300  # folds do not pile up
+
+
+@pytest.mark.slow
+def test_interrupted_fold_resumes_from_its_backup(demo_subset: Path, tmp_path: Path) -> None:
+    args = [sys.executable, "run_folds.py", "--data", str(demo_subset), "--out",
+            str(tmp_path), "--folds", "3", "--fold", "0", "--epochs", "12", "--backbone",
+            f"keras/{APP}", "--img-size", "32", "--progress", "false", "--batch-size", "32"]
+    history = tmp_path / demo_subset.name / f"keras-{APP}_32px" / "parts" / "fold0_history.csv"
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if history.exists() and len(history.read_text().strip().splitlines()) >= 3:
+                break  # header and two epochs
+            time.sleep(0.2)
+        assert proc.poll() is None, "fold finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    part = history.parent / "fold0.json"
+    assert not part.exists()
+    done = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    info = json.loads(part.read_text())
+    assert info["resumed_from_epoch"] >= 2
+    assert info["epochs_this_session"] == 12 - info["resumed_from_epoch"]
+    epochs = pd.read_csv(history)["epoch"].tolist()
+    assert epochs == list(range(12))
