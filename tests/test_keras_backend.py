@@ -150,7 +150,7 @@ def test_keras_run_stacks_with_a_timm_run(demo_subset: Path, tmp_path: Path, pro
         "  - {name: EarlyStopping, monitor: val_loss, patience: 5}\n"
     )
     _run_folds("torch,timm", *common, "--backbone", f"keras/{APP}", "--img-size", "32",
-               "--config", str(config), "--pretrained", probe["weights_path"])
+               "--config", str(config), "--pretrained", probe["weights_path"], "--tta", "hflip")
     root = out / demo_subset.name
     timm_run = load_run(root / "timm-resnet10t_16px")
     keras_run = load_run(root / f"keras-{APP}_32px")
