@@ -58,6 +58,25 @@ class TerminateOnNaN(Callback):
             self.trainer.stop_training = True
 
 
+class BestWeights(Callback):
+    """Keep the weights of the epoch with the lowest ``monitor`` (ModelCheckpoint, in memory).
+
+    The trainer provides ``snapshot()``; the copy is only taken when the epoch improves.
+    """
+
+    def __init__(self, monitor: str = "val_loss") -> None:
+        self.monitor = monitor
+        self.best = math.inf
+        self.best_epoch: int | None = None
+        self.state: Any = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is not None and math.isfinite(value) and value < self.best:
+            self.best, self.best_epoch = value, epoch
+            self.state = self.trainer.snapshot()
+
+
 class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved for ``patience`` epochs."""
 

@@ -20,10 +20,11 @@ Choices, each measured (see ``bench/overhead_keras.py`` and the per-fold ``info`
 * BatchNorm momentum defaults to 0.9 (PyTorch's 0.1, which timm runs use): Keras' 0.99 (0.999
   in MobileNetV3) leaves the running statistics of a few-hundred-step run near their
   initial values, and the held-out predictions near chance.
-* The fold's checkpoint holds the best weights by ``val_loss`` (ModelCheckpoint) and the
-  predictions are made with exactly those weights, so a served fold model reproduces its OOF rows.
-  Choosing the epoch on the held-out fold makes OOF slightly optimistic; ``info['best_epoch']``
-  says which epoch won.
+* ModelCheckpoint keeps the best weights by ``val_loss`` and they go into the run. OOF and test
+  rows are predicted, as in timm runs, with ``cfg.predict_weights``: the last epoch's weights by
+  default, or the best epoch's (chosen on the held-out fold, so its OOF leans optimistic). The
+  fold's checkpoint holds exactly the weights that predicted, so a served fold model reproduces
+  its OOF rows; ``info['best_epoch']`` says which epoch was best.
 """
 
 from __future__ import annotations
@@ -622,7 +623,12 @@ def train_fold(job: FoldJob) -> FoldResult:
     history = read_history(job.history_path)
     if not best_path.exists():  # val_loss never finite: keep the last weights
         model.save_weights(str(best_path))
-    model.load_weights(str(best_path))
+    predict_path = best_path
+    if cfg.predict_weights == "best":
+        model.load_weights(str(best_path))
+    else:
+        predict_path = job.work_dir / "last.weights.h5"
+        model.save_weights(str(predict_path))
     val_proba = predict_proba(model, job.x_val, cfg.tta)
     test_proba = predict_proba(model, job.x_test, cfg.tta)
     finite = [r for r in history if isinstance(r.get("val_loss"), float)
@@ -632,14 +638,20 @@ def train_fold(job: FoldJob) -> FoldResult:
     steady = float(np.median(secs[1:])) if len(secs) > 1 else 0.0
     first_extra = max(0.0, secs[0] - steady) if secs and len(secs) > 1 else 0.0
     startup = build_seconds + first_extra
-    _publish_checkpoint(best_path, job.checkpoint_path, {
+    ckpt_meta = {
         "backbone": job.spec.to_dict(), "classes": job.classes, "fold": job.fold,
         "epochs_run": len(history), "best_epoch": best_epoch, "num_classes": len(job.classes),
         "bn_momentum": bn, "head_dropout": HEAD_DROPOUT,
-    })
+    }
+    _publish_checkpoint(predict_path, job.checkpoint_path,
+                        {**ckpt_meta, "weights": cfg.predict_weights})
+    if predict_path != best_path:  # ModelCheckpoint's best weights go into the run as well
+        best_ckpt = job.checkpoint_path.with_name(f"fold{job.fold}.best.weights.h5")
+        _publish_checkpoint(best_path, best_ckpt, {**ckpt_meta, "weights": "best"})
     predict_seconds = time.perf_counter() - t0 - train_seconds
     info = {
         "device": device, "amp": policy, "epochs_run": len(history), "best_epoch": best_epoch,
+        "predict_weights": cfg.predict_weights,
         "resumed_from_epoch": resumed_from,
         "epochs_this_session": len(secs), "bn_momentum": bn, "head_dropout": HEAD_DROPOUT,
         "jit_compile": bool(model.jit_compile), "steps_per_execution": model.steps_per_execution,

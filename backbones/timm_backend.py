@@ -23,7 +23,7 @@ from torch import nn
 from backbones import close_names
 from backbones.augment import build_augment
 from backbones.base import BackboneSpec, FoldJob, FoldResult
-from backbones.callbacks import Callback, CSVLogger, TerminateOnNaN
+from backbones.callbacks import BestWeights, Callback, CSVLogger, TerminateOnNaN
 from oof.atomic import atomic_path
 from oof.config import RunConfig
 from oof.errors import ConfigError
@@ -193,6 +193,10 @@ class Trainer:
         return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the weights, for ``BestWeights``."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
     @torch.no_grad()
     def predict(self, images: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
         """Class probabilities for uint8 images; 'hflip' averages with the mirrored view."""
@@ -256,7 +260,8 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
     device = pick_device(cfg)
     loader = make_loader(job.x_train, job.y_train, cfg, job.seed, device)
     trainer = build_trainer(job, len(loader))
-    callbacks = [CSVLogger(job.history_path), TerminateOnNaN(), *(callbacks or [])]
+    best = BestWeights("val_loss")
+    callbacks = [CSVLogger(job.history_path), TerminateOnNaN(), best, *(callbacks or [])]
     for cb in callbacks:
         cb.set_trainer(trainer)
         cb.on_train_begin({})
@@ -280,14 +285,18 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
     for cb in callbacks:
         cb.on_train_end({})
     train_seconds = time.perf_counter() - t0
+    if cfg.predict_weights == "best" and best.state is not None:
+        trainer.model.load_state_dict(best.state)
     val_proba = trainer.predict(job.x_val, cfg.tta)
     test_proba = trainer.predict(job.x_test, cfg.tta)
     save_checkpoint(job.checkpoint_path, trainer.model, {
         "backbone": job.spec.to_dict(), "classes": job.classes, "fold": job.fold,
         "epochs_run": len(history), "num_classes": len(job.classes),
+        "predict_weights": cfg.predict_weights, "best_epoch": best.best_epoch,
     })
     return FoldResult(val_proba, test_proba, history, {
         "device": str(device), "amp": str(trainer.amp_dtype), "epochs_run": len(history),
+        "predict_weights": cfg.predict_weights, "best_epoch": best.best_epoch,
         "startup_seconds": startup, "train_seconds": train_seconds,
         "predict_seconds": time.perf_counter() - t0 - train_seconds,
     })

@@ -58,6 +58,10 @@ class RunConfig:
     warmup_epochs: float = opt(1.0, "linear LR warmup length in epochs")
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy loss")
     augment: str = opt("light", "augmentation preset (albumentations)", ("none", "light", "flip"))
+    predict_weights: str = opt(
+        "last", "weights that predict OOF and test: the last epoch's, or the epoch with the best "
+        "val_loss (chosen on the held-out fold itself, so its OOF score is optimistic)",
+        ("last", "best"))
     tta: str = opt("none", "test-time augmentation for OOF and test predictions",
                    ("none", "hflip"))
     train_seed: int | None = opt(None, "seed of weights and batches (default: the fold seed)")

@@ -172,6 +172,10 @@ def test_keras_run_stacks_with_a_timm_run(demo_subset: Path, tmp_path: Path, pro
         ckpt = keras_run.path / "checkpoints" / f"fold{k}.weights.h5"
         with h5py.File(ckpt, "r") as fh:
             assert json.loads(fh.attrs["foldstack"])["fold"] == k
+            assert json.loads(fh.attrs["foldstack"])["weights"] == "last"  # the default
+        best = keras_run.path / "checkpoints" / f"fold{k}.best.weights.h5"
+        with h5py.File(best, "r") as fh:  # ModelCheckpoint's best weights are in the run too
+            assert json.loads(fh.attrs["foldstack"])["weights"] == "best"
     assert len(pd.read_csv(user_csv)) == 1  # the last fold's single epoch
     assert not (keras_run.path / "work").exists()
     info = meta["fold_info"]
