@@ -73,14 +73,22 @@ def cross_val_level2(
     test_pf = np.full((int(ks.max()) + 1, n_test, n_classes), np.nan)
     info = []
     start = time.perf_counter()
-    for k in ks:
-        held = folds == k
+    # Rows sorted by fold once: each fold's training rows are then two contiguous slices copied
+    # at memcpy speed into one reused buffer, and its held-out rows are a view. Boolean or fancy
+    # indexing per fold cost more than the stackers themselves at 1.5M rows.
+    order = np.argsort(folds, kind="stable")
+    Xs, ys, fs = X[order], y[order], folds[order]
+    bounds = np.searchsorted(fs, np.append(ks, ks.max() + 1))
+    buffer = np.empty((len(y) - int(np.diff(bounds).min()), X.shape[1]), dtype=X.dtype)
+    for i, k in enumerate(ks):
+        a, b = bounds[i], bounds[i + 1]
         t0 = time.perf_counter()
-        est = clone(stacker).fit(X[~held], y[~held])
-        oof[held] = full_proba(est, X[held], n_classes)
+        X_fit = np.concatenate([Xs[:a], Xs[b:]], out=buffer[: len(ys) - (b - a)])
+        est = clone(stacker).fit(X_fit, np.concatenate([ys[:a], ys[b:]]))
+        oof[order[a:b]] = full_proba(est, Xs[a:b], n_classes)
         if X_test is not None:
             test_pf[k] = full_proba(est, X_test, n_classes)
-        info.append({"fold": int(k), "rows_fitted": int((~held).sum()),
-                     "rows_scored": int(held.sum()), "seconds": round(time.perf_counter() - t0, 3),
+        info.append({"fold": int(k), "rows_fitted": int(len(ys) - (b - a)),
+                     "rows_scored": int(b - a), "seconds": round(time.perf_counter() - t0, 3),
                      **describe(est, run_names or [])})
     return Level2(method, oof, test_pf, scores(y, oof), time.perf_counter() - start, info)
