@@ -22,7 +22,7 @@ from ensemble.stackers import STACKERS, make_stacker
 from ensemble.submission import build_submission, submission_ids
 from oof.atomic import write_json, write_text
 from oof.cli import format_table
-from oof.config import config_dict, opt, save_config
+from oof.config import DatasetConfig, config_dict, opt, save_config
 from oof.errors import ConfigError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
 from oof.rundir import Run, check_compatible, find_runs, load_run
@@ -34,14 +34,9 @@ TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "seconds", "chosen", 
 
 
 @dataclass
-class StackConfig:
+class StackConfig(DatasetConfig):
     """Everything ``stack.py`` needs: where the runs are, which stacker, and its few knobs."""
 
-    config: str | None = opt(None, "YAML file of defaults; flags given here override it")
-    data: str = opt("demo", "dataset folder or CSV (finds the run root and the submission ids)")
-    layout: str = opt("auto", "dataset layout", ("auto", "competition", "imagefolder", "csv"))
-    test: str | None = opt(None, "csv layout: test image folder or CSV (path[,id])")
-    out: str = opt("runs", "root of run folders; the dataset's run root is OUT/<dataset name>")
     runs: list = opt([], "run folders or globs (relative to the run root or the current "
                          "folder); default: every complete level-1 run in the run root")
     method: str = opt("auto", "level-2 method for the submission; auto = best level-2 score",

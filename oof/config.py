@@ -34,14 +34,20 @@ def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None, yaml_on
 
 
 @dataclass
-class RunConfig:
-    """Everything ``run_folds.py`` needs: data, folds, backbone and training."""
+class DatasetConfig:
+    """Where the data and the run root are: shared by every script, so flags mean one thing."""
 
     config: str | None = opt(None, "YAML file of defaults; flags given here override it")
     data: str = opt("demo", "dataset folder or CSV; 'demo' writes the bundled digits demo")
     layout: str = opt("auto", "dataset layout", ("auto", "competition", "imagefolder", "csv"))
     test: str | None = opt(None, "csv layout: test image folder or CSV (path[,id])")
-    out: str = opt("runs", "root of run folders; one run root per dataset inside")
+    out: str = opt("runs", "root of run folders; the dataset's run root is OUT/<dataset name>")
+
+
+@dataclass
+class RunConfig(DatasetConfig):
+    """Everything ``run_folds.py`` needs: data, folds, backbone and training."""
+
     folds: int | None = opt(None, "number of stratified folds K (default 5; fixed per run root)")
     seed: int | None = opt(None, "fold seed (default 42; fixed per run root)")
     fold: int | None = opt(None, "run this fold only (manual parallelism); default all")
