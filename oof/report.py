@@ -139,7 +139,7 @@ def pairwise_figure(a: Analysis) -> bytes:
     _heatmap(axes[1], a.disagreement.to_numpy(), names, names,
              "disagreement rate (arg-max differs)", "{:.3f}", 0.0, label_len=28)
     _heatmap(axes[2], a.one_right_other_wrong.to_numpy().astype(np.float64), names, names,
-             "rows: row run right, column run wrong", "{:.0f}", 0.0, label_len=28)
+             "row run right,\ncolumn run wrong (rows)", "{:.0f}", 0.0, label_len=28)
     return _png(fig)
 
 
