@@ -83,7 +83,16 @@ class _Stacker(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(proba, axis=1)]
 
 
-class MeanBlend(_Stacker):
+class _WeightedBlend(_Stacker):
+    """A fixed weight per run: ``predict_proba`` is the weighted mean of the runs' blocks."""
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        X = self._check_X(X)
+        P = _blocks(X, len(self.classes_), type(self).__name__)
+        return _normalise(np.einsum("nrc,r->nc", P, self.weights_))
+
+
+class MeanBlend(_WeightedBlend):
     """Average of the runs' probabilities, optionally weighted (weights need not sum to 1).
 
     Nothing is learned from the labels, so its OOF score needs no CV, but it goes through the same
@@ -109,13 +118,8 @@ class MeanBlend(_Stacker):
         self.weights_ = w / w.sum()
         return self
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        X = self._check_X(X)
-        P = _blocks(X, len(self.classes_), "MeanBlend")
-        return _normalise(np.einsum("nrc,r->nc", P, self.weights_))
 
-
-class GreedyEnsemble(_Stacker):
+class GreedyEnsemble(_WeightedBlend):
     """Ensemble selection with replacement (Caruana et al., ICML 2004), as AutoGluon does it.
 
     Start empty; at each of ``ensemble_size`` steps add the run (repeats allowed) whose addition
@@ -178,11 +182,6 @@ class GreedyEnsemble(_Stacker):
         self.n_runs_ = n_runs
         self.weights_ = counts / size
         return self
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        X = self._check_X(X)
-        P = _blocks(X, len(self.classes_), "GreedyEnsemble")
-        return _normalise(np.einsum("nrc,r->nc", P, self.weights_))
 
 
 class LogRegStacker(_Stacker):
