@@ -120,9 +120,10 @@ def run_folds(cfg: RunConfig) -> RunSummary:
     if len(run.done_folds()) == folds.k:
         test_ids = np.asarray(dataset.test["id"], dtype=object)
         if run.read_meta().get("status") != "complete":
-            run.assemble(run.path.name, dataset.classes, folds, test_ids, meta)
+            summary.run = run.assemble(run.path.name, dataset.classes, folds, test_ids, meta)
             shutil.rmtree(run.path / "work", ignore_errors=True)
-        summary.run = load_run(run.path)
+        else:
+            summary.run = load_run(run.path)
         summary.complete = True
         summary.oof_scores = summary.run.scores()
     return summary
