@@ -10,7 +10,7 @@ from oof.config import RunConfig, parse_config
 
 
 def main(argv: list[str] | None = None) -> int | None:
-    from oof.runner import run_folds
+    from runner.run import run_folds
 
     cfg = parse_config(RunConfig, argv, "run_folds.py", __doc__ or "")
     summary = run_folds(cfg)

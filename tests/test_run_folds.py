@@ -47,7 +47,7 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 def trained_folds(log: str) -> list[int]:
     """Folds the runner announced training ("fold 2/3: ..." is fold index 1)."""
     return [int(line.split("fold ")[1].split("/")[0]) - 1
-            for line in log.splitlines() if " oof.runner: fold " in line and "/" in line]
+            for line in log.splitlines() if " runner.run: fold " in line and "/" in line]
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +299,7 @@ def test_pretrained_file_loads_offline_and_unknown_name_suggests(tmp_path: Path)
 
 
 # --------------------------------------------------------------------------- resume guards
-# (in process: oof.runner is framework-free, so these need no training)
+# (in process: runner.run is framework-free, so these need no training)
 
 
 def test_resume_guard_accepts_same_settings_and_omitted_fold_flags(tmp_path: Path) -> None:
@@ -307,7 +307,7 @@ def test_resume_guard_accepts_same_settings_and_omitted_fold_flags(tmp_path: Pat
     from oof.errors import ConfigError
     from oof.folds import make_folds
     from oof.rundir import RunDir
-    from oof.runner import _check_same_config
+    from runner.run import _check_same_config
 
     folds = make_folds([f"i{n}" for n in range(12)], ["a", "b"] * 6, 3, 5)
     run = RunDir(tmp_path / "run")
@@ -324,7 +324,7 @@ def test_resume_guard_refuses_other_folds(tmp_path: Path) -> None:
     from oof.errors import ConfigError
     from oof.folds import make_folds
     from oof.rundir import RunDir
-    from oof.runner import _check_same_config
+    from runner.run import _check_same_config
 
     ids, labels = [f"i{n}" for n in range(12)], ["a", "b"] * 6
     old, new = make_folds(ids, labels, 3, 5), make_folds(ids, labels, 3, 6)
