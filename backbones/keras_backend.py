@@ -166,6 +166,43 @@ def set_bn_momentum(model: keras.Model, momentum: float) -> int:
     return n
 
 
+def recalibrate_batchnorm(model: keras.Model, images: np.ndarray,
+                          batch_size: int = PREDICT_BATCH) -> int:
+    """Precise BatchNorm: replace the moving statistics by their average over ``images``.
+
+    The moving averages trail the weights by ~1/(1-momentum) steps and start at mean 0,
+    variance 1. In a run of a few dozen steps the initial variance still dominates layers whose
+    real activations are tiny (MobileNetV3's depthwise convolutions at 32 px: variance ~1e-4),
+    every such layer shrinks its output at inference, and the held-out predictions collapse to
+    the class prior while training accuracy climbs. Equal-weight averaging of batch statistics
+    (momentum = seen / (seen + batch)), as ``torch.optim.swa_utils.update_bn`` does, fixes that
+    for any run length. Dropout is switched off meanwhile, so only BatchNorm sees training mode;
+    frozen BatchNorm layers (``trainable=False``) keep their statistics. Returns the layer count.
+    """
+    layers = list(_iter_layers(model))
+    bns = [ly for ly in layers if isinstance(ly, keras.layers.BatchNormalization) and ly.trainable]
+    if not bns or not len(images):
+        return 0
+    drops = [ly for ly in layers if isinstance(ly, keras.layers.Dropout)]
+    saved = [ly.momentum for ly in bns], [ly.rate for ly in drops]
+    try:
+        for ly in drops:
+            ly.rate = 0.0
+        seen = 0
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(images[start:start + batch_size])
+            for ly in bns:
+                ly.momentum = seen / (seen + len(batch))
+            model(batch, training=True)
+            seen += len(batch)
+    finally:
+        for ly, m in zip(bns, saved[0]):
+            ly.momentum = m
+        for ly, r in zip(drops, saved[1]):
+            ly.rate = r
+    return len(bns)
+
+
 def build_model(spec: BackboneSpec, num_classes: int,
                 bn_momentum: float = DEFAULT_BN_MOMENTUM) -> keras.Model:
     """uint8/0..255 RGB in, class probabilities out: preprocess, application, foldstack head."""
@@ -623,12 +660,12 @@ def train_fold(job: FoldJob) -> FoldResult:
     history = read_history(job.history_path)
     if not best_path.exists():  # val_loss never finite: keep the last weights
         model.save_weights(str(best_path))
-    predict_path = best_path
     if cfg.predict_weights == "best":
         model.load_weights(str(best_path))
-    else:
-        predict_path = job.work_dir / "last.weights.h5"
-        model.save_weights(str(predict_path))
+    recalibrated = recalibrate_batchnorm(model, job.x_train) if cfg.bn_recalibrate else 0
+    # the fold checkpoint holds exactly the weights (and BatchNorm statistics) that predict
+    predict_path = job.work_dir / "predict.weights.h5"
+    model.save_weights(str(predict_path))
     val_proba = predict_proba(model, job.x_val, cfg.tta)
     test_proba = predict_proba(model, job.x_test, cfg.tta)
     finite = [r for r in history if isinstance(r.get("val_loss"), float)
@@ -641,11 +678,11 @@ def train_fold(job: FoldJob) -> FoldResult:
     ckpt_meta = {
         "backbone": job.spec.to_dict(), "classes": job.classes, "fold": job.fold,
         "epochs_run": len(history), "best_epoch": best_epoch, "num_classes": len(job.classes),
-        "bn_momentum": bn, "head_dropout": HEAD_DROPOUT,
+        "bn_momentum": bn, "head_dropout": HEAD_DROPOUT, "bn_recalibrated_layers": recalibrated,
     }
     _publish_checkpoint(predict_path, job.checkpoint_path,
                         {**ckpt_meta, "weights": cfg.predict_weights})
-    if predict_path != best_path:  # ModelCheckpoint's best weights go into the run as well
+    if cfg.predict_weights != "best":  # ModelCheckpoint's best weights go into the run as well
         best_ckpt = job.checkpoint_path.with_name(f"fold{job.fold}.best.weights.h5")
         _publish_checkpoint(best_path, best_ckpt, {**ckpt_meta, "weights": "best"})
     predict_seconds = time.perf_counter() - t0 - train_seconds
@@ -654,6 +691,7 @@ def train_fold(job: FoldJob) -> FoldResult:
         "predict_weights": cfg.predict_weights,
         "resumed_from_epoch": resumed_from,
         "epochs_this_session": len(secs), "bn_momentum": bn, "head_dropout": HEAD_DROPOUT,
+        "bn_recalibrated_layers": recalibrated,
         "jit_compile": bool(model.jit_compile), "steps_per_execution": model.steps_per_execution,
         "compiled_step_reused": reused, "startup_seconds": startup,
         "build_seconds": build_seconds, "first_epoch_seconds": secs[0] if secs else None,

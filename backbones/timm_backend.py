@@ -193,6 +193,36 @@ class Trainer:
         return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, images: np.ndarray, batch_size: int = 256) -> int:
+        """Precise BatchNorm: running statistics become their average over ``images``.
+
+        The same fix as ``backbones.keras_backend.recalibrate_batchnorm`` (see why there), done
+        like ``torch.optim.swa_utils.update_bn`` (``momentum=None``: cumulative average) but with
+        every other module in eval mode, so dropout and drop-path do not shift the statistics.
+        BatchNorm layers whose weights are frozen keep their statistics. Returns the count.
+        """
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats and (m.weight is None or m.weight.requires_grad)]
+        if not bns or not len(images):
+            return 0
+        self.model.eval()
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        try:
+            for start in range(0, len(images), batch_size):
+                x = self.to_input(torch.from_numpy(np.array(images[start:start + batch_size])))
+                with self._autocast():
+                    self.model(x)
+        finally:
+            for m, momentum in zip(bns, momenta):
+                m.momentum = momentum
+            self.model.eval()
+        return len(bns)
+
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the weights, for ``BestWeights``."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -287,17 +317,20 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
     train_seconds = time.perf_counter() - t0
     if cfg.predict_weights == "best" and best.state is not None:
         trainer.model.load_state_dict(best.state)
+    recalibrated = trainer.recalibrate_batchnorm(job.x_train) if cfg.bn_recalibrate else 0
     val_proba = trainer.predict(job.x_val, cfg.tta)
     test_proba = trainer.predict(job.x_test, cfg.tta)
     save_checkpoint(job.checkpoint_path, trainer.model, {
         "backbone": job.spec.to_dict(), "classes": job.classes, "fold": job.fold,
         "epochs_run": len(history), "num_classes": len(job.classes),
         "predict_weights": cfg.predict_weights, "best_epoch": best.best_epoch,
+        "bn_recalibrated_layers": recalibrated,
     })
     return FoldResult(val_proba, test_proba, history, {
         "device": str(device), "amp": str(trainer.amp_dtype), "epochs_run": len(history),
         "predict_weights": cfg.predict_weights, "best_epoch": best.best_epoch,
-        "startup_seconds": startup, "train_seconds": train_seconds,
+        "bn_recalibrated_layers": recalibrated, "startup_seconds": startup,
+        "train_seconds": train_seconds,
         "predict_seconds": time.perf_counter() - t0 - train_seconds,
     })
 

@@ -76,6 +76,10 @@ class RunConfig(DatasetConfig):
     num_workers: int | None = opt(None, "data loader workers (default: 0 on <=2 cores)")
     threads: int | None = opt(None, "CPU threads for the framework (default: all cores)")
     bn_momentum: float | None = opt(None, "BatchNorm momentum override (Keras convention)")
+    bn_recalibrate: bool = opt(
+        True, "after training, re-estimate BatchNorm statistics over the training images "
+        "(precise BN): running averages lag the weights, and in short runs still hold their "
+        "initial values")
     callbacks: list = opt([], "extra Keras callbacks: [{name: EarlyStopping, patience: 3}]",
                           yaml_only=True)
     progress: bool = opt(True, "show a progress bar per epoch")
