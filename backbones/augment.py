@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Any
 
+import numpy as np
+
 from oof.errors import ConfigError
 
 PRESETS = ("none", "light", "flip")
@@ -45,3 +47,38 @@ def build_augment(preset: str) -> Any | None:
     if preset == "flip":
         steps.append(A.HorizontalFlip(p=0.5))
     return A.Compose(steps)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training rows' order in ``epoch``: a function of (seed, epoch) alone.
+
+    Both backends draw their batches from it, so a fold resumed at epoch ``e`` sees exactly the
+    batches an uninterrupted fold would have seen, whatever was drawn before the kill.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)]))
+    return rng.permutation(int(n))
+
+
+class SeededAugment:
+    """An albumentations pipeline whose draws are a function of (seed, epoch, sample index).
+
+    An unseeded ``Compose`` draws from fresh entropy, so two runs with the same seeds trained on
+    different pixels (OOF probabilities differed by up to 0.61). Seeding one generator per run is
+    not enough either: loader workers, prefetch threads and a resumed epoch would consume it in
+    another order. Re-seeding per sample from (seed, epoch, index) makes every augmented image
+    reproducible wherever and whenever it is made.
+    """
+
+    def __init__(self, compose: Any, seed: int) -> None:
+        self.compose, self.seed = compose, int(seed)
+
+    def __call__(self, image: Any, epoch: int, index: int) -> Any:
+        state = np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)
+        self.compose.set_random_seed(int(state[0]))
+        return self.compose(image=image)["image"]
+
+
+def build_seeded_augment(preset: str, seed: int) -> SeededAugment | None:
+    """``build_augment`` with reproducible draws (None for 'none')."""
+    compose = build_augment(preset)
+    return None if compose is None else SeededAugment(compose, seed)

@@ -53,7 +53,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from backbones import close_names  # noqa: E402
-from backbones.augment import build_augment  # noqa: E402
+from backbones.augment import SeededAugment, build_seeded_augment, epoch_order  # noqa: E402
 from backbones.base import BackboneSpec, FoldJob, FoldResult  # noqa: E402
 from oof.atomic import atomic_path  # noqa: E402
 from oof.config import RunConfig  # noqa: E402
@@ -315,40 +315,82 @@ def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> tuple[Any, WarmupSch
 # ---------------------------------------------------------------------------------- the data
 
 
-def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
-                       cfg: RunConfig, seed: int) -> tuple[tf.data.Dataset, int]:
-    """Shuffled, augmented, one-hot, prefetched batches of the fold's uint8 training images.
+class EpochBatches(keras.callbacks.Callback):
+    """Batch ``b`` of epoch ``e``: rows ``epoch_order(n, seed, e)[b*batch:(b+1)*batch]``.
 
-    Indices are shuffled in TF and a batch is gathered and augmented in one numpy call, so
-    the per-image Python cost is the albumentations transform alone and it runs ahead of the
-    training step in tf.data's threads.
+    The augmentation of each row is seeded by (seed, epoch, row) too, so the pixels a fold
+    trains on depend on nothing but the seed: not on tf.data's threads, not on how many epochs
+    this process has run (a fold resumed by BackupAndRestore replays the same batches). Keras
+    calls ``on_epoch_begin`` before it opens the epoch's iterator, which is when the epoch
+    number is set for ``load``.
     """
-    augment = build_augment(cfg.augment)
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int,
+                 augment: SeededAugment | None, seed: int) -> None:
+        super().__init__()
+        self.images, self.labels, self.batch, self.augment = images, labels, batch, augment
+        self.seed, self.epoch = int(seed), 0
+        self.eye = np.eye(num_classes, dtype=np.float32)
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = int(epoch)
+        reseed_layers(self.model, self.seed, self.epoch)
+
+    def load(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        epoch = self.epoch
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.images), self.seed, epoch))
+        rows = np.sort(self._order[1][int(b) * self.batch:(int(b) + 1) * self.batch])
+        x = self.images[rows]  # sorted rows: a memory-mapped cache reads forward
+        if self.augment is not None:
+            x = np.stack([self.augment(im, epoch, int(r)) for im, r in zip(x, rows)])
+        return np.ascontiguousarray(x, dtype=np.uint8), self.eye[self.labels[rows]]
+
+
+def reseed_layers(model: keras.Model, seed: int, epoch: int) -> int:
+    """Set every layer's random state (Dropout, ...) from (seed, epoch); returns how many.
+
+    Keras keeps a ``SeedGenerator`` counter per random layer but does not save it with the
+    weights, so a fold resumed by BackupAndRestore (or run after another fold on the reused
+    model) would draw other dropout masks than an uninterrupted fold. Fixing the state at each
+    epoch's start makes the masks a function of (seed, epoch, step) alone.
+    """
+    generators = [g for layer in model._flatten_layers(include_self=True, recursive=True)
+                  for g in getattr(layer, "_seed_generators", [])]
+    for i, gen in enumerate(generators):
+        first = np.random.SeedSequence([int(seed), i]).generate_state(1)[0] % 2**31
+        state = np.array([first, int(epoch) << 20], dtype=gen.state.dtype)
+        gen.state.assign(state)
+    return len(generators)
+
+
+def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
+                       cfg: RunConfig, seed: int) -> tuple[tf.data.Dataset, int, EpochBatches]:
+    """Augmented, one-hot, prefetched batches of the fold's uint8 training images.
+
+    A batch is gathered and augmented in one numpy call, so the per-image Python cost is the
+    albumentations transform alone and it runs ahead of the training step in tf.data's thread.
+    The returned ``EpochBatches`` must be among ``fit``'s callbacks: it sets the epoch.
+    """
     n = len(images)
     batch = min(cfg.batch_size, n)
     drop = n > cfg.batch_size  # like the timm loader's drop_last
-    eye = np.eye(num_classes, dtype=np.float32)
+    steps = n // batch if drop else 1
+    batches = EpochBatches(images, labels, num_classes, batch,
+                           build_seeded_augment(cfg.augment, seed), seed)
     size = images.shape[1]
 
-    def load(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = images[idx]
-        if augment is not None:
-            x = np.stack([augment(image=im)["image"] for im in x])
-        return np.ascontiguousarray(x, dtype=np.uint8), eye[labels[idx]]
-
-    def gather(idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x, y = tf.numpy_function(load, [idx], [tf.uint8, tf.float32], stateful=True)
+    def gather(b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x, y = tf.numpy_function(batches.load, [b], [tf.uint8, tf.float32], stateful=True)
         x.set_shape((None, size, size, 3))
         y.set_shape((None, num_classes))
         return x, y
 
-    ds = (tf.data.Dataset.range(n)
-          .shuffle(n, seed=seed, reshuffle_each_iteration=True)
-          .batch(batch, drop_remainder=drop)
+    ds = (tf.data.Dataset.range(steps)
           .map(gather, num_parallel_calls=1)
           .prefetch(tf.data.AUTOTUNE))
-    steps = n // batch if drop else 1
-    return ds, steps
+    return ds, steps, batches
 
 
 def predict_proba(model: keras.Model, images: np.ndarray, tta: str = "none",
@@ -449,12 +491,52 @@ def _best_so_far(history_path: Path, monitor: str = "val_loss") -> float | None:
     return min(values) if values else None
 
 
-def _backup_epoch(backup_dir: Path) -> int:
-    """The epoch BackupAndRestore will resume from (its own metadata file)."""
+BACKUP_WEIGHTS, BACKUP_META = "latest.weights.h5", "training_metadata.json"
+PREVIOUS = ".bkp"  # suffix of the previous pair that double_checkpoint=True keeps
+
+
+def _backup_pair_epoch(weights: Path, meta: Path) -> int | None:
+    """The epoch a backup (weights, metadata) pair resumes from, or None if either is damaged."""
+    import h5py
+
     try:
-        return int(json.loads((backup_dir / "training_metadata.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError):
-        return 0
+        epoch = json.loads(meta.read_text())["epoch"]
+        with h5py.File(weights, "r") as fh:
+            if not len(fh.keys()):
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return epoch if isinstance(epoch, int) and epoch >= 0 else None
+
+
+def repair_backup(backup_dir: Path) -> int | None:
+    """The epoch a killed fold resumes from, after making its backup loadable; None: restart.
+
+    A kill while BackupAndRestore writes leaves a truncated ``latest.weights.h5`` or an empty
+    ``training_metadata.json``, on which every rerun crashed. The previous pair (kept by
+    ``double_checkpoint``) is then put back; if both pairs are damaged the fold starts over.
+    """
+    latest = backup_dir / BACKUP_WEIGHTS, backup_dir / BACKUP_META
+    if not any(p.exists() for p in latest):
+        return None
+    epoch = _backup_pair_epoch(*latest)
+    if epoch is not None:
+        return epoch
+    previous = tuple(p.with_name(p.name + PREVIOUS) for p in latest)
+    epoch = _backup_pair_epoch(*previous)
+    if epoch is None:
+        log.warning("fold backup in %s is damaged and has no good previous copy: the fold "
+                    "starts over", backup_dir)
+        import shutil
+
+        shutil.rmtree(backup_dir)
+        return None
+    log.warning("fold backup in %s is damaged (killed while writing it): resuming from the "
+                "previous backup, epoch %d", backup_dir, epoch)
+    for src, dest in zip(previous, latest):
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(src.read_bytes())
+    return epoch
 
 
 def trim_history(path: Path, epochs_done: int) -> None:
@@ -515,6 +597,9 @@ def configure_runtime(cfg: RunConfig) -> tuple[str, str]:
             tf.config.threading.set_inter_op_parallelism_threads(min(2, cfg.threads))
         except RuntimeError:  # already initialised by an earlier fold: keeps its setting
             pass
+    # Deterministic kernels where TensorFlow has a choice (GPU reductions, scatter, tf.data's
+    # parallel map): the seeds then fix the result on a GPU as they already do on the CPU.
+    tf.config.experimental.enable_op_determinism()
     gpus = tf.config.list_physical_devices("GPU")
     if cfg.device == "cpu" and gpus:
         try:
@@ -536,7 +621,7 @@ def seed_python(seed: int) -> None:
     Keras draws initializer and dropout seeds from Python's ``random``; ``tf.random.set_seed``
     (inside ``keras.utils.set_random_seed``) would clear TensorFlow's caches and force the
     reused training step to be optimised again (measured: 13-15 s per fold on 2 cores). The
-    batch order is seeded explicitly in the ``tf.data`` shuffle.
+    batch order and augmentation are seeded explicitly by ``EpochBatches``.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -622,7 +707,8 @@ def train_fold(job: FoldJob) -> FoldResult:
     device, policy = configure_runtime(cfg)
     bn = DEFAULT_BN_MOMENTUM if cfg.bn_momentum is None else float(cfg.bn_momentum)
     extra = user_callbacks(cfg.callbacks)  # bad names fail before any work
-    dataset, steps = make_train_dataset(job.x_train, job.y_train, len(job.classes), cfg, job.seed)
+    dataset, steps, batches = make_train_dataset(job.x_train, job.y_train, len(job.classes), cfg,
+                                                 job.seed)
     reused = _COMPILED is not None
     compiled = _compiled_model(job, steps, bn, policy)
     reused = reused and compiled.folds_served > 0
@@ -632,16 +718,17 @@ def train_fold(job: FoldJob) -> FoldResult:
     job.work_dir.mkdir(parents=True, exist_ok=True)
     backup_dir = job.work_dir / "backup"
     best_path = job.work_dir / "best.weights.h5"
-    resuming = (backup_dir / "training_metadata.json").exists()
+    resumed_from = repair_backup(backup_dir)
+    resuming = resumed_from is not None
     if not resuming:
         job.history_path.unlink(missing_ok=True)
         best_path.unlink(missing_ok=True)
-    resumed_from = _backup_epoch(backup_dir) if resuming else None
-    if resumed_from is not None:
+    else:
         trim_history(job.history_path, resumed_from)
     best = _best_so_far(job.history_path) if resuming else None
     metrics = FoldMetrics(job.x_val, job.y_val, job.fold, cfg.epochs)
     callbacks = [
+        batches,
         metrics,
         keras.callbacks.TerminateOnNaN(),
         *extra,
@@ -649,7 +736,8 @@ def train_fold(job: FoldJob) -> FoldResult:
                                         save_best_only=True, save_weights_only=True,
                                         initial_value_threshold=best),
         # Backup before the CSV row: a kill between the two loses a row, never repeats one.
-        keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
+        keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False,
+                                         double_checkpoint=True),
         keras.callbacks.CSVLogger(str(job.history_path), append=True),
     ]
     job.history_path.parent.mkdir(parents=True, exist_ok=True)

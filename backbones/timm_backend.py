@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from backbones import close_names
-from backbones.augment import build_augment
+from backbones.augment import SeededAugment, build_seeded_augment, epoch_order
 from backbones.base import BackboneSpec, FoldJob, FoldResult
 from backbones.callbacks import BestWeights, Callback, CSVLogger, TerminateOnNaN
 from oof.atomic import atomic_path
@@ -92,19 +92,45 @@ def pick_device(cfg: RunConfig) -> torch.device:
 
 
 class ArrayDataset(torch.utils.data.Dataset):
-    """uint8 HWC images in memory (or memory-mapped) with an albumentations transform."""
+    """uint8 HWC images in memory (or memory-mapped) with a seeded albumentations transform.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: Any | None) -> None:
+    Item ``epoch * len(self) + i`` is image ``i`` as augmented in epoch ``epoch`` (see
+    ``EpochSampler``): the draw depends on nothing else, so workers and order do not matter.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray,
+                 augment: SeededAugment | None) -> None:
         self.images, self.labels, self.augment = images, labels, augment
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, int]:
+        epoch, i = divmod(int(key), len(self.images))
         img = np.array(self.images[i])  # a writable copy: the cache is a read-only memmap
         if self.augment is not None:
-            img = self.augment(image=img)["image"]
+            img = self.augment(img, epoch, i)
         return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[i])
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A permutation per epoch from (seed, epoch) alone, yielding ``epoch * n + i`` keys.
+
+    ``set_epoch`` before each epoch (as with DistributedSampler): a resumed fold then replays
+    exactly the batches an uninterrupted one would have seen.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):  # noqa: ANN204 - Sampler protocol
+        return iter((epoch_order(self.n, self.seed, self.epoch) + self.epoch * self.n).tolist())
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -251,11 +277,11 @@ def make_loader(images: np.ndarray, labels: np.ndarray, cfg: RunConfig, seed: in
     if workers is None:  # on 2 cores a worker process steals the compute threads' core
         cores = os.cpu_count() or 1
         workers = 0 if cores <= 2 or device.type == "cpu" else min(8, cores - 1)
-    gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        ArrayDataset(images, labels, build_augment(cfg.augment)), batch_size=cfg.batch_size,
-        shuffle=True, drop_last=len(images) > cfg.batch_size, num_workers=workers,
-        generator=gen, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        ArrayDataset(images, labels, build_seeded_augment(cfg.augment, seed)),
+        batch_size=cfg.batch_size, sampler=EpochSampler(len(images), seed),
+        drop_last=len(images) > cfg.batch_size, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
     )
 
 
@@ -301,6 +327,7 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
         e0 = time.perf_counter()
         for cb in callbacks:
             cb.on_epoch_begin(epoch, {})
+        loader.sampler.set_epoch(epoch)
         logs = trainer.train_epoch(loader, epoch)
         val = trainer.predict(job.x_val)
         logs.update(val_loss=log_loss(job.y_val, val), val_accuracy=accuracy(job.y_val, val),

@@ -57,7 +57,7 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
     spec = kb.resolve_spec(backbone.partition("/")[2], cfg)
     x, y, classes = demo_images(img_size)
     device, policy = kb.configure_runtime(cfg)
-    dataset, steps_per_epoch = kb.make_train_dataset(x, y, len(classes), cfg, seed=0)
+    dataset, steps_per_epoch, batches = kb.make_train_dataset(x, y, len(classes), cfg, seed=0)
     job = FoldJob(spec=spec, cfg=cfg, fold=0, classes=classes, x_train=x, y_train=y,
                   x_val=x[:0], y_val=y[:0], x_test=x[:0], checkpoint_path=Path("unused"),
                   work_dir=Path("unused"), history_path=Path("unused"), seed=0)
@@ -65,12 +65,12 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
     model = kb._compiled_model(job, steps_per_epoch, kb.DEFAULT_BN_MOMENTUM, policy).model
     epochs = max(1, round(steps / steps_per_epoch))
     timed_steps = epochs * steps_per_epoch
-    model.fit(dataset, epochs=1, verbose=0, shuffle=False)  # traces the step
+    model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[batches])  # traces
     startup = time.perf_counter() - t0
     fit_times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        model.fit(dataset, epochs=epochs, verbose=0, shuffle=False)
+        model.fit(dataset, epochs=epochs, verbose=0, shuffle=False, callbacks=[batches])
         fit_times.append(time.perf_counter() - t)
 
     import tensorflow as tf

@@ -185,7 +185,8 @@ def test_keras_run_stacks_with_a_timm_run(demo_subset: Path, tmp_path: Path, pro
 
 
 @pytest.mark.slow
-def test_interrupted_fold_resumes_from_its_backup(demo_subset: Path, tmp_path: Path) -> None:
+def test_killed_fold_resumes_from_a_damaged_backup_as_if_never_killed(
+        demo_subset: Path, tmp_path: Path) -> None:
     args = [sys.executable, "run_folds.py", "--data", str(demo_subset), "--out",
             str(tmp_path), "--folds", "3", "--fold", "0", "--epochs", "12", "--backbone",
             f"keras/{APP}", "--img-size", "32", "--progress", "false", "--batch-size", "32"]
@@ -205,14 +206,31 @@ def test_interrupted_fold_resumes_from_its_backup(demo_subset: Path, tmp_path: P
         proc.wait()
     part = history.parent / "fold0.json"
     assert not part.exists()
+    # a kill while BackupAndRestore wrote would leave a truncated latest backup: plant one
+    backup = history.parent.parent / "work" / "fold0" / "backup"
+    backed_up = json.loads((backup / "training_metadata.json").read_text())["epoch"]
+    weights = backup / "latest.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:96])
     done = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "is damaged (killed while writing it): resuming from the previous backup" in done.stderr
     info = json.loads(part.read_text())
-    assert info["resumed_from_epoch"] >= 2
+    assert info["resumed_from_epoch"] == backed_up - 1 >= 1
     assert info["epochs_this_session"] == 12 - info["resumed_from_epoch"]
     epochs = pd.read_csv(history)["epoch"].tolist()
     assert epochs == list(range(12))
+    # the resumed fold replays the batches and augmentations an uninterrupted one draws
+    straight = tmp_path / "straight"
+    args[args.index("--out") + 1] = str(straight)
+    done = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for name in ("fold0_oof.parquet", "fold0_test.parquet"):
+        resumed = pd.read_parquet(part.parent / name)
+        uninterrupted = pd.read_parquet(straight / demo_subset.name / f"keras-{APP}_32px"
+                                        / "parts" / name)
+        pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)
 
 
 @pytest.mark.slow

@@ -115,6 +115,22 @@ def test_complete_run_directory(finished: tuple[Path, subprocess.CompletedProces
 
 
 @pytest.mark.slow
+def test_same_seeds_give_bit_identical_oof_and_test_with_augmentation(
+        finished: tuple[Path, subprocess.CompletedProcess, list[str]], tmp_path: Path) -> None:
+    """Rerun fold 1 of the finished run (default 'light' augmentation) in a fresh run root."""
+    run_dir, _, args = finished
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["augment"] == "light"
+    out = tmp_path / "again"
+    again = [*args[:args.index("--out") + 1], str(out), *args[args.index("--out") + 2:]]
+    proc = run_script([*again, "--fold", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("fold1_oof.parquet", "fold1_test.parquet"):
+        first = pd.read_parquet(run_dir / "parts" / name)
+        second = pd.read_parquet(out / "data" / RUN_NAME / "parts" / name)
+        pd.testing.assert_frame_equal(first, second, check_exact=True)
+
+
+@pytest.mark.slow
 def test_finished_run_with_other_settings_refused(
         finished: tuple[Path, subprocess.CompletedProcess, list[str]]) -> None:
     run_dir, _, args = finished
