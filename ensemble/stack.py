@@ -22,7 +22,15 @@ from ensemble.stackers import STACKERS, make_stacker
 from ensemble.submission import build_submission, submission_ids
 from oof.atomic import write_json, write_text
 from oof.cli import format_table
-from oof.config import DatasetConfig, config_dict, opt, save_config
+from oof.config import (
+    DatasetConfig,
+    NonNegativeInt,
+    PositiveInt,
+    config_dataclass,
+    config_dict,
+    opt,
+    save_config,
+)
 from oof.errors import ConfigError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
 from oof.rundir import Run, check_compatible, find_runs, load_run
@@ -33,7 +41,7 @@ METHODS = tuple(STACKERS)  # mean, greedy, logreg, lightgbm: also the order of t
 TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "seconds", "chosen", "note"]
 
 
-@dataclass
+@config_dataclass
 class StackConfig(DatasetConfig):
     """Everything ``stack.py`` needs: where the runs are, which stacker, and its few knobs."""
 
@@ -45,11 +53,11 @@ class StackConfig(DatasetConfig):
                       ("log_loss", "accuracy"))
     compare: bool = opt(True, "score every method for the table (false: mean + the chosen one)")
     name: str | None = opt(None, "output folder in the run root (default: stack-<method>)")
-    ensemble_size: int = opt(25, "greedy: steps of ensemble selection (with replacement)")
+    ensemble_size: PositiveInt = opt(25, "greedy: steps of ensemble selection (with replacement)")
     inputs: str = opt("log", "logreg: features are log-probabilities or probabilities",
                       ("log", "proba"))
-    threads: int = opt(1, "lightgbm threads")
-    seed: int = opt(0, "seed of the stackers' inner CV splits")
+    threads: PositiveInt = opt(1, "lightgbm threads")
+    seed: NonNegativeInt = opt(0, "seed of the stackers' inner CV splits")
 
 
 @dataclass

@@ -7,16 +7,15 @@ Usage: python -m oof.analyze RUN_ROOT [--runs NAME ...] [--out DIR] (RUN_ROOT fi
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from oof.analysis import DEFAULT_BINS, DEFAULT_HARDEST
 from oof.cli import format_table, main_guard
-from oof.config import opt, parse_config, save_config
+from oof.config import PositiveInt, config_dataclass, opt, parse_config, save_config
 from oof.errors import ConfigError
 
 
-@dataclass
+@config_dataclass
 class AnalyzeConfig:
     """Options of ``python -m oof.analyze``."""
 
@@ -25,10 +24,10 @@ class AnalyzeConfig:
     runs: list = opt([], "run folder names to analyse (default: every complete run of the root)")
     out: str | None = opt(None, "output folder (default: RUN_ROOT/analysis)")
     title: str | None = opt(None, "report title (default: 'OOF analysis: <run root name>')")
-    bins: int = opt(DEFAULT_BINS, "equal-width confidence bins for calibration (ECE)")
-    hardest: int = opt(DEFAULT_HARDEST, "how many most confidently wrong images to show")
+    bins: PositiveInt = opt(DEFAULT_BINS, "equal-width confidence bins for calibration (ECE)")
+    hardest: PositiveInt = opt(DEFAULT_HARDEST, "how many most confidently wrong images to show")
     thumbnails: bool = opt(True, "read the hardest images from the dataset for thumbnails")
-    thumb_size: int = opt(128, "thumbnail size in pixels (longest side)")
+    thumb_size: PositiveInt = opt(128, "thumbnail size in pixels (longest side)")
 
 
 def _positional_root(argv: list[str]) -> list[str]:

@@ -1,8 +1,11 @@
 """Config objects for the scripts: a YAML file gives defaults, flags override, one vocabulary.
 
-Each script's options are a dataclass; ``parse_config`` builds the argparse parser from its
-fields (help text from the field metadata), so a config key and its flag can never drift apart:
-``img_size`` in YAML is ``--img-size`` on the command line.
+Each script's options are a pydantic dataclass; ``parse_config`` builds the argparse parser from
+its fields (help text from the field metadata), so a config key and its flag can never drift
+apart: ``img_size`` in YAML is ``--img-size`` on the command line. Types and ranges are declared
+once, on the field's annotation (``epochs: PositiveInt``), and pydantic checks them for YAML,
+flags and Python callers alike: ``epochs: 1.9``, ``epochs: true`` or ``lr: -0.01`` never reach a
+backend.
 """
 
 from __future__ import annotations
@@ -12,16 +15,41 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import pydantic
 import yaml
+from pydantic import BeforeValidator, Field
 
 from oof.atomic import write_text
 from oof.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def _not_bool(value: Any) -> Any:
+    """YAML ``true`` is not a number (pydantic's lax mode would read it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+_NUMBER = BeforeValidator(_not_bool)
+PositiveInt = Annotated[int, _NUMBER, Field(ge=1)]
+NonNegativeInt = Annotated[int, _NUMBER, Field(ge=0)]
+PositiveFloat = Annotated[float, _NUMBER, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, _NUMBER, Field(ge=0, allow_inf_nan=False)]
+OpenFraction = Annotated[float, _NUMBER, Field(gt=0, lt=1)]  # momentum
+Smoothing = Annotated[float, _NUMBER, Field(ge=0, lt=1)]
+ImageSize = Annotated[int, _NUMBER, Field(ge=8, le=4096)]
+FoldCount = Annotated[int, _NUMBER, Field(ge=2)]
+Name = Annotated[str, Field(min_length=1)]
+
+#: every config class is a pydantic dataclass with this behaviour
+config_dataclass = pydantic.dataclasses.dataclass(
+    config=pydantic.ConfigDict(extra="forbid", validate_default=True))
 
 
 def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None, yaml_only: bool = False,
@@ -33,36 +61,37 @@ def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None, yaml_on
     return field(default=default, metadata=meta, **kw)
 
 
-@dataclass
+@config_dataclass
 class DatasetConfig:
     """Where the data and the run root are: shared by every script, so flags mean one thing."""
 
     config: str | None = opt(None, "YAML file of defaults; flags given here override it")
-    data: str = opt("demo", "dataset folder or CSV; 'demo' writes the bundled digits demo")
+    data: Name = opt("demo", "dataset folder or CSV; 'demo' writes the bundled digits demo")
     layout: str = opt("auto", "dataset layout", ("auto", "competition", "imagefolder", "csv"))
     test: str | None = opt(None, "csv layout: test image folder or CSV (path[,id])")
-    out: str = opt("runs", "root of run folders; the dataset's run root is OUT/<dataset name>")
+    out: Name = opt("runs", "root of run folders; the dataset's run root is OUT/<dataset name>")
 
 
-@dataclass
+@config_dataclass
 class RunConfig(DatasetConfig):
     """Everything ``run_folds.py`` needs: data, folds, backbone and training."""
 
-    folds: int | None = opt(None, "number of stratified folds K (default 5; fixed per run root)")
-    seed: int | None = opt(None, "fold seed (default 42; fixed per run root)")
-    fold: int | None = opt(None, "run this fold only (manual parallelism); default all")
-    backbone: str = opt("timm/resnet10t", "backbone: timm/<timm name> or keras/<application>")
+    folds: FoldCount | None = opt(None, "number of stratified folds K (default 5; fixed per run "
+                                        "root)")
+    seed: NonNegativeInt | None = opt(None, "fold seed (default 42; fixed per run root)")
+    fold: NonNegativeInt | None = opt(None, "run this fold only (manual parallelism); default all")
+    backbone: Name = opt("timm/resnet10t", "backbone: timm/<timm name> or keras/<application>")
     run_name: str | None = opt(None, "run folder name (default: backbone and image size)")
     pretrained: str = opt("", "'' from scratch; 'auto' framework cache/online; or a weights file")
-    img_size: int | None = opt(None, "square input size in pixels (default: the backbone's)")
-    batch_size: int = opt(64, "images per training step")
-    epochs: int = opt(10, "training epochs per fold")
-    lr: float = opt(2e-3, "peak learning rate")
-    weight_decay: float = opt(0.05, "decoupled weight decay (AdamW)")
+    img_size: ImageSize | None = opt(None, "square input size in pixels (default: the backbone's)")
+    batch_size: PositiveInt = opt(64, "images per training step")
+    epochs: PositiveInt = opt(10, "training epochs per fold")
+    lr: PositiveFloat = opt(2e-3, "peak learning rate")
+    weight_decay: NonNegativeFloat = opt(0.05, "decoupled weight decay (AdamW)")
     optimizer: str = opt("adamw", "optimizer", ("adamw", "sgd"))
     schedule: str = opt("cosine", "LR schedule after warmup", ("cosine", "onecycle", "constant"))
-    warmup_epochs: float = opt(1.0, "linear LR warmup length in epochs")
-    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy loss")
+    warmup_epochs: NonNegativeFloat = opt(1.0, "linear LR warmup length in epochs")
+    label_smoothing: Smoothing = opt(0.1, "label smoothing of the cross-entropy loss")
     augment: str = opt("light", "augmentation preset (albumentations)", ("none", "light", "flip"))
     predict_weights: str = opt(
         "last", "weights that predict OOF and test: the last epoch's, or the epoch with the best "
@@ -70,12 +99,13 @@ class RunConfig(DatasetConfig):
         ("last", "best"))
     tta: str = opt("none", "test-time augmentation for OOF and test predictions",
                    ("none", "hflip"))
-    train_seed: int | None = opt(None, "seed of weights and batches (default: the fold seed)")
+    train_seed: NonNegativeInt | None = opt(
+        None, "seed of weights and batches (default: the fold seed)")
     device: str = opt("auto", "auto (GPU when present), cpu or cuda[:N]")
     amp: bool = opt(True, "mixed precision on GPU (ignored on CPU)")
-    num_workers: int | None = opt(None, "data loader workers (default: 0 on <=2 cores)")
-    threads: int | None = opt(None, "CPU threads for the framework (default: all cores)")
-    bn_momentum: float | None = opt(None, "BatchNorm momentum override (Keras convention)")
+    num_workers: NonNegativeInt | None = opt(None, "data loader workers (default: 0 on <=2 cores)")
+    threads: PositiveInt | None = opt(None, "CPU threads for the framework (default: all cores)")
+    bn_momentum: OpenFraction | None = opt(None, "BatchNorm momentum override (Keras convention)")
     bn_recalibrate: bool = opt(
         True, "after training, re-estimate BatchNorm statistics over the training images "
         "(precise BN): running averages lag the weights, and in short runs still hold their "
@@ -137,26 +167,23 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     return parser
 
 
-def _check_value(cls_name: str, f: dataclasses.Field, tp: Any, value: Any, source: str) -> Any:
-    if value is None:
-        return None
-    try:
-        if tp is bool and not isinstance(value, bool):
-            value = _bool(str(value))
-        elif tp in (int, float) and not isinstance(value, bool):
-            value = tp(value)
-        elif tp is str:
-            value = str(value)
-        elif tp is list and not isinstance(value, list):
-            raise TypeError("a list")
-        elif tp is dict and not isinstance(value, dict):
-            raise TypeError("a mapping")
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-        raise ConfigError(f"{source}: {f.name}={value!r} is not a valid {tp.__name__}") from exc
+def _check_choice(f: dataclasses.Field, value: Any, source: str) -> None:
     choices = f.metadata.get("choices")
-    if choices and value not in choices:
+    if choices and value is not None and value not in choices:
         raise ConfigError(f"{source}: {f.name}={value!r}; choose one of {list(choices)}")
-    return value
+
+
+def validation_message(exc: pydantic.ValidationError, source: str,
+                       flags: frozenset[str] = frozenset()) -> str:
+    """One line per bad key: where it came from (``--epochs`` or the YAML file), its value and
+    what was expected."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        where = (f"--{key.replace('_', '-')} {err.get('input')!r}" if key in flags
+                 else f"{source}: {key}={err.get('input')!r}")
+        lines.append(f"{where}: {err['msg']}")
+    return "\n".join(lines)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -172,10 +199,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def make_config(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Build ``cls`` from a mapping, refusing unknown keys with the closest known names."""
+def make_config(cls: type[T], values: dict[str, Any], source: str = "config",
+                flags: frozenset[str] = frozenset()) -> T:
+    """Build ``cls`` from a mapping, refusing unknown keys with the closest known names.
+
+    ``flags``: the keys that came from the command line, named as flags in errors."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
     unknown = [k for k in values if k not in fields]
     if unknown:
         hints_txt = "; ".join(
@@ -183,11 +212,12 @@ def make_config(cls: type[T], values: dict[str, Any], source: str = "config") ->
             for k in unknown
         )
         raise ConfigError(f"{source}: unknown key(s) {hints_txt}")
-    checked = {
-        k: _check_value(cls.__name__, fields[k], _base_type(hints[k]), v, source)
-        for k, v in values.items()
-    }
-    return cls(**checked)
+    for k, v in values.items():
+        _check_choice(fields[k], v, f"--{k.replace('_', '-')}" if k in flags else source)
+    try:
+        return cls(**values)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(validation_message(exc, source, flags)) from None
 
 
 def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
@@ -199,8 +229,8 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
         values.update(load_yaml(flags["config"]))
         values["config"] = flags["config"]
     values.update(flags)
-    return make_config(cls, values, source=f"--config {flags['config']}" if flags.get("config")
-                       else "flags")
+    source = f"--config {flags['config']}" if flags.get("config") else "config"
+    return make_config(cls, values, source, frozenset(flags) - {"config"})
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
