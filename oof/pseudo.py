@@ -39,7 +39,7 @@ class PseudoSource:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def select(self, fold: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Test rows confident enough for fold ``fold``: (row indices, class indices, confidence)."""
+        """Test rows confident enough for fold ``fold``: (rows, class indices, confidence)."""
         p = self.proba[fold]
         conf, label = p.max(axis=1), p.argmax(axis=1)
         rows = np.flatnonzero(conf >= threshold)
