@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class Folds:
     k: int
     seed: int
     fingerprint: str
+    group: str = "none"  # "phash": near-duplicate groups were kept inside one fold
 
     def split(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Row indices (train, held-out) of fold ``k``."""
@@ -44,9 +46,14 @@ class Folds:
         return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def make_folds(ids: list[str], labels: list[str], k: int, seed: int) -> Folds:
-    """StratifiedKFold with shuffling; refuses classes smaller than K, naming them."""
-    from sklearn.model_selection import StratifiedKFold
+def make_folds(ids: list[str], labels: list[str], k: int, seed: int,
+               groups: np.ndarray | None = None) -> Folds:
+    """StratifiedKFold with shuffling; refuses classes smaller than K, naming them.
+
+    With ``groups`` (e.g. near-duplicate groups from ``oof.duplicates``) StratifiedGroupKFold
+    keeps every group inside one fold, so no image is held out while its twin is trained on.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     if k < 2:
         raise ConfigError(f"--folds {k}: need at least 2 folds")
@@ -56,11 +63,20 @@ def make_folds(ids: list[str], labels: list[str], k: int, seed: int) -> Folds:
         detail = ", ".join(f"{c!r} has {n}" for c, n in small.items())
         raise DataError(f"--folds {k}: every class needs at least {k} images; {detail}")
     fold = np.full(len(ids), -1, dtype=np.int64)
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    for f, (_, held) in enumerate(skf.split(np.zeros(len(labels)), labels)):
+    if groups is None:
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(
+            np.zeros(len(labels)), labels)
+    else:
+        n_groups = len(np.unique(groups))
+        if n_groups < k:
+            raise DataError(f"--folds {k}: only {n_groups} near-duplicate groups, fewer than K")
+        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(
+            np.zeros(len(labels)), labels, groups)
+    for f, (_, held) in enumerate(splits):
         fold[held] = f
     ids_arr, labels_arr = np.asarray(ids, dtype=object), np.asarray(labels, dtype=object)
-    return Folds(ids_arr, labels_arr, fold, k, seed, fold_fingerprint(ids_arr, fold, k, seed))
+    return Folds(ids_arr, labels_arr, fold, k, seed, fold_fingerprint(ids_arr, fold, k, seed),
+                 "none" if groups is None else "phash")
 
 
 def load_folds(run_root: Path) -> Folds | None:
@@ -76,7 +92,7 @@ def load_folds(run_root: Path) -> Folds | None:
                          keep_default_na=False)
         folds = Folds(
             df["id"].to_numpy(object), df["label"].to_numpy(object), df["fold"].to_numpy(),
-            int(meta["k"]), int(meta["seed"]), meta["fingerprint"],
+            int(meta["k"]), int(meta["seed"]), meta["fingerprint"], meta.get("group", "none"),
         )
     except (ValueError, KeyError, pd.errors.ParserError) as exc:
         raise DataError(f"{path}: not a folds file of id,label,fold rows ({type(exc).__name__}: "
@@ -96,25 +112,39 @@ def write_folds(run_root: Path, folds: Folds) -> None:
     write_atomic(run_root / FOLDS_FILE, lambda p: df.to_csv(p, index=False))
     write_json(
         run_root / FOLDS_META,
-        {"k": folds.k, "seed": folds.seed, "fingerprint": folds.fingerprint, "rows": len(df)},
+        {"k": folds.k, "seed": folds.seed, "fingerprint": folds.fingerprint, "rows": len(df),
+         "group": folds.group},
     )
 
 
 def ensure_folds(
-    run_root: Path, ids: list[str], labels: list[str], k: int | None, seed: int | None
+    run_root: Path, ids: list[str], labels: list[str], k: int | None, seed: int | None,
+    group: str | None = None, make_groups: Callable[[], np.ndarray] | None = None,
 ) -> Folds:
-    """Reuse the run root's folds, or create them; refuse a different K/seed or dataset."""
+    """Reuse the run root's folds, or create them; refuse a different K/seed/grouping or dataset.
+
+    ``make_groups`` is called only when new folds are made with ``group='phash'`` (hashing every
+    image is not free), and returns one group number per entry of ``ids``.
+    """
     existing = load_folds(run_root)
     if existing is None:
-        folds = make_folds(ids, labels, k or DEFAULT_FOLDS, DEFAULT_SEED if seed is None else seed)
+        groups = None
+        if group not in (None, "none"):
+            if make_groups is None:
+                raise ConfigError(f"--folds-group {group}: no way to compute the groups was given")
+            groups = make_groups()
+        folds = make_folds(ids, labels, k or DEFAULT_FOLDS, DEFAULT_SEED if seed is None else seed,
+                           groups)
         write_folds(run_root, folds)
         return folds
-    asked = {"--folds": (k, existing.k), "--seed": (seed, existing.seed)}
+    asked = {"--folds": (k, existing.k), "--seed": (seed, existing.seed),
+             "--folds-group": (group, existing.group)}
     clash = [f"{flag} {new} (stored: {old})" for flag, (new, old) in asked.items()
              if new is not None and new != old]
     if clash:
         raise ConfigError(
-            f"{Path(run_root) / FOLDS_FILE} already fixes K={existing.k}, seed={existing.seed}; "
+            f"{Path(run_root) / FOLDS_FILE} already fixes K={existing.k}, seed={existing.seed}, "
+            f"grouping={existing.group}; "
             f"asked for {', '.join(clash)}. Runs in one run root must share folds to be stacked: "
             f"drop the flag, or start a new run root with --out OTHER_DIR."
         )
