@@ -79,6 +79,9 @@ class RunConfig(DatasetConfig):
     folds: FoldCount | None = opt(None, "number of stratified folds K (default 5; fixed per run "
                                         "root)")
     seed: NonNegativeInt | None = opt(None, "fold seed (default 42; fixed per run root)")
+    folds_group: str | None = opt(
+        None, "keep near-duplicate images in one fold: 'phash' groups them by perceptual hash "
+        "(StratifiedGroupKFold); default 'none' (fixed per run root)", ("none", "phash"))
     fold: NonNegativeInt | None = opt(None, "run this fold only (manual parallelism); default all")
     backbone: Name = opt("timm/resnet10t", "backbone: timm/<timm name> or keras/<application>")
     run_name: str | None = opt(None, "run folder name (default: backbone and image size)")

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # ``folds`` and ``seed`` are checked through the stored folds' fingerprint instead: leaving them
 # out on a rerun means "the stored ones" (``ensure_folds`` already refused different values).
 RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data",
-                  "folds", "seed"}
+                  "folds", "seed", "folds_group"}
 
 
 @dataclass
@@ -57,6 +57,19 @@ def library_versions() -> dict[str, str]:
 
 def run_root_for(cfg: RunConfig, dataset: ImageDataset) -> Path:
     return Path(cfg.out) / dataset.name
+
+
+def duplicate_groups(dataset: ImageDataset, root: Path) -> np.ndarray:
+    """One group number per training image: near-duplicates (perceptual hash) share one."""
+    from oof.duplicates import group_ids, perceptual_hashes
+
+    t0 = time.perf_counter()
+    hashes = perceptual_hashes(list(dataset.train["path"]), root / "cache")
+    groups = group_ids(hashes)
+    log.info("perceptual hashes of %d images in %.1fs: %d near-duplicate groups of 2+",
+             len(hashes), time.perf_counter() - t0,
+             int((np.bincount(groups) > 1).sum()))
+    return groups
 
 
 def _check_same_config(run: RunDir, cfg: RunConfig, folds: Folds) -> None:
@@ -89,7 +102,8 @@ def run_folds(cfg: RunConfig) -> RunSummary:
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     root = run_root_for(cfg, dataset)
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
-                         cfg.folds, cfg.seed)
+                         cfg.folds, cfg.seed, cfg.folds_group,
+                         make_groups=lambda: duplicate_groups(dataset, root))
     if cfg.fold is not None and not 0 <= cfg.fold < folds.k:
         raise ConfigError(f"--fold {cfg.fold}: folds are numbered 0..{folds.k - 1}")
     spec, backend = backbones.resolve(cfg)
@@ -100,6 +114,7 @@ def run_folds(cfg: RunConfig) -> RunSummary:
         "config": config_dict(cfg), "versions": {**library_versions(), **backend.versions()},
         "train_seed": cfg.train_seed if cfg.train_seed is not None else folds.seed,
         "fold_fingerprint": folds.fingerprint, "folds": folds.k, "fold_seed": folds.seed,
+        "fold_group": folds.group,
         "classes": dataset.classes,
         "data": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root),
                  "n_train": len(dataset.train), "n_test": len(dataset.test)},

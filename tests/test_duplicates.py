@@ -124,3 +124,41 @@ def test_unreadable_image_is_named(photos: dict[str, Path], tmp_path: Path) -> N
     bad.write_bytes(b"not an image")
     with pytest.raises(DataError, match="broken.jpg"):
         perceptual_hashes([photos["p01.png"], bad])
+
+
+@pytest.mark.slow
+def test_run_folds_with_phash_groups_keeps_copies_together(photos: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    """``run_folds.py --folds-group phash`` end to end on an ImageFolder of real files."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    data = tmp_path / "photos"
+    for i in range(40):
+        (data / "train" / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(photos[f"p{i:02d}.png"], data / "train" / f"c{i % 4}" / f"p{i:02d}.png")
+    shutil.copy(photos["copy03_small.png"], data / "train" / "c3" / "copy03_small.png")
+    shutil.copy(photos["copy07_bright.png"], data / "train" / "c3" / "copy07_bright.png")
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "run_folds.py"), "--data", str(data),
+            "--layout", "imagefolder", "--out", str(tmp_path / "runs"), "--folds", "4",
+            "--folds-group", "phash", "--epochs", "1", "--img-size", "16", "--progress", "false"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_root = tmp_path / "runs" / "photos"
+    folds = pd.read_csv(run_root / "folds.csv", dtype=str).set_index("id")["fold"]
+    pair = lambda a, b: folds[a] == folds[b]  # noqa: E731
+    assert pair("c3/p03.png", "c3/copy03_small.png") and pair("c3/p07.png", "c3/copy07_bright.png")
+    assert json.loads((run_root / "folds.json").read_text())["group"] == "phash"
+    meta = json.loads(next(run_root.glob("timm-*/meta.json")).read_text())
+    assert meta["fold_group"] == "phash" and meta["status"] == "complete"
+    assert "near-duplicate groups of 2+" in proc.stderr
+    other = subprocess.run([*args[:-8], "--folds-group", "none", *args[-6:]],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert other.returncode == 2 and "grouping=phash" in other.stderr, other.stderr[-2000:]
