@@ -53,9 +53,13 @@ def close_names(name: str, known: list[str], n: int = 5) -> str:
 
 def resolve(cfg: RunConfig) -> tuple[BackboneSpec, ModuleType]:
     """Resolve ``cfg.backbone`` to its spec and the backend module that trains it."""
+    from backbones.augment import check_augment
+
     family, model = split_name(cfg.backbone)
     backend = get_backend(family)
-    return backend.resolve_spec(model, cfg), backend
+    spec = backend.resolve_spec(model, cfg)
+    check_augment(cfg.augment, spec.input_size)
+    return spec, backend
 
 
 __all__ = ["BackboneSpec", "FoldJob", "FoldResult", "FAMILIES", "resolve", "split_name",

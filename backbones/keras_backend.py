@@ -59,6 +59,7 @@ from oof.atomic import atomic_path  # noqa: E402
 from oof.config import RunConfig  # noqa: E402
 from oof.errors import ConfigError  # noqa: E402
 from oof.metrics import accuracy, log_loss  # noqa: E402
+from recipe import phase_lengths, plan_phases  # noqa: E402
 
 log = logging.getLogger(__name__)
 FRAMEWORK = "tensorflow"
@@ -130,6 +131,7 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
     if cfg.pretrained not in ("", "auto", "imagenet") and not Path(cfg.pretrained).expanduser(
     ).is_file():
         raise ConfigError(f"--pretrained {cfg.pretrained}: no such weights file")
+    plan_phases(cfg, backend_phases=False)  # refuses fine-tuning keys before any work
     words, mean, std = describe_preprocessing(model_name)
     return BackboneSpec(
         name=f"keras/{model_name}", family="keras", framework=FRAMEWORK, model_name=model_name,
@@ -251,8 +253,8 @@ def load_fold_model(spec: BackboneSpec, num_classes: int, checkpoint: Path) -> k
 
 @keras.saving.register_keras_serializable("foldstack")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """``timm_backend.lr_factor`` times the peak LR, per step; lengths live in variables so a
-    traced step serves folds whose step counts differ."""
+    """``recipe.lr_factor`` times the peak LR, per step, in TensorFlow ops (a test checks the two
+    agree); lengths live in variables so a traced step serves folds whose step counts differ."""
 
     def __init__(self, peak: float, total: int, warmup: int, schedule: str) -> None:
         self.peak, self.schedule = float(peak), schedule
@@ -283,9 +285,7 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 def schedule_lengths(cfg: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
     """Total and warmup steps exactly as the timm loop counts them."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
-    return total, max(warmup, 1)
+    return phase_lengths(cfg.epochs, cfg.warmup_epochs, steps_per_epoch)
 
 
 def uses_plateau(cfg: RunConfig) -> bool:
@@ -294,7 +294,7 @@ def uses_plateau(cfg: RunConfig) -> bool:
 
 
 def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> tuple[Any, WarmupSchedule | None]:
-    """AdamW (decoupled decay, none on biases/norms) or Nesterov SGD, timm's settings."""
+    """The named Keras optimiser (decoupled decay, none on biases/norms), timm's settings."""
     schedule: WarmupSchedule | None = None
     if uses_plateau(cfg):  # ReduceLROnPlateau must be able to set the LR: a plain variable
         if cfg.schedule != "constant" or cfg.warmup_epochs:
@@ -304,11 +304,16 @@ def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> tuple[Any, WarmupSch
     else:
         schedule = WarmupSchedule(cfg.lr, *schedule_lengths(cfg, steps_per_epoch), cfg.schedule)
         lr = schedule
+    decay = cfg.weight_decay or None
     if cfg.optimizer == "sgd":
-        opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True,
-                                   weight_decay=cfg.weight_decay or None)
+        opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=decay)
     else:
-        opt = keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+        cls = {"adamw": keras.optimizers.AdamW, "adam": keras.optimizers.Adam,
+               "nadam": keras.optimizers.Nadam, "rmsprop": keras.optimizers.RMSprop,
+               "lamb": keras.optimizers.Lamb, "lion": keras.optimizers.Lion,
+               "adamax": keras.optimizers.Adamax}[cfg.optimizer]
+        # Keras decays every optimiser decoupled from the gradient, as AdamW does
+        opt = cls(lr, weight_decay=decay)
     return opt, schedule
 
 
@@ -378,7 +383,7 @@ def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
     drop = n > cfg.batch_size  # like the timm loader's drop_last
     steps = n // batch if drop else 1
     batches = EpochBatches(images, labels, num_classes, batch,
-                           build_seeded_augment(cfg.augment, seed), seed)
+                           build_seeded_augment(cfg.augment, images.shape[1], seed), seed)
     size = images.shape[1]
 
     def gather(b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -780,6 +785,7 @@ def train_fold(job: FoldJob) -> FoldResult:
         "resumed_from_epoch": resumed_from,
         "epochs_this_session": len(secs), "bn_momentum": bn, "head_dropout": HEAD_DROPOUT,
         "bn_recalibrated_layers": recalibrated,
+        "phases": [p.to_dict() for p in plan_phases(cfg, backend_phases=False)],
         "jit_compile": bool(model.jit_compile), "steps_per_execution": model.steps_per_execution,
         "compiled_step_reused": reused, "startup_seconds": startup,
         "build_seconds": build_seconds, "first_epoch_seconds": secs[0] if secs else None,

@@ -7,8 +7,8 @@ the decoded-image cache and are normalised on the device, so the loop never touc
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -28,6 +28,8 @@ from oof.atomic import atomic_path
 from oof.config import RunConfig
 from oof.errors import ConfigError
 from oof.metrics import accuracy, log_loss
+from recipe import lr_factor, phase_lengths, plan_phases
+from recipe.phases import Phase, phase_of
 
 log = logging.getLogger(__name__)
 FRAMEWORK = "torch"
@@ -63,26 +65,48 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
 
 
 def create_model(spec: BackboneSpec, num_classes: int) -> nn.Module:
-    """Build the model with a fresh head; weights from scratch, timm's cache, or a local file."""
+    """Build the model with a fresh head; weights from scratch, timm's cache, or a local file.
+
+    The run's image size goes to timm too: ViT, Swin and other models with position embeddings
+    or fixed windows are built for it (and pretrained embeddings resampled); convolutional nets
+    take no ``img_size`` and work at any size.
+    """
     source = spec.pretrained
-    if not source:
-        return timm.create_model(spec.model_name, pretrained=False, num_classes=num_classes)
-    kwargs: dict[str, Any] = {}
-    if source != "auto":
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if source not in ("", "auto"):
         path = Path(source).expanduser()
         if not path.is_file():
             raise ConfigError(f"--pretrained {source}: no such weights file")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     try:
-        return timm.create_model(spec.model_name, pretrained=True, num_classes=num_classes,
-                                 **kwargs)
+        return _create_at_size(spec, pretrained=bool(source), **kwargs)
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - timm raises many types for "no weights"
+        if not source:
+            raise
         where = source if source != "auto" else "the Hugging Face / torch hub cache or online"
         raise ConfigError(
             f"--pretrained {source}: could not load weights for timm/{spec.model_name} from "
             f"{where} ({type(exc).__name__}: {str(exc)[:300]}). Offline, pass a local file: "
             "--pretrained /path/to/model.safetensors (or .pth / .bin)"
         ) from exc
+
+
+def _create_at_size(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with ``img_size`` where the model takes one."""
+    try:
+        return timm.create_model(spec.model_name, img_size=spec.input_size, **kwargs)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        if "size" in str(exc).lower() or "divisible" in str(exc).lower():
+            raise ConfigError(f"--img-size {spec.input_size}: timm/{spec.model_name} cannot be "
+                              f"built at this size ({type(exc).__name__}: {str(exc)[:200]})"
+                              ) from exc
+        raise
+    return timm.create_model(spec.model_name, **kwargs)
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
@@ -133,19 +157,6 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return iter((epoch_order(self.n, self.seed, self.epoch) + self.epoch * self.n).tolist())
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak LR at ``step``: linear warmup, then cosine/one-cycle/constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "onecycle":  # anneal to 1/10^4 of peak, like torch's OneCycleLR default
-        return 1e-4 + (1 - 1e-4) * cosine
-    return 0.01 + 0.99 * cosine  # cosine to 1% of peak
-
-
 @dataclass
 class Trainer:
     """One fold's model, optimiser and loop; ``stop_training`` is the callbacks' brake."""
@@ -162,20 +173,7 @@ class Trainer:
         self.model.to(self.device)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-        total = max(1, cfg.epochs * self.steps_per_epoch)
-        warmup = min(total - 1, int(cfg.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total, max(warmup, 1), cfg.schedule)
-        )
+        self.phase: Phase | None = None
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         use_amp = cfg.amp and self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
@@ -183,6 +181,37 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1) * 255
+
+    def start_phase(self, phase: Phase) -> None:
+        """Freeze or unfreeze the backbone, then a fresh optimiser and LR curve for ``phase``.
+
+        timm's ``create_optimizer_v2`` makes the parameter groups (no weight decay on biases and
+        norms; with ``layer_decay`` one group per layer depth with its ``lr_scale``), and skips
+        frozen parameters, so the head phase optimises the head alone.
+        """
+        from timm.optim import create_optimizer_v2
+
+        cfg = self.cfg
+        head = {id(p) for p in self.model.get_classifier().parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(phase.train_backbone or id(p) in head)
+        self.optimizer = create_optimizer_v2(
+            self.model, opt=cfg.optimizer, lr=phase.lr, weight_decay=cfg.weight_decay,
+            momentum=0.9, layer_decay=phase.layer_decay)
+        total, warmup = phase_lengths(phase.epochs, phase.warmup_epochs, self.steps_per_epoch)
+        curves = [functools.partial(_scaled_factor, g.get("lr_scale", 1.0), total, warmup,
+                                    cfg.schedule) for g in self.optimizer.param_groups]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, curves)
+        self.phase = phase
+
+    def train_mode(self) -> None:
+        """Training mode, but a frozen backbone (head phase) stays in inference mode: its
+        BatchNorm statistics and dropout are part of what the head learns on."""
+        if self.phase is not None and not self.phase.train_backbone:
+            self.model.eval()
+            self.model.get_classifier().train()
+        else:
+            self.model.train()
 
     def to_input(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """NHWC uint8 -> normalised NCHW float on the device."""
@@ -197,7 +226,7 @@ class Trainer:
     def train_epoch(self, loader: Any, epoch: int) -> dict[str, float]:
         from tqdm.auto import tqdm
 
-        self.model.train()
+        self.train_mode()
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not self.cfg.progress, unit="batch")
@@ -217,7 +246,7 @@ class Trainer:
             seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
         return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
-                "lr": self.optimizer.param_groups[0]["lr"]}
+                "lr": max(g["lr"] for g in self.optimizer.param_groups)}
 
     @torch.no_grad()
     def recalibrate_batchnorm(self, images: np.ndarray, batch_size: int = 256) -> int:
@@ -271,6 +300,11 @@ class Trainer:
         return probs / probs.sum(axis=1, keepdims=True)
 
 
+def _scaled_factor(scale: float, total: int, warmup: int, schedule: str, step: int) -> float:
+    """``lr_factor`` times a parameter group's layer-decay scale (picklable for LambdaLR)."""
+    return scale * lr_factor(step, total, warmup, schedule)
+
+
 def make_loader(images: np.ndarray, labels: np.ndarray, cfg: RunConfig, seed: int,
                 device: torch.device) -> torch.utils.data.DataLoader:
     workers = cfg.num_workers
@@ -278,7 +312,7 @@ def make_loader(images: np.ndarray, labels: np.ndarray, cfg: RunConfig, seed: in
         cores = os.cpu_count() or 1
         workers = 0 if cores <= 2 or device.type == "cpu" else min(8, cores - 1)
     return torch.utils.data.DataLoader(
-        ArrayDataset(images, labels, build_seeded_augment(cfg.augment, seed)),
+        ArrayDataset(images, labels, build_seeded_augment(cfg.augment, images.shape[1], seed)),
         batch_size=cfg.batch_size, sampler=EpochSampler(len(images), seed),
         drop_last=len(images) > cfg.batch_size, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -306,7 +340,9 @@ def build_trainer(job: FoldJob, steps_per_epoch: int) -> Trainer:
     seed_everything(job.seed)
     device = pick_device(cfg)
     model = create_model(job.spec, len(job.classes))
-    return Trainer(model, job.spec, cfg, device, steps_per_epoch)
+    trainer = Trainer(model, job.spec, cfg, device, steps_per_epoch)
+    trainer.start_phase(plan_phases(cfg)[0])
+    return trainer
 
 
 def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldResult:
@@ -315,6 +351,7 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
     t0 = time.perf_counter()
     device = pick_device(cfg)
     loader = make_loader(job.x_train, job.y_train, cfg, job.seed, device)
+    phases = plan_phases(cfg)
     trainer = build_trainer(job, len(loader))
     best = BestWeights("val_loss")
     callbacks = [CSVLogger(job.history_path), TerminateOnNaN(), best, *(callbacks or [])]
@@ -325,6 +362,13 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
     startup = time.perf_counter() - t0
     for epoch in range(cfg.epochs):
         e0 = time.perf_counter()
+        phase = phase_of(phases, epoch)
+        if phase is not trainer.phase:
+            trainer.start_phase(phase)
+            log.info("fold %d: phase %r from epoch %d, %s", job.fold, phase.name, epoch + 1,
+                     "every layer" + (f", layer decay {phase.layer_decay}"
+                                      if phase.layer_decay else "")
+                     if phase.train_backbone else "head only, backbone frozen")
         for cb in callbacks:
             cb.on_epoch_begin(epoch, {})
         loader.sampler.set_epoch(epoch)
@@ -357,6 +401,7 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
         "device": str(device), "amp": str(trainer.amp_dtype), "epochs_run": len(history),
         "predict_weights": cfg.predict_weights, "best_epoch": best.best_epoch,
         "bn_recalibrated_layers": recalibrated, "startup_seconds": startup,
+        "phases": [p.to_dict() for p in phases],
         "train_seconds": train_seconds,
         "predict_seconds": time.perf_counter() - t0 - train_seconds,
     })

@@ -42,6 +42,7 @@ NonNegativeInt = Annotated[int, _NUMBER, Field(ge=0)]
 PositiveFloat = Annotated[float, _NUMBER, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, _NUMBER, Field(ge=0, allow_inf_nan=False)]
 OpenFraction = Annotated[float, _NUMBER, Field(gt=0, lt=1)]  # momentum
+Fraction = Annotated[float, _NUMBER, Field(gt=0, le=1)]
 Smoothing = Annotated[float, _NUMBER, Field(ge=0, lt=1)]
 ImageSize = Annotated[int, _NUMBER, Field(ge=8, le=4096)]
 FoldCount = Annotated[int, _NUMBER, Field(ge=2)]
@@ -90,12 +91,23 @@ class RunConfig(DatasetConfig):
     batch_size: PositiveInt = opt(64, "images per training step")
     epochs: PositiveInt = opt(10, "training epochs per fold")
     lr: PositiveFloat = opt(2e-3, "peak learning rate")
+    head_epochs: NonNegativeInt | None = opt(
+        None, "fine-tuning: first epochs train only the new head on the frozen backbone "
+        "(BatchNorm frozen too); part of --epochs (default: 1 with pretrained weights, else 0)")
+    head_lr: PositiveFloat | None = opt(None, "peak LR of the head epochs (default: --lr)")
+    layer_decay: Fraction | None = opt(
+        None, "fine-tuning: LR multiplier per layer group from the head down, after the head "
+        "epochs; 1 = one LR (default: 0.8 with pretrained weights, else 1)")
     weight_decay: NonNegativeFloat = opt(0.05, "decoupled weight decay (AdamW)")
-    optimizer: str = opt("adamw", "optimizer", ("adamw", "sgd"))
+    optimizer: str = opt("adamw", "optimizer (timm's create_optimizer_v2 / keras.optimizers); "
+                         "sgd is Nesterov momentum 0.9",
+                         ("adamw", "sgd", "adam", "nadam", "rmsprop", "lamb", "lion", "adamax"))
     schedule: str = opt("cosine", "LR schedule after warmup", ("cosine", "onecycle", "constant"))
     warmup_epochs: NonNegativeFloat = opt(1.0, "linear LR warmup length in epochs")
     label_smoothing: Smoothing = opt(0.1, "label smoothing of the cross-entropy loss")
-    augment: str = opt("light", "augmentation preset (albumentations)", ("none", "light", "flip"))
+    augment: Name = opt("light", "augmentation (albumentations): a preset none|light|flip|"
+                        "medium|strong, or a pipeline file (.json/.yaml) written by "
+                        "albumentations.save")
     predict_weights: str = opt(
         "last", "weights that predict OOF and test: the last epoch's, or the epoch with the best "
         "val_loss (chosen on the held-out fold itself, so its OOF score is optimistic)",

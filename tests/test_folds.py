@@ -84,7 +84,8 @@ def test_folds_written_once_and_reused(tmp_path: Path) -> None:
     assert list(stored.columns) == ["id", "label", "fold"]
     assert list(stored["id"]) == ids
     meta = json.loads((tmp_path / FOLDS_META).read_text())
-    assert meta == {"k": 3, "seed": 11, "fingerprint": first.fingerprint, "rows": 60}
+    assert meta == {"k": 3, "seed": 11, "fingerprint": first.fingerprint, "rows": 60,
+                    "group": "none"}
     mtime = (tmp_path / FOLDS_FILE).stat().st_mtime_ns
 
     for k, seed in ((3, 11), (None, None), (3, None), (None, 11)):  # same or unspecified: reuse

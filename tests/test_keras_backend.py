@@ -76,6 +76,11 @@ out["missing_file"] = error(lambda: kb.resolve_spec(sys.argv[2], RunConfig(pretr
 out["offline_imagenet"] = error(lambda: kb.build_model(
     kb.resolve_spec(sys.argv[2], RunConfig(img_size=32, pretrained="auto")), 10))
 out["weights_path"] = path
+out["optimizers"] = {name: type(kb.make_optimizer(RunConfig(optimizer=name), 10)[0]).__name__
+                     for name in ("adamw", "sgd", "adam", "nadam", "rmsprop", "lamb", "lion",
+                                  "adamax")}
+out["phase_keys"] = error(lambda: kb.resolve_spec(
+    sys.argv[2], RunConfig(backbone="keras/" + sys.argv[2], head_epochs=1)))
 print("PROBE" + json.dumps(out))
 """
 
@@ -247,3 +252,13 @@ def test_short_run_predicts_held_out_rows_far_above_chance(demo_dir: Path, tmp_p
     assert run.scores()["accuracy"] > 0.6, run.scores()
     assert run.scores()["log_loss"] < 1.5, run.scores()
     assert all(run.meta["fold_info"][str(k)]["bn_recalibrated_layers"] > 30 for k in range(3))
+
+
+def test_every_optimizer_name_is_a_keras_optimizer(probe: dict) -> None:
+    assert probe["optimizers"] == {
+        "adamw": "AdamW", "sgd": "SGD", "adam": "Adam", "nadam": "Nadam", "rmsprop": "RMSprop",
+        "lamb": "Lamb", "lion": "Lion", "adamax": "Adamax"}
+
+
+def test_fine_tuning_phase_keys_are_refused_not_ignored(probe: dict) -> None:
+    assert "--head-epochs 1: keras backbones train every layer" in probe["phase_keys"]

@@ -1,0 +1,11 @@
+"""The training recipe, shared by every backend: the LR curve and the fine-tuning phases.
+
+It sits above the OOF contract (``oof``) and below the backends: both timm and Keras read their
+phases and learning rates from here, so one config key means one thing in both frameworks.
+"""
+
+from recipe.phases import DEFAULT_HEAD_EPOCHS, DEFAULT_LAYER_DECAY, Phase, plan_phases
+from recipe.schedule import lr_factor, phase_lengths
+
+__all__ = ["DEFAULT_HEAD_EPOCHS", "DEFAULT_LAYER_DECAY", "Phase", "lr_factor", "phase_lengths",
+           "plan_phases"]

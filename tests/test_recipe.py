@@ -1,0 +1,182 @@
+"""The training recipe: fine-tuning phases and the one LR curve both frameworks follow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from oof.config import RunConfig
+from oof.errors import ConfigError
+from recipe import lr_factor, phase_lengths, plan_phases
+from recipe.phases import phase_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pretrained_default_is_head_then_full_with_layer_decay() -> None:
+    head, full = plan_phases(RunConfig(pretrained="w.safetensors", epochs=6, lr=1e-3))
+    assert (head.name, head.first_epoch, head.epochs, head.train_backbone) == ("head", 0, 1,
+                                                                               False)
+    assert head.warmup_epochs == 0 and head.layer_decay is None
+    assert (full.name, full.first_epoch, full.epochs, full.train_backbone) == ("full", 1, 5, True)
+    assert full.layer_decay == 0.8 and full.lr == 1e-3
+    assert [phase_of([head, full], e).name for e in range(6)] == ["head"] + ["full"] * 5
+
+
+def test_from_scratch_is_one_phase_and_keys_override() -> None:
+    (only,) = plan_phases(RunConfig(epochs=4))
+    assert (only.name, only.epochs, only.layer_decay) == ("full", 4, None)
+    head, full = plan_phases(RunConfig(epochs=4, head_epochs=2, head_lr=0.01, layer_decay=1))
+    assert head.lr == 0.01 and full.epochs == 2 and full.layer_decay is None
+    (head_only,) = plan_phases(RunConfig(epochs=2, head_epochs=2, pretrained="auto"))
+    assert head_only.name == "head"  # a linear probe of the pretrained features
+    assert len(plan_phases(RunConfig(epochs=1, pretrained="auto"))) == 1  # no room for a head
+
+
+def test_bad_phase_settings_are_named() -> None:
+    with pytest.raises(ConfigError, match="--head-epochs 5: more than --epochs 3"):
+        plan_phases(RunConfig(epochs=3, head_epochs=5))
+    with pytest.raises(ConfigError, match="--head-epochs 2, --layer-decay 0.5: keras backbones"):
+        plan_phases(RunConfig(backbone="keras/MobileNetV3Small", head_epochs=2, layer_decay=0.5),
+                    backend_phases=False)
+    (single,) = plan_phases(RunConfig(backbone="keras/X", pretrained="auto", epochs=3),
+                            backend_phases=False)
+    assert single.train_backbone and single.epochs == 3
+
+
+def test_lr_curve_warms_up_then_anneals() -> None:
+    total, warmup = phase_lengths(10, 1.0, 20)
+    assert (total, warmup) == (200, 20)
+    curve = [lr_factor(s, total, warmup, "cosine") for s in range(total)]
+    assert curve[0] == pytest.approx(1 / 20) and curve[19] == 1.0
+    assert all(a >= b for a, b in zip(curve[19:], curve[20:]))
+    assert curve[-1] == pytest.approx(0.01, abs=1e-3)
+    assert lr_factor(150, total, warmup, "constant") == 1.0
+    assert lr_factor(199, total, warmup, "onecycle") < 1e-3
+
+
+KERAS_CURVE = """
+import json, sys
+from backbones.keras_backend import WarmupSchedule
+out = {}
+for schedule in ("cosine", "onecycle", "constant"):
+    s = WarmupSchedule(0.5, 120, 17, schedule)
+    out[schedule] = [float(s(step)) for step in range(130)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_keras_schedule_follows_the_recipe_curve() -> None:
+    """TensorFlow evaluates the curve in-graph; it must equal ``recipe.lr_factor`` step by step."""
+    proc = subprocess.run([sys.executable, "-c", KERAS_CURVE], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keras_curves = json.loads(proc.stdout.strip().splitlines()[-1])
+    for schedule, values in keras_curves.items():
+        expected = [0.5 * lr_factor(step, 120, 17, schedule) for step in range(130)]
+        assert values == pytest.approx(expected, rel=1e-5, abs=1e-7), schedule  # float32
+
+
+TIMM_PHASES = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+import torch, timm
+from backbones import timm_backend as tb
+from backbones.base import FoldJob
+from oof.config import RunConfig
+from recipe import plan_phases
+
+path = sys.argv[1]
+torch.manual_seed(5)
+source = timm.create_model("resnet10t", pretrained=False)
+for m in source.modules():  # non-trivial BatchNorm statistics, as pretrained weights have
+    if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+torch.save(source.state_dict(), path)
+cfg = RunConfig(backbone="timm/resnet10t", pretrained=path, img_size=32, epochs=3,
+                batch_size=16, progress=False, augment="none")
+spec = tb.resolve_spec("resnet10t", cfg)
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+y = rng.integers(0, 4, 64)
+job = FoldJob(spec, cfg, 0, ["a", "b", "c", "d"], x, y, x[:8], y[:8], x[:8], Path("unused"),
+              Path("unused"), Path("unused"), seed=0)
+loader = tb.make_loader(x, y, cfg, 0, torch.device("cpu"))
+trainer = tb.build_trainer(job, len(loader))
+body = lambda: {k: v.clone() for k, v in trainer.model.state_dict().items()
+                if not k.startswith("fc.")}
+before = body()
+head_before = trainer.model.fc.weight.detach().clone()
+out = {"phase": trainer.phase.name}
+trainer.train_epoch(loader, 0)
+after_head = body()
+out["backbone_unchanged"] = all(torch.equal(before[k], after_head[k]) for k in before)
+out["head_changed"] = not torch.equal(head_before, trainer.model.fc.weight)
+out["matches_file"] = torch.equal(after_head["conv1.0.weight"],
+                                  source.state_dict()["conv1.0.weight"])
+full = plan_phases(cfg)[1]
+trainer.start_phase(full)
+scales = sorted({round(g.get("lr_scale", 1.0), 6) for g in trainer.optimizer.param_groups})
+out["scales"] = scales
+trainer.train_epoch(loader, 1)
+after_full = body()
+out["backbone_trained"] = not torch.equal(before["conv1.0.weight"], after_full["conv1.0.weight"])
+out["bn_stats_moved"] = not torch.equal(before["bn1.running_mean"], after_full["bn1.running_mean"])
+names = ("adamw", "sgd", "adam", "nadam", "rmsprop", "lamb", "lion", "adamax")
+out["optimizers"] = {}
+for name in names:
+    trainer.cfg = RunConfig(optimizer=name)
+    trainer.start_phase(full)
+    out["optimizers"][name] = type(trainer.optimizer).__name__
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_timm_head_phase_freezes_backbone_and_full_phase_decays_by_layer(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", TIMM_PHASES, str(tmp_path / "w.pth")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["phase"] == "head"
+    # the head phase leaves every backbone tensor, BatchNorm statistics included, as loaded
+    assert out["backbone_unchanged"] and out["matches_file"] and out["head_changed"]
+    # then every layer trains, the deepest with the smallest LR scale (0.8 per layer group)
+    assert out["backbone_trained"] and out["bn_stats_moved"]
+    scales = out["scales"]
+    assert len(scales) >= 4 and scales[-1] == 1.0 and scales[0] < 0.8 ** 3, scales
+    # every optimizer name of the shared vocabulary is one of timm's
+    assert out["optimizers"]["adamw"] == "AdamW" and out["optimizers"]["sgd"] == "SGD"
+    assert out["optimizers"]["lamb"] == "Lamb" and out["optimizers"]["lion"] == "Lion"
+    assert len(set(out["optimizers"].values())) == 8
+
+
+TIMM_SIZES = r"""
+import json
+import torch
+from backbones.timm_backend import create_model, resolve_spec
+from oof.config import RunConfig
+out = {}
+for name, size in [("vit_tiny_patch16_224", 32), ("resnet10t", 40)]:
+    model = create_model(resolve_spec(name, RunConfig(img_size=size)), 3).eval()
+    out[name] = list(model(torch.zeros(2, 3, size, size)).shape)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_timm_models_are_built_at_the_run_image_size() -> None:
+    """A ViT built for 224 px crashed at any other size: img_size now reaches create_model."""
+    proc = subprocess.run([sys.executable, "-c", TIMM_SIZES], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "vit_tiny_patch16_224": [2, 3], "resnet10t": [2, 3]}
