@@ -53,12 +53,13 @@ def close_names(name: str, known: list[str], n: int = 5) -> str:
 
 def resolve(cfg: RunConfig) -> tuple[BackboneSpec, ModuleType]:
     """Resolve ``cfg.backbone`` to its spec and the backend module that trains it."""
-    from backbones.augment import check_augment
+    from backbones.augment import check_augment, tta_views
 
     family, model = split_name(cfg.backbone)
     backend = get_backend(family)
     spec = backend.resolve_spec(model, cfg)
     check_augment(cfg.augment, spec.input_size)
+    tta_views(cfg.tta, cfg.tta_scales, cfg.tta_augment, cfg.augment, spec.input_size, 0)
     return spec, backend
 
 

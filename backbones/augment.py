@@ -6,6 +6,7 @@ by accident of pipeline. Transforms work on uint8 HWC arrays at the cached input
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any
@@ -129,3 +130,114 @@ def build_seeded_augment(preset: str, size: int, seed: int) -> SeededAugment | N
     """``build_augment`` with reproducible draws (None for 'none')."""
     compose = build_augment(preset, size)
     return None if compose is None else SeededAugment(compose, seed)
+
+
+# ----------------------------------------------------------------------- test-time augmentation
+
+TTA_FLIPS = ("none", "hflip", "flips")
+TTA_EPOCH = 1_000_000  # augmentation keys of TTA views: never an epoch a model trained on
+
+
+class TTAView:
+    """One test-time view of a batch: ``view(batch_uint8, rows) -> batch_uint8``.
+
+    ``rows`` are the images' positions in the whole set, so a random view of an image is the
+    same whatever batch it falls in (and the same in both frameworks).
+    """
+
+    def __init__(self, name: str, fn: Any) -> None:
+        self.name, self.fn = name, fn
+
+    def __call__(self, batch: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.fn(batch, rows), dtype=np.uint8)
+
+    def __repr__(self) -> str:
+        return f"TTAView({self.name})"
+
+
+def _zoom(scale: float) -> Any:
+    """Enlarge by ``scale`` and crop the centre back to the input size (a closer look)."""
+    import cv2
+
+    def fn(batch: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        size = batch.shape[1]
+        big = max(size, round(size * scale))
+        off = (big - size) // 2
+        return np.stack([cv2.resize(im, (big, big), interpolation=cv2.INTER_LINEAR)
+                         [off:off + size, off:off + size] for im in batch])
+    return fn
+
+
+def tta_views(tta: str, scales: list[float], augment_views: int, augment: str, size: int,
+              seed: int) -> list[TTAView]:
+    """The views whose probabilities are averaged, for OOF and test rows alike.
+
+    ``tta``: none (the image), hflip (plus its mirror), flips (plus vertical and both);
+    ``scales``: extra centre zooms (1.15 = look 15 % closer); ``augment_views``: N random views
+    drawn from the training augmentation ``augment`` (seeded by (seed, view, row)).
+    """
+    if tta not in TTA_FLIPS:
+        raise ConfigError(f"--tta {tta!r}: choose one of {list(TTA_FLIPS)}")
+    views = [TTAView("identity", lambda b, r: b)]
+    if tta in ("hflip", "flips"):
+        views.append(TTAView("hflip", lambda b, r: b[:, :, ::-1]))
+    if tta == "flips":
+        views.append(TTAView("vflip", lambda b, r: b[:, ::-1]))
+        views.append(TTAView("hvflip", lambda b, r: b[:, ::-1, ::-1]))
+    for scale in scales:
+        if not 1.0 < scale <= 2.0:
+            raise ConfigError(f"--tta-scales {scale}: a zoom factor in (1, 2] (1 is the image)")
+        views.append(TTAView(f"zoom{scale:g}", _zoom(scale)))
+    if augment_views:
+        if augment == "none":
+            raise ConfigError(f"--tta-augment {augment_views}: needs an --augment pipeline to "
+                              "draw random views from")
+        for v in range(augment_views):
+            aug = build_seeded_augment(augment, size, seed)
+            views.append(TTAView(f"augment{v}", functools.partial(_augment_view, aug, v)))
+    return views
+
+
+def _augment_view(aug: SeededAugment, view: int, batch: np.ndarray, rows: np.ndarray
+                  ) -> np.ndarray:
+    return np.stack([aug(im, TTA_EPOCH + view, int(r)) for im, r in zip(batch, rows)])
+
+
+# ------------------------------------------------------------------------------ mixup / cutmix
+
+
+def mix_batch(images: np.ndarray, targets: np.ndarray, mixup_alpha: float, cutmix_alpha: float,
+              prob: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Mixup or CutMix of a uint8 batch with its one-hot ``targets`` (as timm's ``Mixup``).
+
+    Written once in numpy and run on the batch before it reaches either framework, with ``rng``
+    seeded by (seed, epoch, batch): timm and Keras mix alike, and a resumed fold mixes exactly
+    as an uninterrupted one. With both alphas set, each batch picks one at random (p=0.5).
+    Returns the mixed images (uint8) and soft targets (float32).
+    """
+    targets = np.asarray(targets, dtype=np.float32)
+    if (not mixup_alpha and not cutmix_alpha) or len(images) < 2 or rng.random() >= prob:
+        return images, targets
+    use_cutmix = cutmix_alpha > 0 and (not mixup_alpha or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if use_cutmix
+                else rng.beta(mixup_alpha, mixup_alpha))
+    partner = images[::-1]  # pairs each image with its mirror in the batch, like timm
+    if use_cutmix:
+        h, w = images.shape[1:3]
+        cut = np.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = np.clip([cy - ch // 2, cy + ch // 2], 0, h)
+        x0, x1 = np.clip([cx - cw // 2, cx + cw // 2], 0, w)
+        mixed = images.copy()
+        mixed[:, y0:y1, x0:x1] = partner[:, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted
+    else:
+        blend = images.astype(np.float32) * lam + partner.astype(np.float32) * (1.0 - lam)
+        mixed = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    return mixed, (targets * lam + targets[::-1] * (1.0 - lam)).astype(np.float32)
+
+
+def batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    """The generator of one training batch's mixing draws."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(batch), 1]))

@@ -30,9 +30,20 @@ class BackboneSpec:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     preprocessing: str = ""  # how raw 0..255 RGB becomes model input, in words
     pretrained: str = ""  # '' (scratch), 'auto', or a file
+    # the new classification head: pooling, dropout, optional hidden layer (BatchNorm + act)
+    head_pool: str = "avg"  # avg | max | avgmax | catavgmax
+    head_dropout: float = 0.2
+    head_hidden: int = 0
+    head_activation: str = "relu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @staticmethod
+    def head_options(cfg: RunConfig) -> dict[str, Any]:
+        """The ``head_*`` config keys, as the spec fields every backend builds the head from."""
+        return {"head_pool": cfg.head_pool, "head_dropout": cfg.head_dropout,
+                "head_hidden": cfg.head_hidden, "head_activation": cfg.head_activation}
 
 
 @dataclass

@@ -53,18 +53,26 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from backbones import close_names  # noqa: E402
-from backbones.augment import SeededAugment, build_seeded_augment, epoch_order  # noqa: E402
+from backbones.augment import (  # noqa: E402
+    SeededAugment,
+    TTAView,
+    batch_rng,
+    build_seeded_augment,
+    epoch_order,
+    mix_batch,
+    tta_views,
+)
 from backbones.base import BackboneSpec, FoldJob, FoldResult  # noqa: E402
+from backbones.callbacks import trim_history  # noqa: E402
 from oof.atomic import atomic_path  # noqa: E402
 from oof.config import RunConfig  # noqa: E402
 from oof.errors import ConfigError  # noqa: E402
 from oof.metrics import accuracy, log_loss  # noqa: E402
-from recipe import phase_lengths, plan_phases  # noqa: E402
+from recipe import lr_table, phase_lengths, plan_phases  # noqa: E402
 
 log = logging.getLogger(__name__)
 FRAMEWORK = "tensorflow"
 DEFAULT_BN_MOMENTUM = 0.9
-HEAD_DROPOUT = 0.2  # what the Keras applications' own classification tops use
 PREDICT_BATCH = 256
 STEPS_PER_EXECUTION = 4  # fewer Python round trips per step; measured in bench/overhead_keras.py
 WIRED_CALLBACKS = ("ModelCheckpoint", "CSVLogger", "BackupAndRestore", "TerminateOnNaN")
@@ -136,7 +144,7 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
     return BackboneSpec(
         name=f"keras/{model_name}", family="keras", framework=FRAMEWORK, model_name=model_name,
         input_size=int(cfg.img_size or 224), mean=mean, std=std,  # type: ignore[arg-type]
-        preprocessing=words, pretrained=cfg.pretrained,
+        preprocessing=words, pretrained=cfg.pretrained, **BackboneSpec.head_options(cfg),
     )
 
 
@@ -232,8 +240,18 @@ def build_model(spec: BackboneSpec, num_classes: int,
     x = keras.layers.Lambda(lambda t: preprocess(keras.ops.cast(t, "float32")),
                             name="preprocess", dtype="float32")(inputs)
     x = base(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dropout(HEAD_DROPOUT, name="head_dropout")(x)
+    avg = lambda: keras.layers.GlobalAveragePooling2D(name="pool_avg")(x)  # noqa: E731
+    top = lambda: keras.layers.GlobalMaxPooling2D(name="pool_max")(x)  # noqa: E731
+    x = {"avg": avg, "max": top,
+         "avgmax": lambda: keras.layers.Average(name="pool")([avg(), top()]),
+         "catavgmax": lambda: keras.layers.Concatenate(name="pool")([avg(), top()]),
+         }[spec.head_pool]()
+    x = keras.layers.Dropout(spec.head_dropout, name="head_dropout")(x)
+    if spec.head_hidden:
+        x = keras.layers.Dense(spec.head_hidden, use_bias=False, name="head_hidden")(x)
+        x = keras.layers.BatchNormalization(name="head_bn")(x)
+        x = keras.layers.Activation(spec.head_activation, name="head_act")(x)
+        x = keras.layers.Dropout(spec.head_dropout, name="head_hidden_dropout")(x)
     x = keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
     outputs = keras.layers.Activation("softmax", dtype="float32", name="proba")(x)
     model = keras.Model(inputs, outputs, name=spec.model_name)
@@ -253,34 +271,28 @@ def load_fold_model(spec: BackboneSpec, num_classes: int, checkpoint: Path) -> k
 
 @keras.saving.register_keras_serializable("foldstack")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """``recipe.lr_factor`` times the peak LR, per step, in TensorFlow ops (a test checks the two
-    agree); lengths live in variables so a traced step serves folds whose step counts differ."""
+    """The peak LR times ``recipe.lr_factor``, looked up per step in a table the recipe computed:
+    the curve is defined once, in Python, for both frameworks. The table is a variable of any
+    length, so a traced step serves folds whose step counts differ."""
 
     def __init__(self, peak: float, total: int, warmup: int, schedule: str) -> None:
         self.peak, self.schedule = float(peak), schedule
-        self.total = tf.Variable(float(total), trainable=False, dtype=tf.float32)
-        self.warmup = tf.Variable(float(warmup), trainable=False, dtype=tf.float32)
+        self.total, self.warmup = int(total), int(warmup)
+        self.table = tf.Variable(np.asarray(lr_table(total, warmup, schedule), np.float32),
+                                 shape=tf.TensorShape([None]), trainable=False)
 
     def set_lengths(self, total: int, warmup: int) -> None:
-        self.total.assign(float(total))
-        self.warmup.assign(float(warmup))
+        self.total, self.warmup = int(total), int(warmup)
+        self.table.assign(np.asarray(lr_table(total, warmup, self.schedule), np.float32))
 
     def __call__(self, step: Any) -> Any:
-        step = tf.cast(step, tf.float32)
-        warm = (step + 1.0) / self.warmup
-        if self.schedule == "constant":
-            after = tf.constant(1.0)
-        else:
-            progress = tf.minimum(1.0, (step - self.warmup) / tf.maximum(1.0, self.total
-                                                                          - self.warmup))
-            cosine = 0.5 * (1.0 + tf.cos(math.pi * progress))
-            floor = 1e-4 if self.schedule == "onecycle" else 0.01
-            after = floor + (1.0 - floor) * cosine
-        return self.peak * tf.where(step < self.warmup, warm, after)
+        last = tf.shape(self.table, out_type=tf.int64)[0] - 1
+        index = tf.minimum(tf.cast(step, tf.int64), last)
+        return self.peak * tf.gather(self.table, index)
 
     def get_config(self) -> dict[str, Any]:
-        return {"peak": self.peak, "total": int(self.total.numpy()),
-                "warmup": int(self.warmup.numpy()), "schedule": self.schedule}
+        return {"peak": self.peak, "total": self.total, "warmup": self.warmup,
+                "schedule": self.schedule}
 
 
 def schedule_lengths(cfg: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
@@ -305,15 +317,17 @@ def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> tuple[Any, WarmupSch
         schedule = WarmupSchedule(cfg.lr, *schedule_lengths(cfg, steps_per_epoch), cfg.schedule)
         lr = schedule
     decay = cfg.weight_decay or None
+    # EMA of the weights: Keras swaps the average in when fit ends (finalize_variable_values)
+    ema = {"use_ema": True, "ema_momentum": cfg.ema_decay} if cfg.ema else {}
     if cfg.optimizer == "sgd":
-        opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=decay)
+        opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=decay, **ema)
     else:
         cls = {"adamw": keras.optimizers.AdamW, "adam": keras.optimizers.Adam,
                "nadam": keras.optimizers.Nadam, "rmsprop": keras.optimizers.RMSprop,
                "lamb": keras.optimizers.Lamb, "lion": keras.optimizers.Lion,
                "adamax": keras.optimizers.Adamax}[cfg.optimizer]
         # Keras decays every optimiser decoupled from the gradient, as AdamW does
-        opt = cls(lr, weight_decay=decay)
+        opt = cls(lr, weight_decay=decay, **ema)
     return opt, schedule
 
 
@@ -331,8 +345,10 @@ class EpochBatches(keras.callbacks.Callback):
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int,
-                 augment: SeededAugment | None, seed: int) -> None:
+                 augment: SeededAugment | None, seed: int,
+                 mixing: tuple[float, float, float] | None = None) -> None:
         super().__init__()
+        self.mixing = mixing  # (mixup_alpha, cutmix_alpha, prob): the same draws as timm's
         self.images, self.labels, self.batch, self.augment = images, labels, batch, augment
         self.seed, self.epoch = int(seed), 0
         self.eye = np.eye(num_classes, dtype=np.float32)
@@ -350,7 +366,10 @@ class EpochBatches(keras.callbacks.Callback):
         x = self.images[rows]  # sorted rows: a memory-mapped cache reads forward
         if self.augment is not None:
             x = np.stack([self.augment(im, epoch, int(r)) for im, r in zip(x, rows)])
-        return np.ascontiguousarray(x, dtype=np.uint8), self.eye[self.labels[rows]]
+        y = self.eye[self.labels[rows]]
+        if self.mixing is not None:
+            x, y = mix_batch(x, y, *self.mixing, batch_rng(self.seed, epoch, int(b)))
+        return np.ascontiguousarray(x, dtype=np.uint8), y
 
 
 def reseed_layers(model: keras.Model, seed: int, epoch: int) -> int:
@@ -382,8 +401,10 @@ def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
     batch = min(cfg.batch_size, n)
     drop = n > cfg.batch_size  # like the timm loader's drop_last
     steps = n // batch if drop else 1
+    mixing = ((cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob)
+              if cfg.mixup_alpha or cfg.cutmix_alpha else None)
     batches = EpochBatches(images, labels, num_classes, batch,
-                           build_seeded_augment(cfg.augment, images.shape[1], seed), seed)
+                           build_seeded_augment(cfg.augment, images.shape[1], seed), seed, mixing)
     size = images.shape[1]
 
     def gather(b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -398,28 +419,33 @@ def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
     return ds, steps, batches
 
 
-def predict_proba(model: keras.Model, images: np.ndarray, tta: str = "none",
-                  batch_size: int = PREDICT_BATCH) -> np.ndarray:
-    """Class probabilities (float64, rows sum to 1); 'hflip' averages with the mirrored view.
+def predict_proba(model: keras.Model, images: np.ndarray, views: list[TTAView] | None = None,
+                  batch_size: int = PREDICT_BATCH, chunk: int = 16) -> np.ndarray:
+    """Class probabilities (float64, rows sum to 1), averaged over the test-time ``views``.
 
-    Inputs are padded to whole batches so the traced predict step never sees a new shape.
+    Inputs are padded to whole batches so the traced predict step never sees a new shape; views
+    are made ``chunk`` batches at a time, never for the whole set at once.
     """
     n = len(images)
     if n == 0:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float64)
+    views = views or tta_views("none", [], 0, "none", 0, 0)
     batch = min(batch_size, n)
-    pad = (-n) % batch
-
-    def run(x: np.ndarray) -> np.ndarray:
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), dtype=x.dtype)])
-        return np.asarray(model.predict(x, batch_size=batch, verbose=0),
-                          dtype=np.float64)[:n]
-
-    x = np.asarray(images, dtype=np.uint8)
-    probs = run(x)
-    if tta == "hflip":
-        probs = (probs + run(np.ascontiguousarray(x[:, :, ::-1]))) / 2
+    step = batch * chunk
+    out = []
+    for start in range(0, n, step):
+        x = np.asarray(images[start:start + step], dtype=np.uint8)
+        rows = np.arange(start, start + len(x))
+        pad = (-len(x)) % batch
+        probs = 0
+        for view in views:
+            v = view(x, rows)
+            if pad:
+                v = np.concatenate([v, np.zeros((pad, *v.shape[1:]), dtype=v.dtype)])
+            probs = probs + np.asarray(model.predict(v, batch_size=batch, verbose=0),
+                                       dtype=np.float64)[:len(x)]
+        out.append(probs / len(views))
+    probs = np.concatenate(out)
     return probs / probs.sum(axis=1, keepdims=True)
 
 
@@ -434,9 +460,11 @@ class FoldMetrics(keras.callbacks.Callback):
     EarlyStopping monitor the same number in both families.
     """
 
-    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, fold: int, epochs: int) -> None:
+    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, fold: int, epochs: int,
+                 echo: bool = True) -> None:
         super().__init__()
         self.x_val, self.y_val, self.fold, self.epochs = x_val, y_val, fold, epochs
+        self.echo = echo
         self.seconds: list[float] = []
         self._t0 = 0.0
 
@@ -452,8 +480,10 @@ class FoldMetrics(keras.callbacks.Callback):
         logs["val_accuracy"] = accuracy(self.y_val, val)
         logs["seconds"] = time.perf_counter() - self._t0
         self.seconds.append(logs["seconds"])
-        log.info("fold %d epoch %d/%d %s", self.fold, epoch + 1, self.epochs,
-                 " ".join(f"{k}={float(v):.4g}" for k, v in logs.items()))
+        # Keras' progress bar already prints these numbers: echo them only without it
+        (log.info if self.echo else log.debug)(
+            "fold %d epoch %d/%d %s", self.fold, epoch + 1, self.epochs,
+            " ".join(f"{k}={float(v):.4g}" for k, v in logs.items()))
 
 
 def user_callbacks(specs: list[Any]) -> list[keras.callbacks.Callback]:
@@ -544,22 +574,6 @@ def repair_backup(backup_dir: Path) -> int | None:
     return epoch
 
 
-def trim_history(path: Path, epochs_done: int) -> None:
-    """Keep only the CSV rows of epochs the backup holds, so a resumed fold's history has each
-    epoch once."""
-    if not path.exists():
-        return
-    with path.open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        return
-    header, body = rows[0], rows[1:]
-    col = header.index("epoch") if "epoch" in header else 0
-    keep = [r for r in body if r and r[col].isdigit() and int(r[col]) < epochs_done]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        csv.writer(fh).writerows([header, *keep])
-
-
 def read_history(path: Path) -> list[dict[str, Any]]:
     """The fold's history CSV (all epochs, also those before an interruption) as dicts."""
     if not path.exists() or path.stat().st_size == 0:
@@ -632,14 +646,16 @@ def seed_python(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _graph_key(job: FoldJob, bn: float, policy: str) -> str:
+def _graph_key(job: FoldJob, bn: float, policy: str, steps_per_epoch: int) -> str:
     """Everything that changes the traced graph; the same key means the step can be reused."""
     cfg = job.cfg
     return json.dumps({
+        "steps_per_execution": steps_per_execution(steps_per_epoch),
         "spec": job.spec.to_dict(), "classes": len(job.classes), "bn": bn, "policy": policy,
         "batch": min(cfg.batch_size, len(job.x_train)), "lr": cfg.lr,
         "opt": cfg.optimizer, "wd": cfg.weight_decay, "ls": cfg.label_smoothing,
-        "schedule": cfg.schedule, "plateau": uses_plateau(cfg),
+        "schedule": cfg.schedule, "plateau": uses_plateau(cfg), "ema": cfg.ema,
+        "ema_decay": cfg.ema_decay,
     }, sort_keys=True, default=str)
 
 
@@ -647,7 +663,7 @@ def _compiled_model(job: FoldJob, steps_per_epoch: int, bn: float, policy: str) 
     """A compiled model for this fold: the previous fold's (re-initialised) when its graph is
     the same, else a new one after clearing the session."""
     global _COMPILED
-    key = _graph_key(job, bn, policy)
+    key = _graph_key(job, bn, policy, steps_per_epoch)
     seed_python(job.seed)
     fresh = build_model(job.spec, len(job.classes), bn)
     if _COMPILED is not None and _COMPILED.key == key:
@@ -672,7 +688,7 @@ def _compiled_model(job: FoldJob, steps_per_epoch: int, bn: float, policy: str) 
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        steps_per_execution=min(STEPS_PER_EXECUTION, steps_per_epoch),
+        steps_per_execution=steps_per_execution(steps_per_epoch),
         jit_compile="auto",  # XLA on GPU; off on CPU, where it compiles slower than it runs
     )
     if cfg.weight_decay:  # no decay on biases and norm scales, like the timm param groups
@@ -682,6 +698,13 @@ def _compiled_model(job: FoldJob, steps_per_epoch: int, bn: float, policy: str) 
     _COMPILED = _Compiled(key, fresh, schedule,
                           [np.array(v.numpy()) for v in optimizer.variables])
     return _COMPILED
+
+
+def steps_per_execution(steps_per_epoch: int) -> int:
+    """The largest count <= STEPS_PER_EXECUTION that divides the epoch: with a remainder the
+    progress bar counted past the epoch's end ("8/6") and the last call ran short."""
+    return max(d for d in range(1, min(STEPS_PER_EXECUTION, steps_per_epoch) + 1)
+               if steps_per_epoch % d == 0)
 
 
 def _rss_mb() -> float:
@@ -731,7 +754,7 @@ def train_fold(job: FoldJob) -> FoldResult:
     else:
         trim_history(job.history_path, resumed_from)
     best = _best_so_far(job.history_path) if resuming else None
-    metrics = FoldMetrics(job.x_val, job.y_val, job.fold, cfg.epochs)
+    metrics = FoldMetrics(job.x_val, job.y_val, job.fold, cfg.epochs, echo=not cfg.progress)
     callbacks = [
         batches,
         metrics,
@@ -759,8 +782,10 @@ def train_fold(job: FoldJob) -> FoldResult:
     # the fold checkpoint holds exactly the weights (and BatchNorm statistics) that predict
     predict_path = job.work_dir / "predict.weights.h5"
     model.save_weights(str(predict_path))
-    val_proba = predict_proba(model, job.x_val, cfg.tta)
-    test_proba = predict_proba(model, job.x_test, cfg.tta)
+    views = tta_views(cfg.tta, cfg.tta_scales, cfg.tta_augment, cfg.augment,
+                      job.spec.input_size, job.seed)
+    val_proba = predict_proba(model, job.x_val, views)
+    test_proba = predict_proba(model, job.x_test, views)
     finite = [r for r in history if isinstance(r.get("val_loss"), float)
               and math.isfinite(r["val_loss"])]
     best_epoch = min(finite, key=lambda r: r["val_loss"])["epoch"] if finite else None
@@ -771,7 +796,8 @@ def train_fold(job: FoldJob) -> FoldResult:
     ckpt_meta = {
         "backbone": job.spec.to_dict(), "classes": job.classes, "fold": job.fold,
         "epochs_run": len(history), "best_epoch": best_epoch, "num_classes": len(job.classes),
-        "bn_momentum": bn, "head_dropout": HEAD_DROPOUT, "bn_recalibrated_layers": recalibrated,
+        "bn_momentum": bn, "head_dropout": job.spec.head_dropout,
+        "bn_recalibrated_layers": recalibrated,
     }
     _publish_checkpoint(predict_path, job.checkpoint_path,
                         {**ckpt_meta, "weights": cfg.predict_weights})
@@ -783,7 +809,7 @@ def train_fold(job: FoldJob) -> FoldResult:
         "device": device, "amp": policy, "epochs_run": len(history), "best_epoch": best_epoch,
         "predict_weights": cfg.predict_weights,
         "resumed_from_epoch": resumed_from,
-        "epochs_this_session": len(secs), "bn_momentum": bn, "head_dropout": HEAD_DROPOUT,
+        "epochs_this_session": len(secs), "bn_momentum": bn, "head_dropout": job.spec.head_dropout,
         "bn_recalibrated_layers": recalibrated,
         "phases": [p.to_dict() for p in plan_phases(cfg, backend_phases=False)],
         "jit_compile": bool(model.jit_compile), "steps_per_execution": model.steps_per_execution,

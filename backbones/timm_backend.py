@@ -21,9 +21,24 @@ import torch
 from torch import nn
 
 from backbones import close_names
-from backbones.augment import SeededAugment, build_seeded_augment, epoch_order
+from backbones.augment import (
+    SeededAugment,
+    TTAView,
+    batch_rng,
+    build_seeded_augment,
+    epoch_order,
+    mix_batch,
+    tta_views,
+)
 from backbones.base import BackboneSpec, FoldJob, FoldResult
-from backbones.callbacks import BestWeights, Callback, CSVLogger, TerminateOnNaN
+from backbones.callbacks import (
+    BestWeights,
+    Callback,
+    CSVLogger,
+    TerminateOnNaN,
+    trim_history,
+    user_callbacks,
+)
 from oof.atomic import atomic_path
 from oof.config import RunConfig
 from oof.errors import ConfigError
@@ -52,6 +67,7 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
     if cfg.pretrained not in ("", "auto") and not Path(cfg.pretrained).expanduser().is_file():
         # checked here, before images are decoded or the run folder is written
         raise ConfigError(f"--pretrained {cfg.pretrained}: no such weights file")
+    user_callbacks(cfg.callbacks)  # unknown names fail before any work
     pcfg = timm.get_pretrained_cfg(model_name)
     default_size = pcfg.input_size[-1] if pcfg and pcfg.input_size else 224
     mean = tuple(pcfg.mean) if pcfg else (0.485, 0.456, 0.406)
@@ -60,7 +76,7 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
         name=f"timm/{model_name}", family="timm", framework=FRAMEWORK, model_name=model_name,
         input_size=int(cfg.img_size or default_size), mean=mean, std=std,  # type: ignore[arg-type]
         preprocessing=f"x/255, minus mean {mean}, divided by std {std} (timm pretrained cfg)",
-        pretrained=cfg.pretrained,
+        pretrained=cfg.pretrained, **BackboneSpec.head_options(cfg),
     )
 
 
@@ -72,14 +88,15 @@ def create_model(spec: BackboneSpec, num_classes: int) -> nn.Module:
     take no ``img_size`` and work at any size.
     """
     source = spec.pretrained
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "global_pool": spec.head_pool,
+                              "drop_rate": spec.head_dropout}
     if source not in ("", "auto"):
         path = Path(source).expanduser()
         if not path.is_file():
             raise ConfigError(f"--pretrained {source}: no such weights file")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     try:
-        return _create_at_size(spec, pretrained=bool(source), **kwargs)
+        return _with_hidden_layer(_create_at_size(spec, pretrained=bool(source), **kwargs), spec)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - timm raises many types for "no weights"
@@ -91,6 +108,31 @@ def create_model(spec: BackboneSpec, num_classes: int) -> nn.Module:
             f"{where} ({type(exc).__name__}: {str(exc)[:300]}). Offline, pass a local file: "
             "--pretrained /path/to/model.safetensors (or .pth / .bin)"
         ) from exc
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def _with_hidden_layer(model: nn.Module, spec: BackboneSpec) -> nn.Module:
+    """Replace timm's linear classifier by Linear-BatchNorm-activation-dropout-Linear when
+    ``head_hidden`` asks for one (timm's pooling and pre-logits dropout stay in place)."""
+    if not spec.head_hidden:
+        return model
+    old = model.get_classifier()
+    if not isinstance(old, nn.Linear):
+        raise ConfigError(f"--head-hidden: timm/{spec.model_name}'s classifier is a "
+                          f"{type(old).__name__}, not a Linear layer to extend")
+    head = nn.Sequential(
+        nn.Linear(old.in_features, spec.head_hidden), nn.BatchNorm1d(spec.head_hidden),
+        ACTIVATIONS[spec.head_activation](), nn.Dropout(spec.head_dropout),
+        nn.Linear(spec.head_hidden, old.out_features))
+    path = model.pretrained_cfg.get("classifier") or ""
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if getattr(parent, attr, None) is not old:
+        raise ConfigError(f"--head-hidden: cannot find timm/{spec.model_name}'s classifier")
+    setattr(parent, attr, head)
+    return model
 
 
 def _create_at_size(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
@@ -166,6 +208,7 @@ class Trainer:
     cfg: RunConfig
     device: torch.device
     steps_per_epoch: int
+    seed: int = 0  # of the per-batch mixing draws
     stop_training: bool = False
 
     def __post_init__(self) -> None:
@@ -174,6 +217,12 @@ class Trainer:
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         self.phase: Phase | None = None
+        self.global_step = 0
+        self.ema = None
+        if cfg.ema:  # timm's EMA of the weights, warming up so that short runs benefit too
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         use_amp = cfg.amp and self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
@@ -181,6 +230,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1) * 255
+
+    @property
+    def predict_model(self) -> nn.Module:
+        """The weights that predict: the EMA of the weights when ``ema`` is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Put a ``snapshot()`` back (best epoch, early stopping)."""
+        self.predict_model.load_state_dict(state)
 
     def start_phase(self, phase: Phase) -> None:
         """Freeze or unfreeze the backbone, then a fresh optimiser and LR curve for ``phase``.
@@ -230,16 +288,27 @@ class Trainer:
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not self.cfg.progress, unit="batch")
-        for images, labels in bar:
+        cfg = self.cfg
+        eye = np.eye(self.model.num_classes, dtype=np.float32)
+        for b, (images, labels) in enumerate(bar):
+            target = None
+            if cfg.mixup_alpha or cfg.cutmix_alpha:  # soft targets; CrossEntropyLoss takes them
+                mixed, soft = mix_batch(images.numpy(), eye[labels.numpy()], cfg.mixup_alpha,
+                                        cfg.cutmix_alpha, cfg.mix_prob,
+                                        batch_rng(self.seed, epoch, b))
+                images, target = torch.from_numpy(mixed), torch.from_numpy(soft)
             x, y = self.to_input(images), labels.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(x)
-                loss = self.loss_fn(logits, y)
+                loss = self.loss_fn(logits, y if target is None else target.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            self.global_step += 1
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.global_step)
             n = len(y)
             total_loss += loss.item() * n
             correct += int((logits.argmax(1) == y).sum())
@@ -257,11 +326,12 @@ class Trainer:
         every other module in eval mode, so dropout and drop-path do not shift the statistics.
         BatchNorm layers whose weights are frozen keep their statistics. Returns the count.
         """
-        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        model = self.predict_model
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                and m.track_running_stats and (m.weight is None or m.weight.requires_grad)]
         if not bns or not len(images):
             return 0
-        self.model.eval()
+        model.eval()
         momenta = [m.momentum for m in bns]
         for m in bns:
             m.reset_running_stats()
@@ -271,31 +341,37 @@ class Trainer:
             for start in range(0, len(images), batch_size):
                 x = self.to_input(torch.from_numpy(np.array(images[start:start + batch_size])))
                 with self._autocast():
-                    self.model(x)
+                    model(x)
         finally:
             for m, momentum in zip(bns, momenta):
                 m.momentum = momentum
-            self.model.eval()
+            model.eval()
         return len(bns)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the weights, for ``BestWeights``."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True)
+                for k, v in self.predict_model.state_dict().items()}
 
     @torch.no_grad()
-    def predict(self, images: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
-        """Class probabilities for uint8 images; 'hflip' averages with the mirrored view."""
-        self.model.eval()
+    def predict(self, images: np.ndarray, views: list[TTAView] | None = None,
+                batch_size: int = 256) -> np.ndarray:
+        """Class probabilities for uint8 images, averaged over the test-time ``views``."""
+        model = self.predict_model
+        model.eval()
+        views = views or tta_views("none", [], 0, "none", 0, 0)
         out = []
         for start in range(0, len(images), batch_size):
-            x = self.to_input(torch.from_numpy(np.array(images[start:start + batch_size])))
-            with self._autocast():
-                probs = self.model(x).float().softmax(1)
-                if tta == "hflip":
-                    probs = (probs + self.model(x.flip(3)).float().softmax(1)) / 2
-            out.append(probs.cpu().numpy().astype(np.float64))
+            batch = np.array(images[start:start + batch_size])
+            rows = np.arange(start, start + len(batch))
+            probs = 0
+            for view in views:
+                x = self.to_input(torch.from_numpy(view(batch, rows)))
+                with self._autocast():
+                    probs = probs + model(x).float().softmax(1)
+            out.append((probs / len(views)).cpu().numpy().astype(np.float64))
         if not out:
-            return np.zeros((0, self.model.num_classes), dtype=np.float64)
+            return np.zeros((0, model.num_classes), dtype=np.float64)
         probs = np.concatenate(out)
         return probs / probs.sum(axis=1, keepdims=True)
 
@@ -340,27 +416,99 @@ def build_trainer(job: FoldJob, steps_per_epoch: int) -> Trainer:
     seed_everything(job.seed)
     device = pick_device(cfg)
     model = create_model(job.spec, len(job.classes))
-    trainer = Trainer(model, job.spec, cfg, device, steps_per_epoch)
+    trainer = Trainer(model, job.spec, cfg, device, steps_per_epoch, job.seed)
     trainer.start_phase(plan_phases(cfg)[0])
     return trainer
 
 
+RESUME_FILE = "resume.pt"
+
+
+def save_resume_state(path: Path, trainer: Trainer, epoch: int, history: list[dict[str, Any]],
+                      callbacks: list[Callback]) -> None:
+    """Everything the next epoch depends on, written atomically at the end of each epoch:
+    weights, optimiser, LR curve, grad scaler, the callbacks' memory and torch's RNG."""
+    state = {
+        "next_epoch": epoch + 1, "phase": trainer.phase.name if trainer.phase else None,
+        "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+        "history": history, "stop_training": trainer.stop_training,
+        "global_step": trainer.global_step,
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        "callbacks": [{k: v for k, v in vars(cb).items() if k != "trainer"} for cb in callbacks],
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_resume_state(path: Path) -> dict[str, Any] | None:
+    """The state of a killed fold, or None (none saved, or damaged: the fold starts over)."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "next_epoch" not in state:
+            raise ValueError("not a foldstack resume state")
+        return state
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways
+        log.warning("%s is damaged (%s: %s): the fold starts over", path, type(exc).__name__,
+                    str(exc)[:200])
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _restore(trainer: Trainer, state: dict[str, Any], phases: list[Phase],
+             callbacks: list[Callback]) -> None:
+    trainer.model.load_state_dict(state["model"])
+    trainer.start_phase(next(p for p in phases if p.name == state["phase"]))
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.stop_training = state["stop_training"]
+    trainer.global_step = state["global_step"]
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict(state["ema"])
+    for cb, saved in zip(callbacks, state["callbacks"], strict=True):
+        vars(cb).update(saved)
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldResult:
-    """Train on the fold's training rows, then predict its held-out rows and the test set."""
+    """Train on the fold's training rows, then predict its held-out rows and the test set.
+
+    The loop saves its full state after every epoch in the fold's work folder; a killed fold
+    resumes from the last finished epoch and ends exactly as an uninterrupted one would.
+    """
     cfg = job.cfg
     t0 = time.perf_counter()
     device = pick_device(cfg)
     loader = make_loader(job.x_train, job.y_train, cfg, job.seed, device)
     phases = plan_phases(cfg)
     trainer = build_trainer(job, len(loader))
+    resume_path = job.work_dir / RESUME_FILE
+    state = load_resume_state(resume_path)
     best = BestWeights("val_loss")
-    callbacks = [CSVLogger(job.history_path), TerminateOnNaN(), best, *(callbacks or [])]
+    callbacks = [CSVLogger(job.history_path, append=state is not None), TerminateOnNaN(), best,
+                 *user_callbacks(cfg.callbacks), *(callbacks or [])]
     for cb in callbacks:
         cb.set_trainer(trainer)
         cb.on_train_begin({})
     history: list[dict[str, Any]] = []
+    first_epoch = 0
+    if state is not None:
+        _restore(trainer, state, phases, callbacks)
+        history, first_epoch = list(state["history"]), int(state["next_epoch"])
+        trim_history(job.history_path, first_epoch)
+        log.info("fold %d: resuming after epoch %d from %s", job.fold, first_epoch,
+                 resume_path)
     startup = time.perf_counter() - t0
-    for epoch in range(cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
+        if trainer.stop_training:
+            break
         e0 = time.perf_counter()
         phase = phase_of(phases, epoch)
         if phase is not trainer.phase:
@@ -381,17 +529,18 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
                  " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
         for cb in callbacks:
             cb.on_epoch_end(epoch, logs)
-        if trainer.stop_training:
-            break
+        save_resume_state(resume_path, trainer, epoch, history, callbacks)
     for cb in callbacks:
         cb.on_train_end({})
     train_seconds = time.perf_counter() - t0
     if cfg.predict_weights == "best" and best.state is not None:
-        trainer.model.load_state_dict(best.state)
+        trainer.load_weights(best.state)
     recalibrated = trainer.recalibrate_batchnorm(job.x_train) if cfg.bn_recalibrate else 0
-    val_proba = trainer.predict(job.x_val, cfg.tta)
-    test_proba = trainer.predict(job.x_test, cfg.tta)
-    save_checkpoint(job.checkpoint_path, trainer.model, {
+    views = tta_views(cfg.tta, cfg.tta_scales, cfg.tta_augment, cfg.augment,
+                      job.spec.input_size, job.seed)
+    val_proba = trainer.predict(job.x_val, views)
+    test_proba = trainer.predict(job.x_test, views)
+    save_checkpoint(job.checkpoint_path, trainer.predict_model, {
         "backbone": job.spec.to_dict(), "classes": job.classes, "fold": job.fold,
         "epochs_run": len(history), "num_classes": len(job.classes),
         "predict_weights": cfg.predict_weights, "best_epoch": best.best_epoch,
@@ -402,6 +551,7 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
         "predict_weights": cfg.predict_weights, "best_epoch": best.best_epoch,
         "bn_recalibrated_layers": recalibrated, "startup_seconds": startup,
         "phases": [p.to_dict() for p in phases],
+        "resumed_from_epoch": first_epoch if state is not None else None,
         "train_seconds": train_seconds,
         "predict_seconds": time.perf_counter() - t0 - train_seconds,
     })

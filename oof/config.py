@@ -91,6 +91,14 @@ class RunConfig(DatasetConfig):
     batch_size: PositiveInt = opt(64, "images per training step")
     epochs: PositiveInt = opt(10, "training epochs per fold")
     lr: PositiveFloat = opt(2e-3, "peak learning rate")
+    head_pool: str = opt("avg", "head: global pooling of the last feature map",
+                         ("avg", "max", "avgmax", "catavgmax"))
+    head_dropout: Smoothing = opt(0.2, "head: dropout before the classifier")
+    head_hidden: NonNegativeInt = opt(
+        0, "head: width of a hidden layer (Linear/Dense, BatchNorm, activation) before the "
+        "classifier; 0 = none")
+    head_activation: str = opt("relu", "head: activation of the hidden layer",
+                               ("relu", "gelu", "silu", "tanh"))
     head_epochs: NonNegativeInt | None = opt(
         None, "fine-tuning: first epochs train only the new head on the frozen backbone "
         "(BatchNorm frozen too); part of --epochs (default: 1 with pretrained weights, else 0)")
@@ -102,7 +110,10 @@ class RunConfig(DatasetConfig):
     optimizer: str = opt("adamw", "optimizer (timm's create_optimizer_v2 / keras.optimizers); "
                          "sgd is Nesterov momentum 0.9",
                          ("adamw", "sgd", "adam", "nadam", "rmsprop", "lamb", "lion", "adamax"))
-    schedule: str = opt("cosine", "LR schedule after warmup", ("cosine", "onecycle", "constant"))
+    schedule: str = opt("cosine", "LR curve after warmup (recipe.lr_factor): cosine to 1 %, "
+                        "onecycle (to 1e-4), cyclic (3 cosine warm restarts), step (x0.1 at 50 "
+                        "and 75 %) or constant; plateau: constant + a ReduceLROnPlateau callback",
+                        ("cosine", "onecycle", "cyclic", "step", "constant"))
     warmup_epochs: NonNegativeFloat = opt(1.0, "linear LR warmup length in epochs")
     label_smoothing: Smoothing = opt(0.1, "label smoothing of the cross-entropy loss")
     augment: Name = opt("light", "augmentation (albumentations): a preset none|light|flip|"
@@ -112,8 +123,21 @@ class RunConfig(DatasetConfig):
         "last", "weights that predict OOF and test: the last epoch's, or the epoch with the best "
         "val_loss (chosen on the held-out fold itself, so its OOF score is optimistic)",
         ("last", "best"))
-    tta: str = opt("none", "test-time augmentation for OOF and test predictions",
-                   ("none", "hflip"))
+    mixup_alpha: NonNegativeFloat = opt(0.0, "mixup: Beta(alpha, alpha) blend of image pairs "
+                                        "and their labels (0 = off; 0.2-0.4 typical)")
+    cutmix_alpha: NonNegativeFloat = opt(0.0, "cutmix: paste a Beta(alpha, alpha)-sized box from "
+                                         "another image (0 = off; 1.0 typical)")
+    mix_prob: Fraction = opt(1.0, "probability that a training batch is mixed")
+    ema: bool = opt(False, "predict with an exponential moving average of the weights (timm "
+                    "ModelEmaV3 with warmup; Keras optimizer EMA)")
+    ema_decay: OpenFraction = opt(0.999, "EMA decay per step (timm warms it up from 0)")
+    tta: str = opt("none", "test-time flips averaged for OOF and test predictions alike: none, "
+                   "hflip (plus the mirror) or flips (plus vertical and both)",
+                   ("none", "hflip", "flips"))
+    tta_scales: list[Annotated[float, _NUMBER, Field(gt=1, le=2)]] = opt(
+        [], "extra test-time views zoomed in by these factors (centre crop), e.g. 1.15")
+    tta_augment: NonNegativeInt = opt(
+        0, "extra test-time views drawn at random from the --augment pipeline (seeded)")
     train_seed: NonNegativeInt | None = opt(
         None, "seed of weights and batches (default: the fold seed)")
     device: str = opt("auto", "auto (GPU when present), cpu or cuda[:N]")
@@ -167,11 +191,13 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         # which hides them from ArgumentDefaultsHelpFormatter: show them here instead
         if f.default not in (MISSING, None, "") and "default" not in text:
             text += f" (default: {f.default})"
-        kwargs: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {"help": text.replace("%", "%%"), "default": argparse.SUPPRESS}
         if tp is bool:
             kwargs.update(type=_bool, metavar="BOOL")
-        elif tp is list:
-            kwargs.update(nargs="+", metavar=f.name.upper().rstrip("S"))
+        elif tp is list or typing.get_origin(tp) is list:
+            item = (typing.get_args(tp) or (str,))[0]
+            kwargs.update(nargs="+", metavar=f.name.upper().rstrip("S"),
+                          type=item if item in (int, float) else None)
         else:
             kwargs.update(type=tp, metavar=f.name.upper())
         if f.metadata.get("choices"):
@@ -195,7 +221,8 @@ def validation_message(exc: pydantic.ValidationError, source: str,
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "config"
-        where = (f"--{key.replace('_', '-')} {err.get('input')!r}" if key in flags
+        top = str(err["loc"][0]) if err["loc"] else ""
+        where = (f"--{top.replace('_', '-')} {err.get('input')!r}" if top in flags
                  else f"{source}: {key}={err.get('input')!r}")
         lines.append(f"{where}: {err['msg']}")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ phases and learning rates from here, so one config key means one thing in both f
 """
 
 from recipe.phases import DEFAULT_HEAD_EPOCHS, DEFAULT_LAYER_DECAY, Phase, plan_phases
-from recipe.schedule import lr_factor, phase_lengths
+from recipe.schedule import SCHEDULES, lr_factor, lr_table, phase_lengths
 
-__all__ = ["DEFAULT_HEAD_EPOCHS", "DEFAULT_LAYER_DECAY", "Phase", "lr_factor", "phase_lengths",
-           "plan_phases"]
+__all__ = ["DEFAULT_HEAD_EPOCHS", "DEFAULT_LAYER_DECAY", "SCHEDULES", "Phase", "lr_factor",
+           "lr_table", "phase_lengths", "plan_phases"]

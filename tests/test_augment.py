@@ -63,3 +63,56 @@ def test_bad_presets_and_files_are_named(tmp_path: Path) -> None:
     bad.write_text('{"transform": {"__class_fullname__": "NoSuchTransform"}}')
     with pytest.raises(ConfigError, match=f"--augment {bad}: not an albumentations pipeline"):
         check_augment(str(bad), 32)
+
+
+def test_tta_views_flip_zoom_and_draw_per_row(image: np.ndarray) -> None:
+    from backbones.augment import tta_views
+
+    batch = np.stack([image, image[::-1]])
+    rows = np.array([10, 11])
+    views = tta_views("flips", [1.5], 2, "strong", 48, seed=3)
+    assert [v.name for v in views] == ["identity", "hflip", "vflip", "hvflip", "zoom1.5",
+                                       "augment0", "augment1"]
+    out = {v.name: v(batch, rows) for v in views}
+    assert np.array_equal(out["identity"], batch)
+    assert np.array_equal(out["hflip"][0], image[:, ::-1])
+    assert np.array_equal(out["hvflip"][0], image[::-1, ::-1])
+    assert out["zoom1.5"].shape == batch.shape and not np.array_equal(out["zoom1.5"], batch)
+    # a random view of a row does not depend on the batch it is in
+    alone = views[5](batch[1:], rows[1:])
+    assert np.array_equal(alone[0], out["augment0"][1])
+    assert not np.array_equal(out["augment0"], out["augment1"])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("mirror", [], 0, "light"), "--tta 'mirror': choose one of"),
+    (("none", [0.9], 0, "light"), "--tta-scales 0.9: a zoom factor in (1, 2]"),
+    (("none", [], 3, "none"), "--tta-augment 3: needs an --augment pipeline"),
+])
+def test_bad_tta_settings_are_named(args: tuple, message: str) -> None:
+    from backbones.augment import tta_views
+
+    with pytest.raises(ConfigError) as err:
+        tta_views(*args, size=32, seed=0)
+    assert message in str(err.value)
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_alike() -> None:
+    from backbones.augment import batch_rng, mix_batch
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    y = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1, 2, 3]]
+    mixed, soft = mix_batch(x, y, 0.4, 0.0, 1.0, batch_rng(1, 2, 3))
+    again, soft2 = mix_batch(x, y, 0.4, 0.0, 1.0, batch_rng(1, 2, 3))
+    assert np.array_equal(mixed, again) and np.array_equal(soft, soft2)  # seeded per batch
+    lam = soft[0, 0]  # image 0 (class 0) mixed with image 7 (class 3)
+    assert 0 < lam < 1 and soft[0, 3] == pytest.approx(1 - lam)
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-6)
+    blend = x[0].astype(np.float32) * lam + x[7].astype(np.float32) * (1 - lam)
+    assert np.abs(mixed[0].astype(np.float32) - blend).max() <= 0.5 + 1e-3
+    cut, soft_cut = mix_batch(x, y, 0.0, 1.0, 1.0, batch_rng(1, 2, 4))
+    pasted = (cut[0] != x[0]).any(axis=-1).mean()
+    assert soft_cut[0, 3] == pytest.approx(pasted, abs=0.02)  # label weight = pasted area
+    same, hard = mix_batch(x, y, 0.4, 1.0, 0.0, batch_rng(1, 2, 5))  # prob 0: untouched
+    assert same is x and np.array_equal(hard, y)

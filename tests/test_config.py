@@ -118,3 +118,13 @@ def test_run_folds_refuses_before_writing_anything(tmp_path: Path) -> None:
     assert "--epochs -2: Input should be greater than or equal to 1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")),
+                         ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_shipped_configs_and_recipes_are_valid(path: Path) -> None:
+    from backbones import split_name
+
+    cfg = parse_config(RunConfig, ["--config", str(path)], "run_folds.py", "")
+    split_name(cfg.backbone)
+    assert cfg.config == str(path)

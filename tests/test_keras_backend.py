@@ -79,6 +79,20 @@ out["weights_path"] = path
 out["optimizers"] = {name: type(kb.make_optimizer(RunConfig(optimizer=name), 10)[0]).__name__
                      for name in ("adamw", "sgd", "adam", "nadam", "rmsprop", "lamb", "lion",
                                   "adamax")}
+head_cfg = RunConfig(img_size=32, head_pool="catavgmax", head_hidden=16, head_dropout=0.3)
+headed = kb.build_model(kb.resolve_spec(sys.argv[2], head_cfg), 7)
+out["head_layers"] = [l.name for l in headed.layers][-8:]
+out["head_shape"] = list(headed.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0).shape)
+out["head_rates"] = sorted({l.rate for l in headed.layers if isinstance(l, keras.layers.Dropout)})
+ema_opt = kb.make_optimizer(RunConfig(ema=True, ema_decay=0.99), 10)[0]
+out["ema"] = [bool(ema_opt.use_ema), float(ema_opt.ema_momentum)]
+mix_x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+mixer = kb.EpochBatches(mix_x, np.arange(8) % 4, 4, 8, None, 3, (0.4, 1.0, 1.0))
+first, again = mixer.load(np.int64(0)), mixer.load(np.int64(0))
+out["mixing"] = {"same": bool(np.array_equal(first[0], again[0])),
+                 "soft": bool((first[1].max(axis=1) < 1).any()),
+                 "sums": [round(float(v), 5) for v in first[1].sum(axis=1)]}
+out["steps_per_execution"] = [kb.steps_per_execution(n) for n in (1, 6, 7, 8, 100)]
 out["phase_keys"] = error(lambda: kb.resolve_spec(
     sys.argv[2], RunConfig(backbone="keras/" + sys.argv[2], head_epochs=1)))
 print("PROBE" + json.dumps(out))
@@ -262,3 +276,26 @@ def test_every_optimizer_name_is_a_keras_optimizer(probe: dict) -> None:
 
 def test_fine_tuning_phase_keys_are_refused_not_ignored(probe: dict) -> None:
     assert "--head-epochs 1: keras backbones train every layer" in probe["phase_keys"]
+
+
+def test_steps_per_execution_divides_the_epoch(probe: dict) -> None:
+    """With 6 steps and 4 per call the progress bar showed 8/6 and the last call ran short."""
+    assert probe["steps_per_execution"] == [1, 3, 1, 4, 4]
+
+
+def test_head_options_build_the_keras_head(probe: dict) -> None:
+    assert probe["head_shape"] == [2, 7]
+    assert probe["head_layers"] == ["pool_avg", "pool_max", "pool", "head_dropout", "head_hidden",
+                                    "head_bn", "head_act", "head_hidden_dropout", "logits",
+                                    "proba"][-8:]
+    assert probe["head_rates"] == [0.3]
+
+
+def test_ema_option_is_keras_optimizer_ema(probe: dict) -> None:
+    assert probe["ema"] == [True, 0.99]
+
+
+def test_keras_batches_mix_as_timm_does(probe: dict) -> None:
+    """The same numpy mix_batch, seeded by (seed, epoch, batch), feeds the Keras pipeline."""
+    assert probe["mixing"]["same"] and probe["mixing"]["soft"]
+    assert probe["mixing"]["sums"] == [1.0] * 8

@@ -57,15 +57,25 @@ def test_lr_curve_warms_up_then_anneals() -> None:
     assert curve[-1] == pytest.approx(0.01, abs=1e-3)
     assert lr_factor(150, total, warmup, "constant") == 1.0
     assert lr_factor(199, total, warmup, "onecycle") < 1e-3
+    step = [lr_factor(s, total, warmup, "step") for s in range(total)]
+    assert step[20] == 1.0 and step[20 + 90] == pytest.approx(0.1)
+    assert step[20 + 135] == pytest.approx(0.01) and step[-1] == pytest.approx(0.01)
+    cyclic = [lr_factor(s, total, warmup, "cyclic") for s in range(total)]
+    restarts = [s for s in range(21, total) if cyclic[s] > cyclic[s - 1] + 0.5]
+    assert len(restarts) == 2 and min(cyclic[20:]) == pytest.approx(0.01, abs=2e-3)
+    with pytest.raises(ValueError, match="schedule 'plateau'"):
+        lr_factor(30, total, warmup, "plateau")
 
 
 KERAS_CURVE = """
 import json, sys
 from backbones.keras_backend import WarmupSchedule
 out = {}
-for schedule in ("cosine", "onecycle", "constant"):
+for schedule in ("cosine", "onecycle", "cyclic", "step", "constant"):
     s = WarmupSchedule(0.5, 120, 17, schedule)
     out[schedule] = [float(s(step)) for step in range(130)]
+s.set_lengths(60, 5)  # a reused traced step, another fold's length
+out["relength"] = [float(s(step)) for step in range(60)]
 print(json.dumps(out))
 """
 
@@ -77,6 +87,9 @@ def test_keras_schedule_follows_the_recipe_curve() -> None:
                           text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     keras_curves = json.loads(proc.stdout.strip().splitlines()[-1])
+    relength = keras_curves.pop("relength")
+    assert relength == pytest.approx([0.5 * lr_factor(s, 60, 5, "constant") for s in range(60)])
+    assert set(keras_curves) == {"cosine", "onecycle", "cyclic", "step", "constant"}
     for schedule, values in keras_curves.items():
         expected = [0.5 * lr_factor(step, 120, 17, schedule) for step in range(130)]
         assert values == pytest.approx(expected, rel=1e-5, abs=1e-7), schedule  # float32
@@ -168,15 +181,37 @@ out = {}
 for name, size in [("vit_tiny_patch16_224", 32), ("resnet10t", 40)]:
     model = create_model(resolve_spec(name, RunConfig(img_size=size)), 3).eval()
     out[name] = list(model(torch.zeros(2, 3, size, size)).shape)
+heads = {}
+for pool in ("avg", "max", "avgmax", "catavgmax"):
+    for hidden in (0, 24):
+        cfg = RunConfig(img_size=32, head_pool=pool, head_hidden=hidden, head_activation="gelu",
+                        head_dropout=0.3)
+        model = create_model(resolve_spec("resnet10t", cfg), 5).eval()
+        head = model.get_classifier()
+        x = torch.rand(2, 3, 32, 32)
+        heads[f"{pool}-{hidden}"] = {
+            "out": list(model(x).shape), "head": type(head).__name__,
+            "in": (head[0] if hidden else head).in_features, "pool": model.global_pool.pool_type,
+            "layers": [type(m).__name__ for m in head] if hidden else [],
+            "drop": model.drop_rate}
+out["heads"] = heads
 print(json.dumps(out))
 """
 
 
 @pytest.mark.slow
-def test_timm_models_are_built_at_the_run_image_size() -> None:
-    """A ViT built for 224 px crashed at any other size: img_size now reaches create_model."""
+def test_timm_models_are_built_at_the_run_image_size_with_the_configured_head() -> None:
+    """A ViT built for 224 px crashed at any other size: img_size now reaches create_model.
+    Heads: every pooling, dropout, and the optional hidden layer."""
     proc = subprocess.run([sys.executable, "-c", TIMM_SIZES], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
-        "vit_tiny_patch16_224": [2, 3], "resnet10t": [2, 3]}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["vit_tiny_patch16_224"] == [2, 3] and out["resnet10t"] == [2, 3]
+    heads = out["heads"]
+    assert all(h["out"] == [2, 5] and h["drop"] == 0.3 for h in heads.values())
+    assert [heads[f"{p}-0"]["pool"] for p in ("avg", "max", "avgmax", "catavgmax")] == [
+        "avg", "max", "avgmax", "catavgmax"]
+    assert heads["catavgmax-0"]["in"] == 2 * heads["avg-0"]["in"]  # avg and max concatenated
+    assert heads["avg-24"]["layers"] == ["Linear", "BatchNorm1d", "GELU", "Dropout", "Linear"]
+    assert heads["avg-0"]["head"] == "Linear"

@@ -131,6 +131,48 @@ def test_same_seeds_give_bit_identical_oof_and_test_with_augmentation(
 
 
 @pytest.mark.slow
+def test_tta_ema_and_mixing_change_what_they_should(
+        finished: tuple[Path, subprocess.CompletedProcess, list[str]], tmp_path: Path) -> None:
+    """Fold 1 again with test-time flips, zooms and augmented views: training is identical
+    (same seeds), so every difference comes from TTA, and it reaches OOF and test rows alike."""
+    run_dir, _, args = finished
+    out = tmp_path / "tta"
+    again = [*args[:args.index("--out") + 1], str(out), *args[args.index("--out") + 2:]]
+    proc = run_script([*again, "--fold", "1", "--tta", "flips", "--tta-scales", "1.2",
+                       "--tta-augment", "2"], tmp_path)
+    ema = run_script([*again[:again.index("--out") + 1], str(tmp_path / "ema"),
+                      *again[again.index("--out") + 2:], "--fold", "1", "--ema", "true"],
+                     tmp_path)
+    assert ema.returncode == 0, ema.stdout + ema.stderr
+    mix = run_script([*again[:again.index("--out") + 1], str(tmp_path / "mix"),
+                      *again[again.index("--out") + 2:], "--fold", "1", "--mixup-alpha", "0.4",
+                      "--cutmix-alpha", "1.0"], tmp_path)
+    assert mix.returncode == 0, mix.stdout + mix.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("fold1_oof.parquet", "fold1_test.parquet"):
+        plain = pd.read_parquet(run_dir / "parts" / name)
+        tta = pd.read_parquet(out / "data" / RUN_NAME / "parts" / name)
+        classes = [str(c) for c in range(10)]
+        assert plain.get("id", plain.index).equals(tta.get("id", tta.index))
+        diff = np.abs(plain[classes].to_numpy() - tta[classes].to_numpy())
+        assert diff.max() > 1e-3, name
+        np.testing.assert_allclose(tta[classes].sum(axis=1), 1.0, atol=1e-6)
+    history = pd.read_csv(out / "data" / RUN_NAME / "parts" / "fold1_history.csv")
+    plain_history = pd.read_csv(run_dir / "parts" / "fold1_history.csv")
+    assert history["loss"].tolist() == plain_history["loss"].tolist()
+    # --ema: the same training steps, but the averaged weights predict
+    ema_parts = tmp_path / "ema" / "data" / RUN_NAME / "parts"
+    ema_history = pd.read_csv(ema_parts / "fold1_history.csv")
+    assert ema_history["loss"].tolist() == plain_history["loss"].tolist()
+    ema_oof = pd.read_parquet(ema_parts / "fold1_oof.parquet")[classes].to_numpy()
+    plain_oof = pd.read_parquet(run_dir / "parts" / "fold1_oof.parquet")[classes].to_numpy()
+    assert np.abs(ema_oof - plain_oof).max() > 1e-3
+    # mixup/cutmix: other pixels and soft targets, so another training loss
+    mix_history = pd.read_csv(tmp_path / "mix" / "data" / RUN_NAME / "parts" / "fold1_history.csv")
+    assert mix_history["loss"].tolist() != plain_history["loss"].tolist()
+
+
+@pytest.mark.slow
 def test_finished_run_with_other_settings_refused(
         finished: tuple[Path, subprocess.CompletedProcess, list[str]]) -> None:
     run_dir, _, args = finished
@@ -180,7 +222,8 @@ def test_help_lists_flags(tmp_path: Path) -> None:
                  "--weight-decay", "--tta", "--config", "--progress"):
         assert flag in proc.stdout, flag
     flat = " ".join(proc.stdout.split())
-    assert "--tta {none,hflip}" in flat
+    assert "--tta {none,hflip,flips}" in flat
+    assert "cosine to 1 %," in flat
     assert "training epochs per fold (default: 10)" in flat  # defaults are shown
 
 
@@ -348,3 +391,63 @@ def test_resume_guard_refuses_other_folds(tmp_path: Path) -> None:
     run.write_meta({"fold_fingerprint": old.fingerprint})
     with pytest.raises(ConfigError, match=f"trained on folds {old.fingerprint}"):
         _check_same_config(run, RunConfig(), new)
+
+
+@pytest.mark.slow
+def test_timm_fold_killed_mid_fold_resumes_and_ends_as_if_never_killed(
+        demo_subset: Path, tmp_path: Path) -> None:
+    """kill -9 after a few epochs; the rerun resumes from the last finished epoch (model,
+    optimiser, LR curve, EMA, RNG) and its OOF equals an uninterrupted run's, bit for bit."""
+    args = ["--data", str(demo_subset), "--folds", "3", "--fold", "0", "--epochs", "8",
+            "--img-size", "32", "--batch-size", "16", "--progress", "false", "--ema", "true"]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    parts = killed / demo_subset.name / "timm-resnet10t_32px" / "parts"
+    history = parts / "fold0_history.csv"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--out", str(killed)],
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if history.exists() and len(history.read_text().splitlines()) >= 4:
+                break  # header and three epochs
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (parts / "fold0.json").exists()
+    again = run_script([*args, "--out", str(killed)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming after epoch" in again.stderr
+    info = json.loads((parts / "fold0.json").read_text())
+    assert info["resumed_from_epoch"] >= 2 and info["epochs_run"] == 8
+    assert pd.read_csv(history)["epoch"].tolist() == list(range(8))
+    done = run_script([*args, "--out", str(straight)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("fold0_oof.parquet", "fold0_test.parquet"):
+        other = straight / demo_subset.name / "timm-resnet10t_32px" / "parts" / name
+        pd.testing.assert_frame_equal(pd.read_parquet(parts / name), pd.read_parquet(other),
+                                      check_exact=True)
+
+
+@pytest.mark.slow
+def test_timm_honours_yaml_callbacks(demo_subset: Path, tmp_path: Path) -> None:
+    """``callbacks:`` in YAML were ignored by timm runs; now they are the loop's callbacks."""
+    user_csv = tmp_path / "mine.csv"
+    config = tmp_path / "cb.yaml"
+    config.write_text(
+        "callbacks:\n"
+        "  - {name: EarlyStopping, monitor: val_accuracy, patience: 1, min_delta: 1.0}\n"
+        f"  - {{name: CSVLogger, filename: '{user_csv}'}}\n")
+    proc = run_script(["--data", str(demo_subset), "--out", str(tmp_path / "runs"), "--config",
+                       str(config), "--folds", "3", "--fold", "0", "--epochs", "5",
+                       "--img-size", "16", "--progress", "false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(next((tmp_path / "runs").rglob("fold0.json")).read_text())
+    assert info["epochs_run"] == 2  # no epoch can gain 1.0 accuracy: stopped after patience 1
+    assert pd.read_csv(user_csv)["epoch"].tolist() == [0, 1]
+    config.write_text("callbacks:\n  - {name: EarlyStoping, patience: 1}\n")
+    bad = run_script(["--data", str(demo_subset), "--out", str(tmp_path / "bad"), "--config",
+                      str(config), *FAST], tmp_path)
+    assert_user_error(bad, "callbacks[0]: timm backbones have no callback 'EarlyStoping'",
+                      "did you mean EarlyStopping?")
+    assert not list((tmp_path / "bad").rglob("meta.json"))
