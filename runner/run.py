@@ -20,7 +20,7 @@ import numpy as np
 
 from oof.config import RunConfig, config_dict, save_config
 from oof.datasets import ImageDataset, load_dataset
-from oof.errors import ConfigError
+from oof.errors import ConfigError, DataError
 from oof.folds import Folds, ensure_folds
 from oof.images import cached_images
 from oof.metrics import scores
@@ -72,6 +72,30 @@ def duplicate_groups(dataset: ImageDataset, root: Path) -> np.ndarray:
     return groups
 
 
+def decode_first(dataset: ImageDataset, size: int, root: Path) -> None:
+    """Decode (and cache) every image before anything else is written to the run root.
+
+    A corrupt, truncated, empty or text "image" is then refused while the run root holds no
+    folds.csv or meta.json from this call; a cache file made for the train set is removed again
+    when the test set fails (and the run root itself, when this call created it).
+    """
+    cache = root / "cache"
+    made_root = not root.exists()
+    before = set(cache.iterdir()) if cache.is_dir() else set()
+    try:
+        for paths in (dataset.test["path"], dataset.train["path"]):
+            cached_images(list(paths), size, cache)
+    except DataError:
+        if made_root:
+            shutil.rmtree(root, ignore_errors=True)
+        elif cache.is_dir():
+            for p in set(cache.iterdir()) - before:
+                p.unlink(missing_ok=True)
+            if not before:
+                cache.rmdir()
+        raise
+
+
 def _check_same_config(run: RunDir, cfg: RunConfig, folds: Folds) -> None:
     """A run folder belongs to one config and one fold assignment: refuse anything else."""
     meta = run.read_meta()
@@ -101,12 +125,13 @@ def run_folds(cfg: RunConfig) -> RunSummary:
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     root = run_root_for(cfg, dataset)
+    spec, backend = backbones.resolve(cfg)
+    decode_first(dataset, spec.input_size, root)
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
                          cfg.folds, cfg.seed, cfg.folds_group,
                          make_groups=lambda: duplicate_groups(dataset, root))
     if cfg.fold is not None and not 0 <= cfg.fold < folds.k:
         raise ConfigError(f"--fold {cfg.fold}: folds are numbered 0..{folds.k - 1}")
-    spec, backend = backbones.resolve(cfg)
     run = RunDir(root / cfg.resolved_run_name(spec.input_size))
     _check_same_config(run, cfg, folds)
     meta = {
