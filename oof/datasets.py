@@ -125,7 +125,7 @@ def _check_utf8_name(path: Path, where: Path) -> None:
     except UnicodeEncodeError as exc:
         shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         raise DataError(
-            f"{where}: the name {shown!r} is not valid UTF-8 ({exc.reason}); rename it"
+            f"{where}: the name '{shown}' is not valid UTF-8 ({exc.reason}); rename it"
         ) from exc
 
 

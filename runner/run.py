@@ -76,24 +76,28 @@ def decode_first(dataset: ImageDataset, size: int, root: Path) -> None:
     """Decode (and cache) every image before anything else is written to the run root.
 
     A corrupt, truncated, empty or text "image" is then refused while the run root holds no
-    folds.csv or meta.json from this call; a cache file made for the train set is removed again
-    when the test set fails (and the run root itself, when this call created it).
+    folds.csv or meta.json from this call; a cache file made for the test set is removed again
+    when the train set fails (and the folders made by this call).
     """
     cache = root / "cache"
-    made_root = not root.exists()
-    before = set(cache.iterdir()) if cache.is_dir() else set()
-    try:
-        for paths in (dataset.test["path"], dataset.train["path"]):
+    made = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
+    had_cache = cache.is_dir()
+    before = set(cache.iterdir()) if had_cache else set()
+    errors = []
+    for what, paths in (("test", dataset.test["path"]), ("train", dataset.train["path"])):
+        try:
             cached_images(list(paths), size, cache)
-    except DataError:
-        if made_root:
-            shutil.rmtree(root, ignore_errors=True)
+        except DataError as exc:  # report both sets' bad files in one message
+            errors.append(f"{what} set: {exc}")
+    if errors:
+        if made is not None:  # --out itself may be new: remove the topmost folder made here
+            shutil.rmtree(made, ignore_errors=True)
         elif cache.is_dir():
             for p in set(cache.iterdir()) - before:
                 p.unlink(missing_ok=True)
-            if not before:
+            if not had_cache:
                 cache.rmdir()
-        raise
+        raise DataError("\n".join(errors))
 
 
 def _check_same_config(run: RunDir, cfg: RunConfig, folds: Folds) -> None:
