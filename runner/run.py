@@ -11,6 +11,7 @@ import logging
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -18,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from oof.atomic import disk_full_error, is_disk_full
 from oof.config import RunConfig, config_dict, save_config
 from oof.datasets import ImageDataset, load_dataset
-from oof.errors import ConfigError, DataError
+from oof.errors import BusyError, ConfigError, DataError
 from oof.folds import Folds, ensure_folds
 from oof.images import cached_images
 from oof.metrics import scores
@@ -100,6 +102,32 @@ def decode_first(dataset: ImageDataset, size: int, root: Path) -> None:
         raise DataError("\n".join(errors))
 
 
+@contextlib.contextmanager
+def fold_locks(run: RunDir, todo: list[int]) -> Iterator[None]:
+    """Hold one lock file per fold to train, so a second process on the same fold refuses.
+
+    Two processes training one fold would interleave its live history and race on its
+    checkpoints. ``filelock`` locks are released by the OS when a process dies, even by kill -9,
+    so a crashed run never leaves a stale lock behind.
+    """
+    from filelock import FileLock, Timeout
+
+    lock_dir = run.path / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        for k in todo:
+            lock = FileLock(lock_dir / f"fold{k}.lock")
+            try:
+                held.enter_context(lock.acquire(timeout=0))
+            except Timeout:
+                raise BusyError(
+                    f"fold {k} of {run.path} is being trained by another process (lock "
+                    f"{lock.lock_file} is held); wait for it to finish, or pass --fold N for "
+                    "another fold"
+                ) from None
+        yield
+
+
 def _check_same_config(run: RunDir, cfg: RunConfig, folds: Folds) -> None:
     """A run folder belongs to one config and one fold assignment: refuse anything else."""
     meta = run.read_meta()
@@ -155,7 +183,14 @@ def run_folds(cfg: RunConfig) -> RunSummary:
     todo = [k for k in ([cfg.fold] if cfg.fold is not None else range(folds.k))
             if not run.is_done(k)]
     if todo:
-        _train_folds(cfg, dataset, folds, run, spec, backend, todo, meta["train_seed"])
+        with fold_locks(run, todo):
+            todo = [k for k in todo if not run.is_done(k)]  # done meanwhile by another process
+            try:
+                _train_folds(cfg, dataset, folds, run, spec, backend, todo, meta["train_seed"])
+            except Exception as exc:  # a full disk met outside oof.atomic (a framework's writer)
+                if is_disk_full(exc):
+                    raise disk_full_error(exc, getattr(exc, "filename", None)) from exc
+                raise
     summary = RunSummary(run_dir=run.path)
     for k in run.done_folds():
         info = run.read_fold_info(k)
