@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import tempfile
 from collections.abc import Callable, Iterator
@@ -32,10 +33,13 @@ os.umask(_UMASK)
 FAULT_ENV = "FOLDSTACK_FAULT_AFTER_WRITES"
 _writes_done = 0
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-# What the libraries say when they hide the errno: torch's stream writer ("file write failed"),
-# HDF5 ("errno = 28"/"errno = 27"), and the plain strerror texts.
-_FULL_TEXTS = ("no space left on device", "file too large", "disk quota exceeded",
-               "file write failed", "errno = 28", "errno = 27")
+# What the libraries say when they hide the errno: torch's zip writer ("file write failed",
+# "unexpected pos 737280 vs 737176" when a short write surfaces at the end of the file),
+# numpy's short write ("50000 requested and 2484 written"), HDF5 ("errno = 28"/"errno = 27"),
+# and the plain strerror texts.
+_FULL_TEXT = re.compile(r"no space left on device|file too large|disk quota exceeded|"
+                        r"file write failed|unexpected pos \d+ vs \d+|"
+                        r"\d+ requested and \d+ written|errno = 2[78]\b")
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -48,7 +52,7 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         if isinstance(cur, OSError) and cur.errno in _FULL_ERRNOS:
             return True
-        if any(t in str(cur).lower() for t in _FULL_TEXTS):
+        if _FULL_TEXT.search(str(cur).lower()):
             return True
         cur = cur.__cause__ or cur.__context__
     return False
