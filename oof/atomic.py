@@ -62,7 +62,8 @@ def disk_full_error(exc: BaseException, path: str | os.PathLike[str] | None) -> 
     """The one message for a full disk, naming the file being written."""
     if isinstance(exc, DiskFullError):
         return exc
-    where = path or getattr(exc, "filename", None) or "a file"
+    named = re.search(r"filename = '([^']+)'", str(exc))  # HDF5 names the file in its text
+    where = path or getattr(exc, "filename", None) or (named and named.group(1)) or "a file"
     return DiskFullError(
         f"no space left on device while writing {where} ({type(exc).__name__}: {exc}); nothing "
         "half-written was kept: free some space and rerun the same command to resume"

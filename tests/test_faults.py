@@ -119,8 +119,12 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None,
 
 
 def _matrices(run_dir: Path) -> dict[str, np.ndarray]:
-    return {name: pd.read_parquet(run_dir / f"{name}.parquet").select_dtypes("number").to_numpy()
-            for name in ("oof", "test")}
+    """The probability columns (``<run>__<class>``) of the assembled OOF and test matrices."""
+    out = {}
+    for name in ("oof", "test"):
+        df = pd.read_parquet(run_dir / f"{name}.parquet")
+        out[name] = df[[c for c in df.columns if "__" in c]].to_numpy()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +198,28 @@ def test_timm_survives_disk_full_locks_and_kills(tiny: Path, baseline: dict[str,
         np.testing.assert_array_equal(got[name], want, err_msg=name)
     print(f"timm: {len(survived)} fault moments survived: {survived}")
     assert len(survived) >= 6
+
+
+# --------------------------------------------------------------------------- end to end (keras)
+@pytest.mark.slow
+def test_keras_disk_full_is_named_and_resumable(tiny: Path, tmp_path: Path) -> None:
+    """Keras hits the size limit in ModelCheckpoint's HDF5 write: one clear message naming the
+    file, and the rerun completes every fold. (The damaged BackupAndRestore backup after a kill
+    mid-backup is covered by tests/test_keras_backend.py.)"""
+    args = ["--data", str(tiny), "--out", str(tmp_path / "runs"), *FAST, "--img-size", "32",
+            "--backbone", "keras/MobileNetV3Small"]
+    full = _run(args, tmp_path, fsize=1_000_000)
+    assert "error: no space left on device while writing" in full.stderr, full.stderr[-3000:]
+    assert ".weights.h5" in full.stderr.split("error: no space left")[-1]
+    run_dir = tmp_path / "runs" / "data" / "keras-MobileNetV3Small_32px"
+    assert not (run_dir / "parts" / "fold0.json").exists()
+    again = _run(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "parts").glob("fold?.json")) == ["fold0.json",
+                                                                             "fold1.json"]
+    oof = _matrices(run_dir)["oof"]
+    assert np.isfinite(oof).all() and np.allclose(oof.sum(axis=1), 1, atol=1e-4)
+    if full.returncode == -signal.SIGSEGV:
+        pytest.xfail("after the message, h5py segfaults at interpreter exit (Keras' "
+                     "ModelCheckpoint left its HDF5 file half-written): backbones/keras_backend.py")
+    assert full.returncode == 2
