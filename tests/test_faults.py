@@ -202,10 +202,10 @@ def test_timm_survives_disk_full_locks_and_kills(tiny: Path, baseline: dict[str,
 
 # --------------------------------------------------------------------------- end to end (keras)
 @pytest.mark.slow
-def test_keras_disk_full_is_named_and_resumable(tiny: Path, tmp_path: Path) -> None:
+def test_keras_disk_full_and_kill_are_resumable(tiny: Path, tmp_path: Path) -> None:
     """Keras hits the size limit in ModelCheckpoint's HDF5 write: one clear message naming the
-    file, and the rerun completes every fold. (The damaged BackupAndRestore backup after a kill
-    mid-backup is covered by tests/test_keras_backend.py.)"""
+    file; then a kill -9 after a write; the rerun completes every fold. (The damaged
+    BackupAndRestore backup after a kill mid-backup is covered by tests/test_keras_backend.py.)"""
     args = ["--data", str(tiny), "--out", str(tmp_path / "runs"), *FAST, "--img-size", "32",
             "--backbone", "keras/MobileNetV3Small"]
     full = _run(args, tmp_path, fsize=1_000_000)
@@ -213,6 +213,9 @@ def test_keras_disk_full_is_named_and_resumable(tiny: Path, tmp_path: Path) -> N
     assert ".weights.h5" in full.stderr.split("error: no space left")[-1]
     run_dir = tmp_path / "runs" / "data" / "keras-MobileNetV3Small_32px"
     assert not (run_dir / "parts" / "fold0.json").exists()
+    killed = _run(args, tmp_path, {FAULT_ENV: "6"})  # kill -9 once more, within fold 0 or 1
+    assert killed.returncode == KILLED, killed.stderr[-3000:]
+    print("keras killed after", killed.stderr.rsplit("after atomic write 6 (", 1)[-1].split(")")[0])
     again = _run(args, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(p.name for p in (run_dir / "parts").glob("fold?.json")) == ["fold0.json",
