@@ -109,6 +109,33 @@ def test_kill_between_folds_json_and_folds_csv_is_recovered(tmp_path: Path) -> N
                                                                            "folds.json"]
 
 
+def test_a_held_fold_lock_refuses_and_a_dead_holder_does_not(tmp_path: Path) -> None:
+    """Another process's lock on a fold refuses this one; kill -9 of the holder frees it."""
+    from oof.errors import BusyError
+    from oof.rundir import RunDir
+    from runner.run import fold_locks
+
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run" / ".locks").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock\n"
+         f"lock = FileLock({str(tmp_path / 'run' / '.locks' / 'fold1.lock')!r})\n"
+         "lock.acquire()\n"
+         "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BusyError, match="fold 1 of .* another process"), fold_locks(
+                run, [0, 1]):
+            pass
+        with fold_locks(run, [0]):  # other folds stay free
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with fold_locks(run, [0, 1]):  # the OS released the dead holder's lock
+        pass
+
+
 # --------------------------------------------------------------------------- end to end (timm)
 def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None,
          fsize: int | None = None) -> subprocess.CompletedProcess:
