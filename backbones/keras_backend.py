@@ -307,22 +307,26 @@ def uses_plateau(cfg: RunConfig) -> bool:
 
 
 def make_optimizer(cfg: RunConfig, steps_per_epoch: int, phase: Phase | None = None,
-                   lr_scales: list[float] | None = None) -> tuple[Any, WarmupSchedule | None]:
+                   lr_scales: list[float] | None = None, fixed_lr: float | None = None
+                   ) -> tuple[Any, WarmupSchedule | None]:
     """The named Keras optimiser (decoupled decay, none on biases/norms), timm's settings.
 
     ``phase``: the fine-tuning phase it serves (its peak LR, length and warmup; default: the
     whole run at ``--lr``); ``lr_scales``: one LR multiplier per trainable variable, in the
-    order ``build`` receives them (layer-wise decay).
+    order ``build`` receives them (layer-wise decay); ``fixed_lr``: a plain LR variable the
+    caller sets (the LR range test).
     """
     peak = cfg.lr if phase is None else phase.lr
     epochs = cfg.epochs if phase is None else phase.epochs
     warmup_epochs = cfg.warmup_epochs if phase is None else phase.warmup_epochs
     schedule: WarmupSchedule | None = None
-    if uses_plateau(cfg):  # ReduceLROnPlateau must be able to set the LR: a plain variable
+    if fixed_lr is not None:
+        lr: Any = fixed_lr
+    elif uses_plateau(cfg):  # ReduceLROnPlateau must be able to set the LR: a plain variable
         if cfg.schedule != "constant" or cfg.warmup_epochs:
             raise ConfigError("callback ReduceLROnPlateau sets the LR itself: use it with "
                               "--schedule constant --warmup-epochs 0")
-        lr: Any = peak
+        lr = peak
     else:
         schedule = WarmupSchedule(peak, *phase_lengths(epochs, warmup_epochs, steps_per_epoch),
                                   cfg.schedule)
@@ -936,3 +940,37 @@ def train_fold(job: FoldJob) -> FoldResult:
              startup, build_seconds, first_extra,
              "compiled step reused" if reused else "compiled", info["rss_mb"])
     return FoldResult(val_proba, test_proba, history, info)
+
+
+def lr_range_test(job: FoldJob, lrs: np.ndarray) -> list[float]:
+    """The training loss of one batch per learning rate in ``lrs`` (the LR range test), for the
+    phase that trains every layer (layer-wise scales included), from the fold's initial weights.
+    """
+    cfg = job.cfg
+    configure_runtime(cfg)
+    bn = DEFAULT_BN_MOMENTUM if cfg.bn_momentum is None else float(cfg.bn_momentum)
+    dataset, steps, batches = make_train_dataset(job.x_train, job.y_train, len(job.classes), cfg,
+                                                 job.seed)
+    model = _fresh_model(job, bn)
+    phase = plan_phases(cfg)[-1]
+    application_of(model).trainable = True
+    scales = layer_lr_scales(model, phase.layer_decay) if phase.layer_decay else None
+    optimizer, _ = make_optimizer(cfg, steps, phase, scales, fixed_lr=float(lrs[0]))
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                  steps_per_execution=1)
+    losses: list[float] = []
+
+    class Ramp(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+            self.model.optimizer.learning_rate.assign(float(lrs[len(losses)]))
+            self.model.reset_metrics()  # so the logged loss is this batch's, not a mean
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            losses.append(float((logs or {}).get("loss", math.nan)))
+            if len(losses) >= len(lrs) or not math.isfinite(losses[-1]):
+                self.model.stop_training = True
+
+    model.fit(dataset.repeat(), steps_per_epoch=len(lrs), epochs=1, verbose=0,
+              callbacks=[batches, Ramp()], shuffle=False)
+    return losses + [math.inf] * (len(lrs) - len(losses))
