@@ -8,6 +8,7 @@ before training; decoding errors are reported by ``oof.images`` in one pass, als
 from __future__ import annotations
 
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,20 +82,67 @@ def _check_duplicates(df: pd.DataFrame, column: str, source: Path) -> None:
 
 
 def _check_files_exist(df: pd.DataFrame, source: Path) -> None:
-    missing = [
-        f"row {i + 2}: {p}" if source.suffix == ".csv" else str(p)
-        for i, p in df["path"].items()
-        if not Path(p).is_file()
-    ]
+    missing, special = [], []
+    for i, p in df["path"].items():
+        where = f"row {i + 2}: {p}" if source.suffix == ".csv" else str(p)
+        if Path(p).is_file():
+            continue
+        kind = _special_kind(Path(p)) if Path(p).is_symlink() or Path(p).exists() else None
+        if kind is not None:
+            special.append(f"{where} ({kind})")
+        else:
+            missing.append(where)
+    if special:
+        raise DataError(f"{source}: files listed are not regular files, "
+                        + _listing(special, "files"))
     if missing:
         raise DataError(f"{source}: files listed but missing, " + _listing(missing, "files"))
 
 
+def _special_kind(path: Path) -> str | None:
+    """What ``path`` is when it is neither a regular file nor a folder (None when it is one).
+
+    A FIFO or a device opened as an image would hang or read forever, and skipping one silently
+    would drop a sample, so callers refuse them by name.
+    """
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a link to /dev/zero is a device
+    except OSError:
+        return "broken symlink" if path.is_symlink() else "unreadable entry"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _check_utf8_name(path: Path, where: Path) -> None:
+    """A name that is not valid UTF-8 cannot go into CSV/parquet ids: refuse it by name."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise DataError(
+            f"{where}: the name '{shown}' is not valid UTF-8 ({exc.reason}); rename it"
+        ) from exc
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: natural_key(str(p.relative_to(folder))),
-    )
+    """Image files under ``folder``; FIFOs, devices, broken links and non-UTF-8 names refused."""
+    found, special = [], []
+    for p in folder.rglob("*"):
+        _check_utf8_name(p, folder)
+        kind = _special_kind(p)
+        if kind is not None:
+            special.append(f"{p}: {kind}")
+        elif p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            found.append(p)
+    if special:
+        raise DataError(f"{folder}: entries that are not regular files or folders, "
+                        + _listing(sorted(special), "entries"))
+    return sorted(found, key=lambda p: natural_key(str(p.relative_to(folder))))
 
 
 def _test_from_folder(folder: Path) -> pd.DataFrame:
@@ -150,6 +198,8 @@ def _load_competition(root: Path) -> ImageDataset:
 
 def _load_imagefolder(root: Path) -> ImageDataset:
     train_dir = root / "train"
+    for p in train_dir.iterdir():
+        _check_utf8_name(p, train_dir)
     class_dirs = sorted((p for p in train_dir.iterdir() if p.is_dir()),
                         key=lambda p: natural_key(p.name))
     if not class_dirs:
@@ -226,6 +276,14 @@ def detect_layout(data: Path) -> str:
             return "competition"
         if "path" in columns and "label" in columns:
             return "csv"
+        if "Id" in columns and "Category" in columns:
+            raise DataError(f"{train_csv} has Id,Category (competition layout) but {data / 'train'}"
+                            " is not a folder of train/<class>/<images>")
+        raise DataError(
+            f"{train_csv}: columns {columns} match no layout; expected Id,Category (competition "
+            "layout, with train/<class>/ folders) or path,label (csv layout). Fix the header, or "
+            "pass --layout imagefolder to ignore train.csv and read the train/<class>/ folders"
+        )
     if (data / "train").is_dir():
         return "imagefolder"
     raise DataError(

@@ -19,3 +19,11 @@ class ConfigError(FoldstackError, ValueError):
 
 class RunMismatchError(FoldstackError, ValueError):
     """Runs that cannot be combined: other folds, ids or class order, or incomplete."""
+
+
+class BusyError(FoldstackError, RuntimeError):
+    """Another process holds what this one needs (a fold in training): refuse rather than race."""
+
+
+class DiskFullError(FoldstackError, OSError):
+    """The disk (or a file size limit) ran out while writing; nothing half-written was kept."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ import pandas as pd
 
 from oof.atomic import write_atomic, write_json
 from oof.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FOLDS = 5
 DEFAULT_SEED = 42
@@ -85,8 +88,24 @@ def load_folds(run_root: Path) -> Folds | None:
     if not path.exists():
         return None
     if not meta_path.exists():
-        raise DataError(f"{path}: exists but {meta_path.name} (K, seed, fingerprint) is missing")
-    meta = json.loads(meta_path.read_text())
+        # write_folds writes folds.json first and folds.csv last, so a folds.csv alone is an
+        # interrupted write (by an older version): while no run was trained on it, the folds are
+        # simply made again; once a run exists, its K and seed are unknown, so refuse.
+        trained = sorted(p.parent.name for p in Path(run_root).glob("*/meta.json"))
+        if trained:
+            raise DataError(f"{path}: exists but {meta_path.name} (K, seed, fingerprint) is "
+                            f"missing, and run(s) {trained} were trained on it; restore "
+                            f"{meta_path.name}, or start a new run root with --out")
+        log.warning("%s without %s: an interrupted write; making the folds again", path,
+                    meta_path.name)
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON object was expected, not {type(meta).__name__}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{meta_path}: not a readable folds record ({exc}); it was edited or "
+                        "damaged: restore it, or start a new run root with --out") from exc
     try:
         df = pd.read_csv(path, dtype={"id": str, "label": str, "fold": np.int64},
                          keep_default_na=False)
@@ -107,14 +126,19 @@ def load_folds(run_root: Path) -> Folds | None:
 
 
 def write_folds(run_root: Path, folds: Folds) -> None:
+    """Write folds.json, then folds.csv: the CSV is the commit marker of the pair.
+
+    A kill between the two writes leaves only folds.json, which ``load_folds`` ignores (no CSV,
+    no folds), so the next run makes and writes the same folds again instead of refusing.
+    """
     run_root = Path(run_root)
     df = pd.DataFrame({"id": folds.ids, "label": folds.labels, "fold": folds.fold})
-    write_atomic(run_root / FOLDS_FILE, lambda p: df.to_csv(p, index=False))
     write_json(
         run_root / FOLDS_META,
         {"k": folds.k, "seed": folds.seed, "fingerprint": folds.fingerprint, "rows": len(df),
          "group": folds.group},
     )
+    write_atomic(run_root / FOLDS_FILE, lambda p: df.to_csv(p, index=False))
 
 
 def ensure_folds(

@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -19,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from oof.atomic import disk_full_error, is_disk_full
 from oof.config import RunConfig, config_dict, save_config
 from oof.datasets import ImageDataset, load_dataset
-from oof.errors import ConfigError
+from oof.errors import BusyError, ConfigError, DataError
 from oof.folds import Folds, ensure_folds
 from oof.images import cached_images
 from oof.metrics import scores
@@ -73,6 +75,60 @@ def duplicate_groups(dataset: ImageDataset, root: Path) -> np.ndarray:
     return groups
 
 
+def decode_first(dataset: ImageDataset, size: int, root: Path) -> None:
+    """Decode (and cache) every image before anything else is written to the run root.
+
+    A corrupt, truncated, empty or text "image" is then refused while the run root holds no
+    folds.csv or meta.json from this call; a cache file made for the test set is removed again
+    when the train set fails (and the folders made by this call).
+    """
+    cache = root / "cache"
+    made = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
+    had_cache = cache.is_dir()
+    before = set(cache.iterdir()) if had_cache else set()
+    errors = []
+    for what, paths in (("test", dataset.test["path"]), ("train", dataset.train["path"])):
+        try:
+            cached_images(list(paths), size, cache)
+        except DataError as exc:  # report both sets' bad files in one message
+            errors.append(f"{what} set: {exc}")
+    if errors:
+        if made is not None:  # --out itself may be new: remove the topmost folder made here
+            shutil.rmtree(made, ignore_errors=True)
+        elif cache.is_dir():
+            for p in set(cache.iterdir()) - before:
+                p.unlink(missing_ok=True)
+            if not had_cache:
+                cache.rmdir()
+        raise DataError("\n".join(errors))
+
+
+@contextlib.contextmanager
+def fold_locks(run: RunDir, todo: list[int]) -> Iterator[None]:
+    """Hold one lock file per fold to train, so a second process on the same fold refuses.
+
+    Two processes training one fold would interleave its live history and race on its
+    checkpoints. ``filelock`` locks are released by the OS when a process dies, even by kill -9,
+    so a crashed run never leaves a stale lock behind.
+    """
+    from filelock import FileLock, Timeout
+
+    lock_dir = run.path / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        for k in todo:
+            lock = FileLock(lock_dir / f"fold{k}.lock")
+            try:
+                held.enter_context(lock.acquire(timeout=0))
+            except Timeout:
+                raise BusyError(
+                    f"fold {k} of {run.path} is being trained by another process (lock "
+                    f"{lock.lock_file} is held); wait for it to finish, or pass --fold N for "
+                    "another fold"
+                ) from None
+        yield
+
+
 def _check_same_config(run: RunDir, cfg: RunConfig, folds: Folds) -> None:
     """A run folder belongs to one config and one fold assignment: refuse anything else."""
     meta = run.read_meta()
@@ -102,12 +158,13 @@ def run_folds(cfg: RunConfig) -> RunSummary:
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     root = run_root_for(cfg, dataset)
+    spec, backend = backbones.resolve(cfg)
+    decode_first(dataset, spec.input_size, root)
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
                          cfg.folds, cfg.seed, cfg.folds_group,
                          make_groups=lambda: duplicate_groups(dataset, root))
     if cfg.fold is not None and not 0 <= cfg.fold < folds.k:
         raise ConfigError(f"--fold {cfg.fold}: folds are numbered 0..{folds.k - 1}")
-    spec, backend = backbones.resolve(cfg)
     run = RunDir(root / cfg.resolved_run_name(spec.input_size))
     _check_same_config(run, cfg, folds)
     meta = {
@@ -127,7 +184,14 @@ def run_folds(cfg: RunConfig) -> RunSummary:
     todo = [k for k in ([cfg.fold] if cfg.fold is not None else range(folds.k))
             if not run.is_done(k)]
     if todo:
-        _train_folds(cfg, dataset, folds, run, spec, backend, todo, meta["train_seed"])
+        with fold_locks(run, todo):
+            todo = [k for k in todo if not run.is_done(k)]  # done meanwhile by another process
+            try:
+                _train_folds(cfg, dataset, folds, run, spec, backend, todo, meta["train_seed"])
+            except Exception as exc:  # a full disk met outside oof.atomic (a framework's writer)
+                if is_disk_full(exc):
+                    raise disk_full_error(exc, getattr(exc, "filename", None)) from exc
+                raise
     summary = RunSummary(run_dir=run.path)
     for k in run.done_folds():
         info = run.read_fold_info(k)

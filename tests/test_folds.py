@@ -141,11 +141,52 @@ def test_edited_labels_or_ids_detected(tmp_path: Path) -> None:
         ensure_folds(tmp_path, ids[:-1], labels[:-1], None, None)
 
 
-def test_folds_meta_missing_detected(tmp_path: Path) -> None:
+def test_folds_meta_missing_refused_once_a_run_used_the_folds(tmp_path: Path) -> None:
     ids, labels = _dataset()
     ensure_folds(tmp_path, ids, labels, 3, 11)
     (tmp_path / FOLDS_META).unlink()
-    with pytest.raises(DataError, match=FOLDS_META):
+    (tmp_path / "some-run").mkdir()
+    (tmp_path / "some-run" / "meta.json").write_text("{}")
+    with pytest.raises(DataError, match=rf"{FOLDS_META}.* missing.*'some-run'"):
+        load_folds(tmp_path)
+
+
+def test_kill_between_the_two_folds_files_is_recovered(tmp_path: Path) -> None:
+    """Killed after one of folds.json / folds.csv: the next call makes the same folds again."""
+    ids, labels = _dataset()
+    folds = ensure_folds(tmp_path, ids, labels, 3, 11)
+    csv_text = (tmp_path / FOLDS_FILE).read_text()
+    for lost in (FOLDS_FILE, FOLDS_META):  # folds.json is written first, but old half states too
+        (tmp_path / lost).unlink()
+        again = ensure_folds(tmp_path, ids, labels, 3, 11)
+        assert again.fingerprint == folds.fingerprint
+        assert (tmp_path / FOLDS_FILE).read_text() == csv_text
+        assert load_folds(tmp_path).fingerprint == folds.fingerprint
+
+
+def test_folds_json_is_written_before_folds_csv(tmp_path: Path, monkeypatch) -> None:
+    """folds.csv is the commit marker: a kill after the first write leaves no folds.csv."""
+    import oof.folds
+
+    written: list[str] = []
+    real = oof.folds.write_atomic
+
+    def spy(path, writer):  # noqa: ANN001, ANN202 - records the order of the atomic writes
+        written.append(Path(path).name)
+        return real(path, writer)
+
+    monkeypatch.setattr(oof.folds, "write_atomic", spy)
+    monkeypatch.setattr("oof.atomic.write_atomic", spy)
+    ensure_folds(tmp_path, *_dataset(), 3, 11)
+    assert written == [FOLDS_META, FOLDS_FILE]
+
+
+@pytest.mark.parametrize("text", ["", '{"k": 3, "seed"', "[1, 2]"])
+def test_damaged_folds_json_is_named(tmp_path: Path, text: str) -> None:
+    ids, labels = _dataset()
+    ensure_folds(tmp_path, ids, labels, 3, 11)
+    (tmp_path / FOLDS_META).write_text(text)
+    with pytest.raises(DataError, match=f"{FOLDS_META}: not a readable folds record"):
         load_folds(tmp_path)
 
 
