@@ -43,11 +43,20 @@ _BLOCK_ONLY = {
 
 
 def _expected_failures(est: BaseEstimator) -> dict[str, str]:
-    return _BLOCK_ONLY if isinstance(est, (MeanBlend, GreedyEnsemble)) else {}
+    blocks = isinstance(est, (MeanBlend, GreedyEnsemble)) or (
+        isinstance(est, LogRegStacker) and est.pooling == "run") or (
+        isinstance(est, LightGBMStacker) and est.base is not None)
+    if isinstance(est, LogRegStacker) and est.pooling == "run":
+        return {**_BLOCK_ONLY, "check_non_transformer_estimators_n_iter":
+                _BLOCK_ONLY["check_fit2d_1feature"]}
+    return _BLOCK_ONLY if blocks else {}
 
 
+# The default LogRegStacker (one weight per run) and LightGBMStacker (boosted from it) read X as
+# blocks too; their free-form variants go through every check.
 @parametrize_with_checks(
-    [MeanBlend(), GreedyEnsemble(), LogRegStacker(), LightGBMStacker()],
+    [MeanBlend(), GreedyEnsemble(), LogRegStacker(), LogRegStacker(pooling="none"),
+     LightGBMStacker(), LightGBMStacker(base=None)],
     expected_failed_checks=_expected_failures,
 )
 def test_sklearn_conformance(estimator: BaseEstimator, check) -> None:
