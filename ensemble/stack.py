@@ -31,7 +31,7 @@ from oof.config import (
     opt,
     save_config,
 )
-from oof.errors import ConfigError, FoldstackError, RunMismatchError
+from oof.errors import ConfigError, DataError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
 from oof.rundir import Run, check_compatible, find_runs, load_run
 
@@ -128,14 +128,17 @@ def resolve_run_paths(run_root: Path, patterns: list[str]) -> list[Path]:
 
 def load_checked(paths: list[Path], run_root: Path, explicit: bool) -> tuple[list[Run], Folds]:
     """Load every run and refuse the set, naming each bad run and why, before any work."""
-    runs, problems = [], []
+    stored = load_folds(run_root)
+    runs, problems, damaged = [], [], False
     for p in paths:
         try:
-            runs.append(load_run(p))
+            runs.append(load_run(p, stored))
         except (FoldstackError, OSError, KeyError, ValueError) as exc:
             problems.append(f"{p}: {exc}")
-    if problems:
-        raise RunMismatchError("these runs cannot be stacked:\n  " + "\n  ".join(problems))
+            damaged = damaged or isinstance(exc, DataError)
+    if problems:  # a damaged file is a DataError (it names the file), a mismatch is not
+        error = DataError if damaged else RunMismatchError
+        raise error("these runs cannot be stacked:\n  " + "\n  ".join(problems))
     if not explicit:
         level2 = [r for r in runs if r.meta.get("level") == 2]
         runs = [r for r in runs if r.meta.get("level") != 2]
@@ -147,7 +150,6 @@ def load_checked(paths: list[Path], run_root: Path, explicit: bool) -> tuple[lis
                                    "first with run_folds.py")
     check_compatible(runs)
     ref = runs[0]
-    stored = load_folds(run_root)
     if stored is not None and stored.fingerprint != ref.fingerprint:
         raise RunMismatchError(
             "these runs cannot be stacked:\n  " + "\n  ".join(

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from oof.errors import DataError, FoldstackError, RunMismatchError
+from oof.folds import load_folds
 from oof.metrics import accuracy, log_loss
 from oof.rundir import Run, check_compatible, find_runs, load_run
 
@@ -63,7 +64,8 @@ def load_runs(run_root: str | Path, names: list[str] | None = None) -> list[Run]
         paths = find_runs(root)
         if not paths:
             raise RunMismatchError(f"{root}: no complete runs (folders with a complete meta.json)")
-    runs = [load_run(p) for p in paths]
+    stored = load_folds(root)
+    runs = [load_run(p, stored) for p in paths]
     check_compatible(runs)
     return runs
 

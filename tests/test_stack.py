@@ -14,7 +14,7 @@ from ensemble.evaluate import cross_val_level2, level1_matrix
 from ensemble.stack import StackConfig, stack_runs
 from ensemble.stackers import make_stacker
 from oof.errors import ConfigError, RunMismatchError
-from oof.folds import Folds, make_folds
+from oof.folds import Folds, fold_fingerprint, make_folds
 from oof.rundir import load_run, write_run
 from tests.synthetic import synthetic_folds, synthetic_proba, synthetic_run
 
@@ -139,7 +139,8 @@ def _other_folds(p: Project) -> tuple[str, str]:
 
 def _other_ids(p: Project) -> tuple[str, str]:
     ids = np.array([f"x_{i}" for i in p.folds.ids], dtype=object)
-    f = Folds(ids, p.folds.labels, p.folds.fold, p.folds.k, p.folds.seed, p.folds.fingerprint)
+    f = Folds(ids, p.folds.labels, p.folds.fold, p.folds.k, p.folds.seed,
+              fold_fingerprint(ids, p.folds.fold, p.folds.k, p.folds.seed))
     synthetic_run(p.root, "otherids", f, 0.5, 9, N_TEST)
     return "otherids", "training ids differ"
 
