@@ -33,7 +33,7 @@ from oof.config import (
 )
 from oof.errors import ConfigError, DataError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
-from oof.rundir import Run, check_compatible, find_runs, load_run
+from oof.rundir import META_FILE, Run, check_compatible, find_runs, load_run
 
 log = logging.getLogger(__name__)
 
@@ -253,11 +253,13 @@ def stack_runs(cfg: StackConfig) -> StackResult:
               "chosen": "*" if m == chosen else "", "note": _note(m, res)}
              for m, res in results.items()]
 
-    # All checks passed and everything is computed: write.
+    # All checks passed and everything is computed: write. meta.json (status complete) is the
+    # completion marker and goes last; the old one goes first, so a kill at any moment leaves a
+    # folder that does not look complete, and a rerun redoes it.
     level2 = results[chosen]
     inputs = [{"run": r.name, "path": str(r.path), "fingerprint": r.fingerprint,
                "oof_metrics": r.scores()} for r in runs]
-    run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg)
+    begin_output(out_dir)
     sub_path = out_dir / "submission.csv"
     sub.write(sub_path, out_dir / "submission_proba.csv")
     test_acc = _held_out_accuracy(sub_path, dataset.root)
@@ -270,14 +272,25 @@ def stack_runs(cfg: StackConfig) -> StackResult:
         "choice": (f"best level-2 {cfg.metric} of {methods}" if cfg.method == "auto"
                    else "--method"),
         "final": {"method": chosen, "params": final.get_params(), **describe(final, names)},
-        "level2_run": str(run.path), "submission": str(sub_path), "submission_ids": id_source,
+        "level2_run": str(out_dir), "submission": str(sub_path), "submission_ids": id_source,
         "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 2),
         "config": config_dict(cfg), "table": rows,
     }
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", _markdown(report, rows))
     save_config(cfg, out_dir / "config.yaml")
+    run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg)
     return StackResult(rows, TABLE_COLUMNS, chosen, out_dir, sub_path, run.path, test_acc, report)
+
+
+def begin_output(out_dir: Path) -> None:
+    """Unmark a folder about to be (re)written and drop temporaries a killed writer left."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / META_FILE
+    if marker.exists():
+        marker.unlink()
+    for tmp in out_dir.glob(".*.tmp"):  # oof.atomic's temporaries: ".<name>.<random>.tmp"
+        tmp.unlink(missing_ok=True)
 
 
 def _write_level2(out_dir: Path, method: str, ref: Run, folds: Folds, level2: Level2,
