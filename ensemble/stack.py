@@ -140,10 +140,10 @@ def load_checked(paths: list[Path], run_root: Path, explicit: bool) -> tuple[lis
         error = DataError if damaged else RunMismatchError
         raise error("these runs cannot be stacked:\n  " + "\n  ".join(problems))
     if not explicit:
-        level2 = [r for r in runs if r.meta.get("level") == 2]
-        runs = [r for r in runs if r.meta.get("level") != 2]
+        level2 = [r for r in runs if run_level(r) >= 2]
+        runs = [r for r in runs if run_level(r) < 2]
         if level2:
-            log.info("not stacking level-2 runs by default: %s (name them with --runs to do so)",
+            log.info("not stacking stacks by default: %s (name them with --runs to do so)",
                      ", ".join(r.name for r in level2))
         if not runs:
             raise RunMismatchError(f"{run_root}: only level-2 runs found; train level-1 runs "
@@ -159,6 +159,11 @@ def load_checked(paths: list[Path], run_root: Path, explicit: bool) -> tuple[lis
     seed = stored.seed if stored else int(ref.meta.get("fold_seed", -1))
     folds = Folds(ref.ids, ref.labels, ref.folds, k, seed, ref.fingerprint)
     return runs, folds
+
+
+def run_level(run: Run) -> int:
+    """1 for a trained backbone, 2 for a stack of those, 3 for a stack of stacks..."""
+    return int(run.meta.get("level", 1))
 
 
 def _note(method: str, level2: Level2) -> str:
@@ -191,11 +196,12 @@ def choose(results: dict[str, Level2], metric: str) -> str:
 
 
 def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = [f"# Level-2 stack of {report['dataset']}", "",
+    top = report["level"]
+    lines = [f"# Level-{top} stack of {report['dataset']}", "",
              f"Chosen: **{report['chosen']}** ({report['choice']}).", "",
-             "Level-1 rows: each run's OOF scores. Level-2 rows: CV over the stored folds "
+             f"Input rows: each run's OOF scores. Level-{top} rows: CV over the stored folds "
              f"(K={report['folds']['k']}); the stacker scoring fold k was fitted on the other "
-             "folds' rows only. With `auto`, picking the best of several level-2 scores makes the "
+             "folds' rows only. With `auto`, picking the best of several scores makes the "
              "chosen score slightly optimistic.", "", format_table(rows, TABLE_COLUMNS), ""]
     if report.get("test_accuracy") is not None:
         lines += [f"Submission accuracy on held-out test labels: {report['test_accuracy']:.4f}",
@@ -247,10 +253,12 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     sub = build_submission(ids, ref.test_ids, test_proba, ref.classes,
                            dataset.submission_columns, id_source)
 
-    rows = [{"model": r.name, "level": 1, **r.scores(), "seconds": None, "chosen": "",
+    level = 1 + max(run_level(r) for r in runs)  # a stack of stacks is level 3
+    rows = [{"model": r.name, "level": run_level(r), **r.scores(), "seconds": None, "chosen": "",
              "note": _backbone(r)} for r in runs]
-    rows += [{"model": f"stack-{m}", "level": 2, **res.scores, "seconds": round(res.seconds, 2),
-              "chosen": "*" if m == chosen else "", "note": _note(m, res)}
+    rows += [{"model": f"stack-{m}", "level": level, **res.scores,
+              "seconds": round(res.seconds, 2), "chosen": "*" if m == chosen else "",
+              "note": _note(m, res)}
              for m, res in results.items()]
 
     # All checks passed and everything is computed: write. meta.json (status complete) is the
@@ -264,7 +272,7 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     sub.write(sub_path, out_dir / "submission_proba.csv")
     test_acc = _held_out_accuracy(sub_path, dataset.root)
     report = {
-        "dataset": dataset.name, "run_root": str(run_root), "runs": inputs,
+        "dataset": dataset.name, "run_root": str(run_root), "level": level, "runs": inputs,
         "folds": {"k": folds.k, "seed": folds.seed, "fingerprint": folds.fingerprint},
         "methods": {m: {"scores": r.scores, "seconds": round(r.seconds, 3), "folds": r.folds}
                     for m, r in results.items()},
@@ -279,7 +287,7 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", _markdown(report, rows))
     save_config(cfg, out_dir / "config.yaml")
-    run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg)
+    run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg, level)
     return StackResult(rows, TABLE_COLUMNS, chosen, out_dir, sub_path, run.path, test_acc, report)
 
 
@@ -294,11 +302,12 @@ def begin_output(out_dir: Path) -> None:
 
 
 def _write_level2(out_dir: Path, method: str, ref: Run, folds: Folds, level2: Level2,
-                  inputs: list[dict[str, Any]], cfg: StackConfig) -> Run:
-    """The level-2 OOF saved like any run (meta level=2), so it can be analysed and stacked."""
+                  inputs: list[dict[str, Any]], cfg: StackConfig, level: int = 2) -> Run:
+    """The stack's CV OOF saved like any run (meta level = 1 + its inputs' highest level), so it
+    can be analysed and stacked again."""
     from oof.rundir import write_run
 
-    meta = {"level": 2, "method": method, "inputs": inputs, "config": config_dict(cfg),
+    meta = {"level": level, "method": method, "inputs": inputs, "config": config_dict(cfg),
             "backbone": {"name": f"stack/{method}"}, "fold_info": level2.folds,
             "level2_seconds": round(level2.seconds, 3)}
     return write_run(out_dir, out_dir.name, ref.classes, folds, level2.oof, ref.test_ids,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from oof.analysis import analyze, load_history
-from oof.analyze import main as analyze_main
+from oof.report import write_report
 from tests.test_analysis import RUN_A, RUN_B, _tiny_folds, _write
 
 GOOD = "fold,epoch,loss,accuracy,val_loss,val_accuracy\n0,0,1.0,0.5,1.1,0.4\n0,1,0.8,0.6,0.9,0.5\n"
@@ -25,7 +25,7 @@ DAMAGED = {
 
 
 @pytest.mark.parametrize("case", list(DAMAGED))
-def test_damaged_history_never_breaks_the_report(tmp_path: Path, case: str, capsys) -> None:
+def test_damaged_history_never_breaks_the_report(tmp_path: Path, case: str) -> None:
     folds = _tiny_folds(tmp_path)
     runs = [_write(tmp_path, "A", folds, RUN_A), _write(tmp_path, "B", folds, RUN_B)]
     text = DAMAGED[case]
@@ -41,14 +41,13 @@ def test_damaged_history_never_breaks_the_report(tmp_path: Path, case: str, caps
         assert not hist.duplicated(subset=["fold", "epoch"]).any()
     if case == "interleaved":
         assert hist is not None and sorted(hist["fold"].unique()) == [0, 1]
-    assert analyze_main([str(tmp_path), "--thumbnails", "false"]) == 0
-    assert (tmp_path / "analysis" / "report.html").exists()
-    assert len(analyze(runs, find_images=False).runs) == 2
+    a = analyze(runs, find_images=False)
+    paths = write_report(a, tmp_path / "analysis", with_thumbnails=False)
+    assert paths["html"].exists() and len(a.runs) == 2
 
 
 def test_missing_history_is_noted(tmp_path: Path) -> None:
     folds = _tiny_folds(tmp_path)
-    _write(tmp_path, "A", folds, RUN_A)
-    _write(tmp_path, "B", folds, RUN_B)
-    assert analyze_main([str(tmp_path), "--thumbnails", "false"]) == 0
-    assert "No history.csv" in (tmp_path / "analysis" / "report.html").read_text()
+    runs = [_write(tmp_path, "A", folds, RUN_A), _write(tmp_path, "B", folds, RUN_B)]
+    paths = write_report(analyze(runs, find_images=False), tmp_path / "rep", with_thumbnails=False)
+    assert "No history.csv" in paths["html"].read_text()

@@ -108,7 +108,12 @@ def test_level2_oof_is_saved_as_a_loadable_run(project: Project) -> None:
     assert "stack-greedy" not in [r["model"] for r in again.rows]
     named = stack_runs(project.cfg(method="mean", compare=False, name="level3",
                                    runs=["stack-greedy", "goo*"]))
-    assert [r["model"] for r in named.rows if r["level"] == 1] == ["stack-greedy", "good"]
+    assert [(r["model"], r["level"]) for r in named.rows[:2]] == [("stack-greedy", 2),
+                                                                   ("good", 1)]
+    # A stack of stacks is level 3: in its table, its meta and its report.
+    assert {r["level"] for r in named.rows[2:]} == {3}
+    assert load_run(named.level2_run).meta["level"] == 3
+    assert (named.out_dir / "report.md").read_text().startswith("# Level-3 stack")
 
 
 def test_submission_follows_the_sample_ids_order_and_labels(project: Project) -> None:
