@@ -33,12 +33,14 @@ from oof.config import (
 )
 from oof.errors import ConfigError, DataError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
+from oof.metrics import METRICS
 from oof.rundir import META_FILE, Run, check_compatible, find_runs, load_run
 
 log = logging.getLogger(__name__)
 
-METHODS = tuple(STACKERS)  # mean, greedy, logreg, lightgbm: also the order of the table
-TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "seconds", "chosen", "note"]
+METHODS = tuple(STACKERS)  # simplest first: the order of the table and of ties in `auto`
+TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "macro_f1", "top3", "seconds",
+                 "chosen", "note"]
 
 
 @config_dataclass
@@ -49,8 +51,8 @@ class StackConfig(DatasetConfig):
                          "folder); default: every complete level-1 run in the run root")
     method: str = opt("auto", "level-2 method for the submission; auto = best level-2 score",
                       ("auto", *METHODS))
-    metric: str = opt("log_loss", "metric of auto and of greedy selection",
-                      ("log_loss", "accuracy"))
+    metric: str = opt("log_loss", "metric of auto (and of greedy selection: accuracy there "
+                      "for any metric but log_loss)", tuple(METRICS))
     compare: bool = opt(True, "score every method for the table (false: mean + the chosen one)")
     name: str | None = opt(None, "output folder in the run root (default: stack-<method>)")
     ensemble_size: PositiveInt = opt(25, "greedy: steps of ensemble selection (with replacement)")
@@ -87,7 +89,8 @@ class StackResult:
 def stacker_params(method: str, cfg: StackConfig) -> dict[str, Any]:
     """Config -> keyword arguments of one stacker."""
     if method == "greedy":
-        return {"ensemble_size": cfg.ensemble_size, "metric": cfg.metric}
+        return {"ensemble_size": cfg.ensemble_size,
+                "metric": "log_loss" if cfg.metric == "log_loss" else "accuracy"}
     if method == "logreg":
         return {"inputs": cfg.inputs, "random_state": cfg.seed}
     if method == "lightgbm":
@@ -169,7 +172,7 @@ def run_level(run: Run) -> int:
 def _note(method: str, level2: Level2) -> str:
     """One short cell: what each fold's stacker learned."""
     f = level2.folds
-    if method == "greedy":
+    if method in ("greedy", "blend"):
         w = np.mean([list(d["weights"].values()) for d in f], axis=0)
         names = list(f[0]["weights"])
         return "mean weights " + " ".join(f"{n}={v:.2f}" for n, v in zip(names, w) if v > 0)
@@ -177,7 +180,8 @@ def _note(method: str, level2: Level2) -> str:
         return "C per fold " + ",".join(f"{d['C']:g}" for d in f)
     if method == "lightgbm":
         return "rounds per fold " + ",".join(str(d["boosting_rounds"]) for d in f)
-    return "equal weights"
+    return {"geo": "geometric mean", "rank": "mean of per-class ranks"}.get(method,
+                                                                            "equal weights")
 
 
 def _backbone(run: Run) -> str:
@@ -189,7 +193,7 @@ def choose(results: dict[str, Level2], metric: str) -> str:
     """Best level-2 score; ties go to the simpler method (the METHODS order)."""
     def key(m: str) -> tuple[float, float, int]:
         s = results[m].scores
-        first = s["log_loss"] if metric == "log_loss" else -s["accuracy"]
+        first = -s[metric] if METRICS[metric] else s[metric]
         return (first, s["log_loss"], METHODS.index(m))
 
     return min(results, key=key)
@@ -218,6 +222,10 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     from oof.datasets import load_dataset
 
     started = time.perf_counter()
+    if cfg.metric not in METRICS:
+        raise ConfigError(f"--metric {cfg.metric!r}: choose one of {list(METRICS)}")
+    if cfg.method != "auto" and cfg.method not in METHODS:
+        raise ConfigError(f"--method {cfg.method!r}: choose one of {['auto', *METHODS]}")
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     run_root = Path(cfg.out) / dataset.name
     runs, folds = load_checked(resolve_run_paths(run_root, list(cfg.runs)), run_root,

@@ -119,6 +119,108 @@ class MeanBlend(_WeightedBlend):
         return self
 
 
+class OptimizedBlend(_WeightedBlend):
+    """Blend weights that minimise the OOF log loss: non-negative, summing to one (SLSQP).
+
+    The blend's log loss depends only on each run's true-class probability (rows sum to 1), so
+    one evaluation costs O(n * R) and the fit is cheap at any size. Convex in the weights: the
+    optimum is unique up to ties, and a useless run gets weight ~0.
+    """
+
+    def __init__(self, *, max_iter: int = 200, tol: float = 1e-9) -> None:
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def __sklearn_tags__(self):  # noqa: ANN204
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        return tags
+
+    def fit(self, X: Any, y: Any) -> OptimizedBlend:
+        from scipy.optimize import minimize
+
+        X, yi = self._fit_start(X, y)
+        P = _blocks(X, len(self.classes_), "OptimizedBlend")
+        n, n_runs, _ = P.shape
+        q = P[np.arange(n), :, yi].astype(np.float64) / np.maximum(P.sum(axis=2), EPS)
+
+        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+            m = np.maximum(q @ w, EPS)
+            return float(-np.log(m).mean()), -(q / m[:, None]).mean(axis=0)
+
+        res = minimize(loss, np.full(n_runs, 1.0 / n_runs), jac=True, method="SLSQP",
+                       bounds=[(0.0, 1.0)] * n_runs,
+                       constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0,
+                                     "jac": lambda w: np.ones_like(w)}],
+                       options={"maxiter": self.max_iter, "ftol": self.tol})
+        w = np.clip(res.x, 0.0, None)
+        self.weights_ = w / w.sum() if w.sum() > 0 else np.full(n_runs, 1.0 / n_runs)
+        self.n_runs_, self.n_iter_ = n_runs, int(res.nit)
+        return self
+
+
+class GeometricMean(_Stacker):
+    """Geometric (log-space) mean of the runs' probabilities, renormalised per row.
+
+    Nothing learned: a run sure of a class must be contradicted by the others in log space, so a
+    confident, well calibrated run weighs more than in the arithmetic mean.
+    """
+
+    def __sklearn_tags__(self):  # noqa: ANN204
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        return tags
+
+    def fit(self, X: Any, y: Any) -> GeometricMean:
+        X, _ = self._fit_start(X, y)
+        self.n_runs_ = _blocks(X, len(self.classes_), "GeometricMean").shape[1]
+        self.weights_ = np.full(self.n_runs_, 1.0 / self.n_runs_)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        X = self._check_X(X)
+        P = _blocks(X, len(self.classes_), "GeometricMean")
+        logp = np.log(np.clip(P, LOG_FLOOR, None)).mean(axis=1)
+        return _softmax(logp)
+
+
+class RankMean(_Stacker):
+    """Mean of the runs' per-class ranks (empirical CDF over the fitted rows), renormalised.
+
+    Ranks ignore each run's calibration: only the order of its scores counts, as in Kaggle rank
+    averaging. The CDF of each column is kept as ``n_quantiles`` quantiles of the fitted rows,
+    so a new row is ranked against the training distribution (not against the other rows it
+    comes with) and memory stays fixed at any size. Its outputs are scores, not calibrated
+    probabilities: expect a poor log loss, judge it by accuracy / macro F1.
+    """
+
+    def __init__(self, *, n_quantiles: int = 1001) -> None:
+        self.n_quantiles = n_quantiles
+
+    def __sklearn_tags__(self):  # noqa: ANN204
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        return tags
+
+    def fit(self, X: Any, y: Any) -> RankMean:
+        X, _ = self._fit_start(X, y)
+        self.n_runs_ = _blocks(X, len(self.classes_), "RankMean").shape[1]
+        levels = np.linspace(0.0, 1.0, max(2, int(self.n_quantiles)))
+        self.quantiles_ = np.quantile(X, levels, axis=0).T  # (R*C, q)
+        self.weights_ = np.full(self.n_runs_, 1.0 / self.n_runs_)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        X = self._check_X(X)
+        q = self.quantiles_.shape[1]
+        ranks = np.empty_like(X, dtype=np.float64)
+        grid = np.linspace(0.0, 1.0, q)
+        for j in range(X.shape[1]):  # piecewise-linear CDF of column j: O(n log q)
+            ranks[:, j] = np.interp(X[:, j], self.quantiles_[j], grid)
+        R = _blocks(ranks, len(self.classes_), "RankMean").mean(axis=1)
+        return _normalise(R + EPS)
+
+
 class GreedyEnsemble(_WeightedBlend):
     """Ensemble selection with replacement (Caruana et al., ICML 2004), as AutoGluon does it.
 
@@ -483,6 +585,9 @@ class LightGBMStacker(_Stacker):
 
 STACKERS: dict[str, type[_Stacker]] = {
     "mean": MeanBlend,
+    "geo": GeometricMean,
+    "rank": RankMean,
+    "blend": OptimizedBlend,
     "greedy": GreedyEnsemble,
     "logreg": LogRegStacker,
     "lightgbm": LightGBMStacker,

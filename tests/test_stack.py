@@ -65,8 +65,8 @@ def project(tmp_path: Path) -> Project:
 def test_stack_writes_table_submission_report_and_level2_run(project: Project) -> None:
     res = stack_runs(project.cfg())
     models = [r["model"] for r in res.rows]
-    assert models == ["good", "noise", "weak", "stack-mean", "stack-greedy", "stack-logreg",
-                      "stack-lightgbm"]
+    assert models == ["good", "noise", "weak", "stack-mean", "stack-geo", "stack-rank",
+                      "stack-blend", "stack-greedy", "stack-logreg", "stack-lightgbm"]
     chosen = [r for r in res.rows if r["chosen"]]
     assert len(chosen) == 1 and chosen[0]["model"] == f"stack-{res.chosen}"
     level2 = [r for r in res.rows if r["level"] == 2]
@@ -308,3 +308,23 @@ def _yaml(project: Project, text: str) -> Path:
     path = project.out / "bad.yaml"
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("metric", ["macro_f1", "top3", "accuracy"])
+def test_metric_selects_the_best_method_by_that_metric(project: Project, metric: str) -> None:
+    res = stack_runs(project.cfg(metric=metric, name=f"by-{metric}"))
+    level2 = [r for r in res.rows if r["level"] == 2]
+    assert {r["model"] for r in level2} == {f"stack-{m}" for m in
+                                            ("mean", "geo", "rank", "blend", "greedy", "logreg",
+                                             "lightgbm")}
+    best = max(r[metric] for r in level2)
+    chosen = next(r for r in level2 if r["chosen"])
+    assert chosen[metric] == best and chosen["model"] == f"stack-{res.chosen}"
+    assert all(0 <= r["macro_f1"] <= 1 and r["top3"] >= r["accuracy"] for r in res.rows)
+    md = (res.out_dir / "report.md").read_text()
+    assert "macro_f1" in md and "top3" in md
+
+
+def test_unknown_metric_is_refused(project: Project) -> None:
+    with pytest.raises(ConfigError, match="metric"):
+        stack_runs(project.cfg(metric="auc"))
