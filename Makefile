@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/python run_folds.py --config configs/demo_resnet18.yaml --out $(RUNS)
 	$(BIN)/python run_folds.py --config configs/demo_mobilenetv3.yaml --out $(RUNS)
 	$(BIN)/python stack.py --out $(RUNS)
-	$(BIN)/python -m oof.analyze $(RUNS)/demo-digits
+	$(BIN)/python -m oof.analyze --out $(RUNS)
 
 # Headless Chromium renders the analysis report in the tests (Debian's package).
 browser:

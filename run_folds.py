@@ -10,9 +10,16 @@ from oof.config import RunConfig, parse_config
 
 
 def main(argv: list[str] | None = None) -> int | None:
-    from runner.run import run_folds
+    from runner.run import lr_find, run_folds
 
     cfg = parse_config(RunConfig, argv, "run_folds.py", __doc__ or "")
+    if cfg.lr_find:
+        found = lr_find(cfg)
+        r = found.result
+        print(f"suggested --lr {r.suggested_lr:.2g} (steepest descent; lowest loss at "
+              f"{r.min_loss_lr:.2g}" + (f", diverged at {r.diverged_at:.2g}" if r.diverged_at
+                                        else "") + f") -> {found.plot_path}")
+        return 0
     summary = run_folds(cfg)
     columns = ["fold", "accuracy", "log_loss", "seconds", "epochs_run"]
     print(format_table(summary.fold_rows, columns))

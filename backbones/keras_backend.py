@@ -69,6 +69,7 @@ from oof.config import RunConfig  # noqa: E402
 from oof.errors import ConfigError  # noqa: E402
 from oof.metrics import accuracy, log_loss  # noqa: E402
 from recipe import lr_table, phase_lengths, plan_phases  # noqa: E402
+from recipe.phases import Phase  # noqa: E402
 
 log = logging.getLogger(__name__)
 FRAMEWORK = "tensorflow"
@@ -139,7 +140,7 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
     if cfg.pretrained not in ("", "auto", "imagenet") and not Path(cfg.pretrained).expanduser(
     ).is_file():
         raise ConfigError(f"--pretrained {cfg.pretrained}: no such weights file")
-    plan_phases(cfg, backend_phases=False)  # refuses fine-tuning keys before any work
+    plan_phases(cfg)  # refuses bad fine-tuning keys before any work
     words, mean, std = describe_preprocessing(model_name)
     return BackboneSpec(
         name=f"keras/{model_name}", family="keras", framework=FRAMEWORK, model_name=model_name,
@@ -305,30 +306,86 @@ def uses_plateau(cfg: RunConfig) -> bool:
                for c in cfg.callbacks)
 
 
-def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> tuple[Any, WarmupSchedule | None]:
-    """The named Keras optimiser (decoupled decay, none on biases/norms), timm's settings."""
+def make_optimizer(cfg: RunConfig, steps_per_epoch: int, phase: Phase | None = None,
+                   lr_scales: list[float] | None = None, fixed_lr: float | None = None
+                   ) -> tuple[Any, WarmupSchedule | None]:
+    """The named Keras optimiser (decoupled decay, none on biases/norms), timm's settings.
+
+    ``phase``: the fine-tuning phase it serves (its peak LR, length and warmup; default: the
+    whole run at ``--lr``); ``lr_scales``: one LR multiplier per trainable variable, in the
+    order ``build`` receives them (layer-wise decay); ``fixed_lr``: a plain LR variable the
+    caller sets (the LR range test).
+    """
+    peak = cfg.lr if phase is None else phase.lr
+    epochs = cfg.epochs if phase is None else phase.epochs
+    warmup_epochs = cfg.warmup_epochs if phase is None else phase.warmup_epochs
     schedule: WarmupSchedule | None = None
-    if uses_plateau(cfg):  # ReduceLROnPlateau must be able to set the LR: a plain variable
+    if fixed_lr is not None:
+        lr: Any = fixed_lr
+    elif uses_plateau(cfg):  # ReduceLROnPlateau must be able to set the LR: a plain variable
         if cfg.schedule != "constant" or cfg.warmup_epochs:
             raise ConfigError("callback ReduceLROnPlateau sets the LR itself: use it with "
                               "--schedule constant --warmup-epochs 0")
-        lr: Any = cfg.lr
+        lr = peak
     else:
-        schedule = WarmupSchedule(cfg.lr, *schedule_lengths(cfg, steps_per_epoch), cfg.schedule)
+        schedule = WarmupSchedule(peak, *phase_lengths(epochs, warmup_epochs, steps_per_epoch),
+                                  cfg.schedule)
         lr = schedule
     decay = cfg.weight_decay or None
     # EMA of the weights: Keras swaps the average in when fit ends (finalize_variable_values)
     ema = {"use_ema": True, "ema_momentum": cfg.ema_decay} if cfg.ema else {}
-    if cfg.optimizer == "sgd":
-        opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=decay, **ema)
-    else:
-        cls = {"adamw": keras.optimizers.AdamW, "adam": keras.optimizers.Adam,
-               "nadam": keras.optimizers.Nadam, "rmsprop": keras.optimizers.RMSprop,
-               "lamb": keras.optimizers.Lamb, "lion": keras.optimizers.Lion,
-               "adamax": keras.optimizers.Adamax}[cfg.optimizer]
-        # Keras decays every optimiser decoupled from the gradient, as AdamW does
-        opt = cls(lr, weight_decay=decay, **ema)
+    cls = {"sgd": keras.optimizers.SGD, "adamw": keras.optimizers.AdamW,
+           "adam": keras.optimizers.Adam, "nadam": keras.optimizers.Nadam,
+           "rmsprop": keras.optimizers.RMSprop, "lamb": keras.optimizers.Lamb,
+           "lion": keras.optimizers.Lion, "adamax": keras.optimizers.Adamax}[cfg.optimizer]
+    kwargs = {"momentum": 0.9, "nesterov": True} if cfg.optimizer == "sgd" else {}
+    if lr_scales is not None:
+        cls = _layer_scaled(cls)
+    # Keras decays every optimiser decoupled from the gradient, as AdamW does
+    opt = cls(lr, weight_decay=decay, **kwargs, **ema)
+    if lr_scales is not None:
+        opt.lr_scales = list(lr_scales)
     return opt, schedule
+
+
+_SCALED: dict[type, type] = {}
+
+
+def _layer_scaled(cls: type) -> type:
+    """``cls`` whose update of variable i uses ``learning_rate * lr_scales[i]``.
+
+    Keras optimisers have one LR; layer-wise decay (timm's ``layer_decay``) needs one per layer
+    group. Scaling the gradient would not do for Adam-like optimisers (the update is normalised),
+    so the LR handed to ``update_step`` is scaled, per variable, as timm's ``lr_scale`` does.
+    """
+    if cls not in _SCALED:
+        def update_step(self: Any, gradient: Any, variable: Any, learning_rate: Any) -> Any:
+            scale = self.lr_scales[self._get_variable_index(variable)]
+            return cls.update_step(self, gradient, variable, learning_rate * scale)
+
+        _SCALED[cls] = type(f"LayerScaled{cls.__name__}", (cls,),
+                            {"update_step": update_step})
+    return _SCALED[cls]
+
+
+def layer_lr_scales(model: keras.Model, decay: float, groups: int = 12) -> list[float]:
+    """One LR multiplier per trainable variable: the application's layers are cut into
+    ``groups`` equal groups by depth, scaled ``decay ** (groups - g)``; the head keeps 1."""
+    base = application_of(model)
+    depth: dict[int, int] = {}
+    weighted = [ly for ly in _iter_layers(base) if ly is not base and ly.trainable_weights
+                and not getattr(ly, "layers", None)]
+    for i, layer in enumerate(weighted):
+        group = i * groups // max(1, len(weighted))
+        for v in layer.trainable_weights:
+            depth[id(v)] = group
+    return [decay ** (groups - depth[id(v)]) if id(v) in depth else 1.0
+            for v in model.trainable_variables]
+
+
+def application_of(model: keras.Model) -> keras.Model:
+    """The keras.applications model inside foldstack's wrapper (preprocess, base, head)."""
+    return next(ly for ly in model.layers if isinstance(ly, keras.Model))
 
 
 # ---------------------------------------------------------------------------------- the data
@@ -659,6 +716,39 @@ def _graph_key(job: FoldJob, bn: float, policy: str, steps_per_epoch: int) -> st
     }, sort_keys=True, default=str)
 
 
+def _fresh_model(job: FoldJob, bn: float) -> keras.Model:
+    """A new model for a phased fold, after dropping any cached compiled one."""
+    global _COMPILED
+    if _COMPILED is not None:
+        _COMPILED = None
+        keras.backend.clear_session()
+    seed_python(job.seed)
+    return build_model(job.spec, len(job.classes), bn)
+
+
+def _compile_phase(model: keras.Model, job: FoldJob, steps_per_epoch: int, phase: Phase) -> None:
+    """Freeze or unfreeze the application, then compile with the phase's optimiser.
+
+    A frozen Keras BatchNormalization runs in inference mode (the transfer-learning guide's
+    recipe), so the head phase keeps the pretrained statistics as they are.
+    """
+    cfg = job.cfg
+    application_of(model).trainable = phase.train_backbone
+    scales = layer_lr_scales(model, phase.layer_decay) if phase.layer_decay else None
+    optimizer, _ = make_optimizer(cfg, steps_per_epoch, phase, scales)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        steps_per_execution=steps_per_execution(steps_per_epoch),
+        jit_compile="auto",
+    )
+    if cfg.weight_decay:
+        optimizer.exclude_from_weight_decay(
+            var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+    optimizer.build(model.trainable_variables)
+
+
 def _compiled_model(job: FoldJob, steps_per_epoch: int, bn: float, policy: str) -> _Compiled:
     """A compiled model for this fold: the previous fold's (re-initialised) when its graph is
     the same, else a new one after clearing the session."""
@@ -737,16 +827,26 @@ def train_fold(job: FoldJob) -> FoldResult:
     extra = user_callbacks(cfg.callbacks)  # bad names fail before any work
     dataset, steps, batches = make_train_dataset(job.x_train, job.y_train, len(job.classes), cfg,
                                                  job.seed)
-    reused = _COMPILED is not None
-    compiled = _compiled_model(job, steps, bn, policy)
-    reused = reused and compiled.folds_served > 0
-    model = compiled.model
+    phases = plan_phases(cfg)
+    phased = len(phases) > 1 or phases[0].layer_decay is not None
+    if phased:  # each phase compiles its own step: nothing to reuse across folds
+        model, reused = _fresh_model(job, bn), False
+    else:
+        reused = _COMPILED is not None
+        compiled = _compiled_model(job, steps, bn, policy)
+        reused = reused and compiled.folds_served > 0
+        model = compiled.model
     model._initial_epoch = None  # set by a previous fold's BackupAndRestore
 
     job.work_dir.mkdir(parents=True, exist_ok=True)
     backup_dir = job.work_dir / "backup"
     best_path = job.work_dir / "best.weights.h5"
-    resumed_from = repair_backup(backup_dir)
+    if phased:
+        backups = [repair_backup(backup_dir / p.name) for p in phases]
+        first_phase = max((i for i, e in enumerate(backups) if e is not None), default=0)
+        resumed_from = backups[first_phase]
+    else:
+        resumed_from = repair_backup(backup_dir)
     resuming = resumed_from is not None
     if not resuming:
         job.history_path.unlink(missing_ok=True)
@@ -755,7 +855,7 @@ def train_fold(job: FoldJob) -> FoldResult:
         trim_history(job.history_path, resumed_from)
     best = _best_so_far(job.history_path) if resuming else None
     metrics = FoldMetrics(job.x_val, job.y_val, job.fold, cfg.epochs, echo=not cfg.progress)
-    callbacks = [
+    common = [
         batches,
         metrics,
         keras.callbacks.TerminateOnNaN(),
@@ -763,15 +863,33 @@ def train_fold(job: FoldJob) -> FoldResult:
         keras.callbacks.ModelCheckpoint(str(best_path), monitor="val_loss", mode="min",
                                         save_best_only=True, save_weights_only=True,
                                         initial_value_threshold=best),
-        # Backup before the CSV row: a kill between the two loses a row, never repeats one.
-        keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False,
-                                         double_checkpoint=True),
-        keras.callbacks.CSVLogger(str(job.history_path), append=True),
     ]
+
+    def tail(backup: Path) -> list[keras.callbacks.Callback]:
+        # Backup before the CSV row: a kill between the two loses a row, never repeats one.
+        return [keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False,
+                                                 double_checkpoint=True),
+                keras.callbacks.CSVLogger(str(job.history_path), append=True)]
+
     job.history_path.parent.mkdir(parents=True, exist_ok=True)
     build_seconds = time.perf_counter() - t0
-    model.fit(dataset, epochs=cfg.epochs, callbacks=callbacks, shuffle=False,
-              verbose="auto" if cfg.progress else 0)
+    verbose = "auto" if cfg.progress else 0
+    if phased:
+        for phase in phases[first_phase:]:
+            _compile_phase(model, job, steps, phase)
+            model._initial_epoch = None
+            log.info("fold %d: phase %r, epochs %d-%d, %s", job.fold, phase.name,
+                     phase.first_epoch + 1, phase.first_epoch + phase.epochs,
+                     "every layer" + (f", layer decay {phase.layer_decay}"
+                                      if phase.layer_decay else "")
+                     if phase.train_backbone else "head only, backbone frozen")
+            model.fit(dataset, initial_epoch=phase.first_epoch,
+                      epochs=phase.first_epoch + phase.epochs,
+                      callbacks=[*common, *tail(backup_dir / phase.name)], shuffle=False,
+                      verbose=verbose)
+    else:
+        model.fit(dataset, epochs=cfg.epochs, callbacks=[*common, *tail(backup_dir)],
+                  shuffle=False, verbose=verbose)
     train_seconds = time.perf_counter() - t0
     history = read_history(job.history_path)
     if not best_path.exists():  # val_loss never finite: keep the last weights
@@ -811,7 +929,7 @@ def train_fold(job: FoldJob) -> FoldResult:
         "resumed_from_epoch": resumed_from,
         "epochs_this_session": len(secs), "bn_momentum": bn, "head_dropout": job.spec.head_dropout,
         "bn_recalibrated_layers": recalibrated,
-        "phases": [p.to_dict() for p in plan_phases(cfg, backend_phases=False)],
+        "phases": [p.to_dict() for p in phases],
         "jit_compile": bool(model.jit_compile), "steps_per_execution": model.steps_per_execution,
         "compiled_step_reused": reused, "startup_seconds": startup,
         "build_seconds": build_seconds, "first_epoch_seconds": secs[0] if secs else None,
@@ -822,3 +940,37 @@ def train_fold(job: FoldJob) -> FoldResult:
              startup, build_seconds, first_extra,
              "compiled step reused" if reused else "compiled", info["rss_mb"])
     return FoldResult(val_proba, test_proba, history, info)
+
+
+def lr_range_test(job: FoldJob, lrs: np.ndarray) -> list[float]:
+    """The training loss of one batch per learning rate in ``lrs`` (the LR range test), for the
+    phase that trains every layer (layer-wise scales included), from the fold's initial weights.
+    """
+    cfg = job.cfg
+    configure_runtime(cfg)
+    bn = DEFAULT_BN_MOMENTUM if cfg.bn_momentum is None else float(cfg.bn_momentum)
+    dataset, steps, batches = make_train_dataset(job.x_train, job.y_train, len(job.classes), cfg,
+                                                 job.seed)
+    model = _fresh_model(job, bn)
+    phase = plan_phases(cfg)[-1]
+    application_of(model).trainable = True
+    scales = layer_lr_scales(model, phase.layer_decay) if phase.layer_decay else None
+    optimizer, _ = make_optimizer(cfg, steps, phase, scales, fixed_lr=float(lrs[0]))
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                  steps_per_execution=1)
+    losses: list[float] = []
+
+    class Ramp(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+            self.model.optimizer.learning_rate.assign(float(lrs[len(losses)]))
+            self.model.reset_metrics()  # so the logged loss is this batch's, not a mean
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            losses.append(float((logs or {}).get("loss", math.nan)))
+            if len(losses) >= len(lrs) or not math.isfinite(losses[-1]):
+                self.model.stop_training = True
+
+    model.fit(dataset.repeat(), steps_per_epoch=len(lrs), epochs=1, verbose=0,
+              callbacks=[batches, Ramp()], shuffle=False)
+    return losses + [math.inf] * (len(lrs) - len(losses))

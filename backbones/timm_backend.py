@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -556,3 +557,37 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
         "predict_seconds": time.perf_counter() - t0 - train_seconds,
     })
 
+
+def lr_range_test(job: FoldJob, lrs: np.ndarray) -> list[float]:
+    """The training loss of one batch per learning rate in ``lrs`` (the LR range test).
+
+    It ramps the phase that trains every layer (layer-wise scales included), from the fold's
+    initial weights, so the suggestion is for ``--lr``.
+    """
+    cfg = job.cfg
+    device = pick_device(cfg)
+    loader = make_loader(job.x_train, job.y_train, cfg, job.seed, device)
+    trainer = build_trainer(job, len(loader))
+    trainer.start_phase(plan_phases(cfg)[-1])
+    trainer.model.train()
+    losses: list[float] = []
+    epoch = 0
+    while len(losses) < len(lrs):
+        loader.sampler.set_epoch(epoch)
+        for images, labels in loader:
+            if len(losses) == len(lrs):
+                break
+            for g in trainer.optimizer.param_groups:
+                g["lr"] = float(lrs[len(losses)]) * g.get("lr_scale", 1.0)
+            x, y = trainer.to_input(images), labels.to(device)
+            with trainer._autocast():
+                loss = trainer.loss_fn(trainer.model(x), y)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.scaler.scale(loss).backward()
+            trainer.scaler.step(trainer.optimizer)
+            trainer.scaler.update()
+            losses.append(float(loss.item()))
+            if not math.isfinite(losses[-1]):
+                return losses + [math.inf] * (len(lrs) - len(losses))
+        epoch += 1
+    return losses

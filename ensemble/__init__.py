@@ -5,12 +5,15 @@ Nothing here imports torch or tensorflow: stacking reads probability files only.
 
 from ensemble.stackers import (
     STACKERS,
+    GeometricMean,
     GreedyEnsemble,
     LightGBMStacker,
     LogRegStacker,
     MeanBlend,
+    OptimizedBlend,
+    RankMean,
     make_stacker,
 )
 
-__all__ = ["STACKERS", "GreedyEnsemble", "LightGBMStacker", "LogRegStacker", "MeanBlend",
-           "make_stacker"]
+__all__ = ["STACKERS", "GeometricMean", "GreedyEnsemble", "LightGBMStacker", "LogRegStacker",
+           "MeanBlend", "OptimizedBlend", "RankMean", "make_stacker"]

@@ -31,14 +31,16 @@ from oof.config import (
     opt,
     save_config,
 )
-from oof.errors import ConfigError, FoldstackError, RunMismatchError
+from oof.errors import ConfigError, DataError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
-from oof.rundir import Run, check_compatible, find_runs, load_run
+from oof.metrics import METRICS
+from oof.rundir import META_FILE, Run, check_compatible, find_runs, load_run
 
 log = logging.getLogger(__name__)
 
-METHODS = tuple(STACKERS)  # mean, greedy, logreg, lightgbm: also the order of the table
-TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "seconds", "chosen", "note"]
+METHODS = tuple(STACKERS)  # simplest first: the order of the table and of ties in `auto`
+TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "macro_f1", "top3", "seconds",
+                 "chosen", "note"]
 
 
 @config_dataclass
@@ -49,8 +51,8 @@ class StackConfig(DatasetConfig):
                          "folder); default: every complete level-1 run in the run root")
     method: str = opt("auto", "level-2 method for the submission; auto = best level-2 score",
                       ("auto", *METHODS))
-    metric: str = opt("log_loss", "metric of auto and of greedy selection",
-                      ("log_loss", "accuracy"))
+    metric: str = opt("log_loss", "metric of auto (and of greedy selection: accuracy there "
+                      "for any metric but log_loss)", tuple(METRICS))
     compare: bool = opt(True, "score every method for the table (false: mean + the chosen one)")
     name: str | None = opt(None, "output folder in the run root (default: stack-<method>)")
     ensemble_size: PositiveInt = opt(25, "greedy: steps of ensemble selection (with replacement)")
@@ -87,7 +89,8 @@ class StackResult:
 def stacker_params(method: str, cfg: StackConfig) -> dict[str, Any]:
     """Config -> keyword arguments of one stacker."""
     if method == "greedy":
-        return {"ensemble_size": cfg.ensemble_size, "metric": cfg.metric}
+        return {"ensemble_size": cfg.ensemble_size,
+                "metric": "log_loss" if cfg.metric == "log_loss" else "accuracy"}
     if method == "logreg":
         return {"inputs": cfg.inputs, "random_state": cfg.seed}
     if method == "lightgbm":
@@ -128,26 +131,28 @@ def resolve_run_paths(run_root: Path, patterns: list[str]) -> list[Path]:
 
 def load_checked(paths: list[Path], run_root: Path, explicit: bool) -> tuple[list[Run], Folds]:
     """Load every run and refuse the set, naming each bad run and why, before any work."""
-    runs, problems = [], []
+    stored = load_folds(run_root)
+    runs, problems, damaged = [], [], False
     for p in paths:
         try:
-            runs.append(load_run(p))
+            runs.append(load_run(p, stored))
         except (FoldstackError, OSError, KeyError, ValueError) as exc:
             problems.append(f"{p}: {exc}")
-    if problems:
-        raise RunMismatchError("these runs cannot be stacked:\n  " + "\n  ".join(problems))
+            damaged = damaged or isinstance(exc, DataError)
+    if problems:  # a damaged file is a DataError (it names the file), a mismatch is not
+        error = DataError if damaged else RunMismatchError
+        raise error("these runs cannot be stacked:\n  " + "\n  ".join(problems))
     if not explicit:
-        level2 = [r for r in runs if r.meta.get("level") == 2]
-        runs = [r for r in runs if r.meta.get("level") != 2]
+        level2 = [r for r in runs if run_level(r) >= 2]
+        runs = [r for r in runs if run_level(r) < 2]
         if level2:
-            log.info("not stacking level-2 runs by default: %s (name them with --runs to do so)",
+            log.info("not stacking stacks by default: %s (name them with --runs to do so)",
                      ", ".join(r.name for r in level2))
         if not runs:
             raise RunMismatchError(f"{run_root}: only level-2 runs found; train level-1 runs "
                                    "first with run_folds.py")
     check_compatible(runs)
     ref = runs[0]
-    stored = load_folds(run_root)
     if stored is not None and stored.fingerprint != ref.fingerprint:
         raise RunMismatchError(
             "these runs cannot be stacked:\n  " + "\n  ".join(
@@ -159,10 +164,15 @@ def load_checked(paths: list[Path], run_root: Path, explicit: bool) -> tuple[lis
     return runs, folds
 
 
+def run_level(run: Run) -> int:
+    """1 for a trained backbone, 2 for a stack of those, 3 for a stack of stacks..."""
+    return int(run.meta.get("level", 1))
+
+
 def _note(method: str, level2: Level2) -> str:
     """One short cell: what each fold's stacker learned."""
     f = level2.folds
-    if method == "greedy":
+    if method in ("greedy", "blend"):
         w = np.mean([list(d["weights"].values()) for d in f], axis=0)
         names = list(f[0]["weights"])
         return "mean weights " + " ".join(f"{n}={v:.2f}" for n, v in zip(names, w) if v > 0)
@@ -170,7 +180,8 @@ def _note(method: str, level2: Level2) -> str:
         return "C per fold " + ",".join(f"{d['C']:g}" for d in f)
     if method == "lightgbm":
         return "rounds per fold " + ",".join(str(d["boosting_rounds"]) for d in f)
-    return "equal weights"
+    return {"geo": "geometric mean", "rank": "mean of per-class ranks"}.get(method,
+                                                                            "equal weights")
 
 
 def _backbone(run: Run) -> str:
@@ -182,18 +193,19 @@ def choose(results: dict[str, Level2], metric: str) -> str:
     """Best level-2 score; ties go to the simpler method (the METHODS order)."""
     def key(m: str) -> tuple[float, float, int]:
         s = results[m].scores
-        first = s["log_loss"] if metric == "log_loss" else -s["accuracy"]
+        first = -s[metric] if METRICS[metric] else s[metric]
         return (first, s["log_loss"], METHODS.index(m))
 
     return min(results, key=key)
 
 
 def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = [f"# Level-2 stack of {report['dataset']}", "",
+    top = report["level"]
+    lines = [f"# Level-{top} stack of {report['dataset']}", "",
              f"Chosen: **{report['chosen']}** ({report['choice']}).", "",
-             "Level-1 rows: each run's OOF scores. Level-2 rows: CV over the stored folds "
+             f"Input rows: each run's OOF scores. Level-{top} rows: CV over the stored folds "
              f"(K={report['folds']['k']}); the stacker scoring fold k was fitted on the other "
-             "folds' rows only. With `auto`, picking the best of several level-2 scores makes the "
+             "folds' rows only. With `auto`, picking the best of several scores makes the "
              "chosen score slightly optimistic.", "", format_table(rows, TABLE_COLUMNS), ""]
     if report.get("test_accuracy") is not None:
         lines += [f"Submission accuracy on held-out test labels: {report['test_accuracy']:.4f}",
@@ -210,6 +222,10 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     from oof.datasets import load_dataset
 
     started = time.perf_counter()
+    if cfg.metric not in METRICS:
+        raise ConfigError(f"--metric {cfg.metric!r}: choose one of {list(METRICS)}")
+    if cfg.method != "auto" and cfg.method not in METHODS:
+        raise ConfigError(f"--method {cfg.method!r}: choose one of {['auto', *METHODS]}")
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     run_root = Path(cfg.out) / dataset.name
     runs, folds = load_checked(resolve_run_paths(run_root, list(cfg.runs)), run_root,
@@ -245,22 +261,26 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     sub = build_submission(ids, ref.test_ids, test_proba, ref.classes,
                            dataset.submission_columns, id_source)
 
-    rows = [{"model": r.name, "level": 1, **r.scores(), "seconds": None, "chosen": "",
+    level = 1 + max(run_level(r) for r in runs)  # a stack of stacks is level 3
+    rows = [{"model": r.name, "level": run_level(r), **r.scores(), "seconds": None, "chosen": "",
              "note": _backbone(r)} for r in runs]
-    rows += [{"model": f"stack-{m}", "level": 2, **res.scores, "seconds": round(res.seconds, 2),
-              "chosen": "*" if m == chosen else "", "note": _note(m, res)}
+    rows += [{"model": f"stack-{m}", "level": level, **res.scores,
+              "seconds": round(res.seconds, 2), "chosen": "*" if m == chosen else "",
+              "note": _note(m, res)}
              for m, res in results.items()]
 
-    # All checks passed and everything is computed: write.
+    # All checks passed and everything is computed: write. meta.json (status complete) is the
+    # completion marker and goes last; the old one goes first, so a kill at any moment leaves a
+    # folder that does not look complete, and a rerun redoes it.
     level2 = results[chosen]
     inputs = [{"run": r.name, "path": str(r.path), "fingerprint": r.fingerprint,
                "oof_metrics": r.scores()} for r in runs]
-    run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg)
+    begin_output(out_dir)
     sub_path = out_dir / "submission.csv"
     sub.write(sub_path, out_dir / "submission_proba.csv")
     test_acc = _held_out_accuracy(sub_path, dataset.root)
     report = {
-        "dataset": dataset.name, "run_root": str(run_root), "runs": inputs,
+        "dataset": dataset.name, "run_root": str(run_root), "level": level, "runs": inputs,
         "folds": {"k": folds.k, "seed": folds.seed, "fingerprint": folds.fingerprint},
         "methods": {m: {"scores": r.scores, "seconds": round(r.seconds, 3), "folds": r.folds}
                     for m, r in results.items()},
@@ -268,22 +288,34 @@ def stack_runs(cfg: StackConfig) -> StackResult:
         "choice": (f"best level-2 {cfg.metric} of {methods}" if cfg.method == "auto"
                    else "--method"),
         "final": {"method": chosen, "params": final.get_params(), **describe(final, names)},
-        "level2_run": str(run.path), "submission": str(sub_path), "submission_ids": id_source,
+        "level2_run": str(out_dir), "submission": str(sub_path), "submission_ids": id_source,
         "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 2),
         "config": config_dict(cfg), "table": rows,
     }
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", _markdown(report, rows))
     save_config(cfg, out_dir / "config.yaml")
+    run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg, level)
     return StackResult(rows, TABLE_COLUMNS, chosen, out_dir, sub_path, run.path, test_acc, report)
 
 
+def begin_output(out_dir: Path) -> None:
+    """Unmark a folder about to be (re)written and drop temporaries a killed writer left."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / META_FILE
+    if marker.exists():
+        marker.unlink()
+    for tmp in out_dir.glob(".*.tmp"):  # oof.atomic's temporaries: ".<name>.<random>.tmp"
+        tmp.unlink(missing_ok=True)
+
+
 def _write_level2(out_dir: Path, method: str, ref: Run, folds: Folds, level2: Level2,
-                  inputs: list[dict[str, Any]], cfg: StackConfig) -> Run:
-    """The level-2 OOF saved like any run (meta level=2), so it can be analysed and stacked."""
+                  inputs: list[dict[str, Any]], cfg: StackConfig, level: int = 2) -> Run:
+    """The stack's CV OOF saved like any run (meta level = 1 + its inputs' highest level), so it
+    can be analysed and stacked again."""
     from oof.rundir import write_run
 
-    meta = {"level": 2, "method": method, "inputs": inputs, "config": config_dict(cfg),
+    meta = {"level": level, "method": method, "inputs": inputs, "config": config_dict(cfg),
             "backbone": {"name": f"stack/{method}"}, "fold_info": level2.folds,
             "level2_seconds": round(level2.seconds, 3)}
     return write_run(out_dir, out_dir.name, ref.classes, folds, level2.oof, ref.test_ids,

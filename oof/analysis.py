@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from oof.errors import DataError, FoldstackError, RunMismatchError
+from oof.folds import load_folds
 from oof.metrics import accuracy, log_loss
 from oof.rundir import Run, check_compatible, find_runs, load_run
 
@@ -63,22 +64,44 @@ def load_runs(run_root: str | Path, names: list[str] | None = None) -> list[Run]
         paths = find_runs(root)
         if not paths:
             raise RunMismatchError(f"{root}: no complete runs (folders with a complete meta.json)")
-    runs = [load_run(p) for p in paths]
+    stored = load_folds(root)
+    runs = [load_run(p, stored) for p in paths]
     check_compatible(runs)
     return runs
 
 
 def load_history(run: Run) -> pd.DataFrame | None:
-    """The run's per-epoch history, or None (level-2 runs usually have none)."""
+    """The run's per-epoch history, cleaned, or None (level-2 runs usually have none).
+
+    A history can be partial or damaged (two processes appending to one fold repeated the
+    header mid-file and cut a line; a killed run has fewer epochs): rows whose epoch is not a
+    number are dropped, metric columns are made numeric (garbage -> NaN, a gap in the curve),
+    and a repeated (fold, epoch) keeps its last row. The analysis never fails on it.
+    """
     path = run.path / "history.csv"
     if not path.exists() or path.stat().st_size == 0:
         return None
     try:
-        hist = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError) as exc:
+        hist = pd.read_csv(path, on_bad_lines="skip", dtype=str)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError, UnicodeDecodeError) as exc:
         log.warning("%s: history not readable (%s); learning curves skipped", path, exc)
         return None
-    return hist if len(hist) and "epoch" in hist.columns else None
+    if "epoch" not in hist.columns or not len(hist):
+        return None
+    n = len(hist)
+    hist = hist.apply(pd.to_numeric, errors="coerce")
+    hist = hist.dropna(subset=["epoch"])
+    hist = hist[hist["epoch"] == hist["epoch"].round()]
+    hist = hist.dropna(axis=1, how="all")
+    keys = [c for c in ("fold", "epoch") if c in hist.columns]
+    hist = hist.drop_duplicates(subset=keys, keep="last").sort_values(keys, kind="stable")
+    hist["epoch"] = hist["epoch"].astype(np.int64)
+    if "fold" in hist.columns:
+        hist = hist.dropna(subset=["fold"]).astype({"fold": np.int64})
+    if len(hist) < n:
+        log.warning("%s: %d of %d history rows were damaged or repeated and are left out",
+                    path, n - len(hist), n)
+    return hist.reset_index(drop=True) if len(hist) else None
 
 
 def image_paths(runs: list[Run], ids: list[str]) -> dict[str, str]:

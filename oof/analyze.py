@@ -1,7 +1,8 @@
 """Analyse the OOF files of a run root: HTML report plus the same numbers as JSON and Markdown.
 
-Usage: python -m oof.analyze RUN_ROOT [--runs NAME ...] [--out DIR] (RUN_ROOT first, or
---run-root). All complete runs of the root by default; a mismatched set is refused.
+Usage: python -m oof.analyze [--data DATA] [--out OUT] [--runs NAME ...] [--report-dir DIR]
+The run root is named as in run_folds.py and stack.py: OUT/<dataset name> (defaults: the demo,
+runs/). All complete runs of the root by default; a mismatched set is refused.
 """
 
 from __future__ import annotations
@@ -11,18 +12,23 @@ from pathlib import Path
 
 from oof.analysis import DEFAULT_BINS, DEFAULT_HARDEST
 from oof.cli import format_table, main_guard
-from oof.config import PositiveInt, config_dataclass, opt, parse_config, save_config
+from oof.config import (
+    DatasetConfig,
+    PositiveInt,
+    config_dataclass,
+    opt,
+    parse_config,
+    save_config,
+)
 from oof.errors import ConfigError
 
 
 @config_dataclass
-class AnalyzeConfig:
-    """Options of ``python -m oof.analyze``."""
+class AnalyzeConfig(DatasetConfig):
+    """Options of ``python -m oof.analyze``: the dataset flags of every script, then its own."""
 
-    config: str | None = opt(None, "YAML file of defaults; flags given here override it")
-    run_root: str | None = opt(None, "run root (runs/<dataset>); may be given first, positionally")
     runs: list = opt([], "run folder names to analyse (default: every complete run of the root)")
-    out: str | None = opt(None, "output folder (default: RUN_ROOT/analysis)")
+    report_dir: str | None = opt(None, "folder of the report (default: <run root>/analysis)")
     title: str | None = opt(None, "report title (default: 'OOF analysis: <run root name>')")
     bins: PositiveInt = opt(DEFAULT_BINS, "equal-width confidence bins for calibration (ECE)")
     hardest: PositiveInt = opt(DEFAULT_HARDEST, "how many most confidently wrong images to show")
@@ -30,11 +36,11 @@ class AnalyzeConfig:
     thumb_size: PositiveInt = opt(128, "thumbnail size in pixels (longest side)")
 
 
-def _positional_root(argv: list[str]) -> list[str]:
-    """Accept RUN_ROOT as the first argument by turning it into --run-root."""
-    if argv and not argv[0].startswith("-"):
-        return ["--run-root", argv[0], *argv[1:]]
-    return argv
+def run_root(cfg: DatasetConfig) -> Path:
+    """OUT/<dataset name>: the one rule every script uses to find a dataset's run root."""
+    from oof.datasets import load_dataset
+
+    return Path(cfg.out) / load_dataset(cfg.data, cfg.layout, cfg.test).name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,19 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     from oof.report import write_report
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse_config(AnalyzeConfig, _positional_root(argv), "python -m oof.analyze",
-                       __doc__ or "")
-    if not cfg.run_root:
-        raise ConfigError("give the run root: python -m oof.analyze RUN_ROOT")
+    if argv and not argv[0].startswith("-"):
+        raise ConfigError(
+            f"{argv[0]!r}: name the run root as run_folds.py and stack.py do, with --data DATA "
+            "--out OUT (run root OUT/<dataset name>), e.g. python -m oof.analyze --data demo")
+    cfg = parse_config(AnalyzeConfig, argv, "python -m oof.analyze", __doc__ or "")
     for name, value in (("bins", cfg.bins), ("hardest", cfg.hardest),
                         ("thumb-size", cfg.thumb_size)):
         if value < (0 if name == "hardest" else 1):
             raise ConfigError(f"--{name} {value}: must be positive")
-    root = Path(cfg.run_root)
+    root = run_root(cfg)
     runs = load_runs(root, [str(r) for r in cfg.runs] or None)
     analysis = analyze(runs, n_bins=cfg.bins, n_hardest=cfg.hardest,
                        find_images=cfg.thumbnails)
-    out = Path(cfg.out) if cfg.out else root / "analysis"
+    out = Path(cfg.report_dir) if cfg.report_dir else root / "analysis"
     title = cfg.title or f"OOF analysis: {root.resolve().name}"
     paths = write_report(analysis, out, title, with_thumbnails=cfg.thumbnails,
                          thumb_size=cfg.thumb_size)

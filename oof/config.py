@@ -85,6 +85,8 @@ class RunConfig(DatasetConfig):
         "(StratifiedGroupKFold); default 'none' (fixed per run root)", ("none", "phash"))
     fold: NonNegativeInt | None = opt(None, "run this fold only (manual parallelism); default all")
     backbone: Name = opt("timm/resnet10t", "backbone: timm/<timm name> or keras/<application>")
+    lr_find: bool = opt(False, "run the LR range test on fold 0's training rows instead of "
+                        "training: plot and suggested --lr in the run folder's lr_find/")
     run_name: str | None = opt(None, "run folder name (default: backbone and image size)")
     pretrained: str = opt("", "'' from scratch; 'auto' framework cache/online; or a weights file")
     img_size: ImageSize | None = opt(None, "square input size in pixels (default: the backbone's)")
@@ -192,8 +194,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         if f.default not in (MISSING, None, "") and "default" not in text:
             text += f" (default: {f.default})"
         kwargs: dict[str, Any] = {"help": text.replace("%", "%%"), "default": argparse.SUPPRESS}
-        if tp is bool:
-            kwargs.update(type=_bool, metavar="BOOL")
+        if tp is bool:  # "--lr-find" alone means true; "--progress false" still works
+            kwargs.update(type=_bool, metavar="BOOL", nargs="?", const=True)
         elif tp is list or typing.get_origin(tp) is list:
             item = (typing.get_args(tp) or (str,))[0]
             kwargs.update(nargs="+", metavar=f.name.upper().rstrip("S"),

@@ -1,15 +1,27 @@
-"""The two metrics every table in foldstack reports, computed one way everywhere."""
+"""The metrics every table in foldstack reports, computed one way everywhere.
+
+Accuracy and log loss (Kaggle's), plus macro F1 (every class counts the same, whatever its size)
+and top-3 accuracy (the label among the 3 most probable classes). Rows with a NaN are skipped:
+no fold predicted them.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 EPS = 1e-15
+TOP_K = 3
+# name -> True when larger is better; the vocabulary of --metric
+METRICS: dict[str, bool] = {"log_loss": False, "accuracy": True, "macro_f1": True, "top3": True}
+
+
+def _ok(proba: np.ndarray) -> np.ndarray:
+    return ~np.isnan(proba).any(axis=1)
 
 
 def accuracy(y: np.ndarray, proba: np.ndarray) -> float:
     """Share of rows whose arg-max class is the label (rows with NaN are skipped)."""
-    ok = ~np.isnan(proba).any(axis=1)
+    ok = _ok(proba)
     if not ok.any():
         return float("nan")
     return float((proba[ok].argmax(axis=1) == np.asarray(y)[ok]).mean())
@@ -17,12 +29,37 @@ def accuracy(y: np.ndarray, proba: np.ndarray) -> float:
 
 def log_loss(y: np.ndarray, proba: np.ndarray) -> float:
     """Multiclass log loss of the true class, probabilities clipped at 1e-15 as Kaggle does."""
-    ok = ~np.isnan(proba).any(axis=1)
+    ok = _ok(proba)
     if not ok.any():
         return float("nan")
     p = np.clip(proba[ok][np.arange(ok.sum()), np.asarray(y)[ok]], EPS, 1.0)
     return float(-np.log(p).mean())
 
 
+def macro_f1(y: np.ndarray, proba: np.ndarray) -> float:
+    """Mean over classes of F1 of the arg-max; a class never predicted nor present is left out
+    (as scikit-learn's ``f1_score(average='macro')`` over the labels present in either)."""
+    ok = _ok(proba)
+    if not ok.any():
+        return float("nan")
+    c = proba.shape[1]
+    true, pred = np.asarray(y)[ok], proba[ok].argmax(axis=1)
+    tp = np.bincount(true[true == pred], minlength=c).astype(np.float64)
+    n_true, n_pred = np.bincount(true, minlength=c), np.bincount(pred, minlength=c)
+    seen = (n_true + n_pred) > 0
+    return float((2 * tp[seen] / (n_true + n_pred)[seen]).mean())
+
+
+def top_k_accuracy(y: np.ndarray, proba: np.ndarray, k: int = TOP_K) -> float:
+    """Share of rows whose label is among the k most probable classes (ties count against)."""
+    ok = _ok(proba)
+    if not ok.any():
+        return float("nan")
+    p = proba[ok]
+    p_true = p[np.arange(len(p)), np.asarray(y)[ok]]
+    return float(((p > p_true[:, None]).sum(axis=1) < k).mean())
+
+
 def scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    return {"accuracy": accuracy(y, proba), "log_loss": log_loss(y, proba)}
+    return {"accuracy": accuracy(y, proba), "log_loss": log_loss(y, proba),
+            "macro_f1": macro_f1(y, proba), "top3": top_k_accuracy(y, proba)}

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from oof.atomic import write_atomic, write_json
-from oof.errors import RunMismatchError
-from oof.folds import Folds
+from oof.errors import DataError, RunMismatchError
+from oof.folds import FOLDS_FILE, Folds, fold_fingerprint
 from oof.metrics import scores
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class RunDir:
 
     def read_meta(self) -> dict[str, Any]:
         p = self.path / META_FILE
-        return json.loads(p.read_text()) if p.exists() else {}
+        return read_json(p) if p.exists() else {}
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         write_json(self.path / META_FILE, meta)
@@ -227,36 +227,134 @@ class RunDir:
         return write_run(self.path, name, classes, folds, oof, test_ids, per_fold, meta)
 
 
-def _read_parquet_info(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a truncated or edited file is a DataError naming it."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: damaged JSON ({exc}); the file was truncated or edited: "
+                        "rerun the command that wrote it") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _read_parquet_info(path: Path, required: list[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Table + foldstack metadata; a missing, truncated or foreign file is a DataError naming it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    if not path.exists():
+        raise DataError(f"{path}: missing; the run folder is damaged: rerun its command")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc}); "
+                        "it was truncated or overwritten: rerun the command that wrote it"
+                        ) from None
     raw = (table.schema.metadata or {}).get(PARQUET_META_KEY)
     if raw is None:
-        raise RunMismatchError(f"{path}: not written by foldstack (no class order in its metadata)")
-    return table.to_pandas(), json.loads(raw)
+        raise DataError(f"{path}: not written by foldstack (no class order in its metadata)")
+    try:
+        info = json.loads(raw)
+        info = {"run": str(info["run"]), "classes": [str(c) for c in info["classes"]],
+                "fingerprint": str(info["fingerprint"])}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: damaged foldstack metadata ({exc})") from None
+    cols = [*required, *column_names(info["run"], info["classes"])]
+    missing = [c for c in cols if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: columns {missing} missing")
+    return table.to_pandas(), info
 
 
-def load_run(path: str | Path) -> Run:
-    """Load a complete run folder: ids, labels, folds, class names, OOF and test probabilities."""
+def _first_duplicate(values: np.ndarray) -> tuple[int, int] | None:
+    """(row, first row) of the first value seen twice, or None."""
+    seen: dict[Any, int] = {}
+    for row, v in enumerate(values):
+        if v in seen:
+            return row, seen[v]
+        seen[v] = row
+    return None
+
+
+def _check_rows(path: Path, df: pd.DataFrame, classes: list[str], meta: dict[str, Any]) -> None:
+    """Ids unique, labels known, folds whole numbers in 0..K-1."""
+    ids = df["id"].astype(str).to_numpy(object)
+    dup = _first_duplicate(ids)
+    if dup:
+        raise DataError(f"{path}: row {dup[0]}: id {ids[dup[0]]!r} appears twice (also row "
+                        f"{dup[1]}); every training id must appear exactly once")
+    known = set(classes)
+    bad = [i for i, lab in enumerate(df["label"].astype(str)) if lab not in known]
+    if bad:
+        raise DataError(f"{path}: row {bad[0]}: label {df['label'].iloc[bad[0]]!r} is not one of "
+                        f"the run's classes {classes}")
+    k = meta.get("folds")
+    fold = pd.to_numeric(df["fold"], errors="coerce").to_numpy(np.float64)
+    out = ~np.isfinite(fold) | (fold != np.round(fold)) | (fold < 0)
+    if isinstance(k, int):
+        out |= fold >= k
+    if out.any():
+        r = int(np.flatnonzero(out)[0])
+        raise DataError(f"{path}: row {r}: fold {df['fold'].iloc[r]} is not in 0..{k}-1")
+
+
+def _check_fingerprint(path: Path, df: pd.DataFrame, meta: dict[str, Any],
+                       fingerprint: str) -> None:
+    """The (id, fold) rows hash to the recorded fingerprint: no row added, dropped or moved."""
+    k, seed = meta.get("folds"), meta.get("fold_seed")
+    ids = df["id"].astype(str).to_numpy(object)
+    fold = df["fold"].to_numpy(np.int64)
+    if isinstance(k, int) and isinstance(seed, int):
+        actual = fold_fingerprint(ids, fold.astype(np.int64), k, seed)
+        if actual != fingerprint:
+            raise DataError(
+                f"{path}: its {len(ids)} (id, fold) rows do not match the run's fold fingerprint "
+                f"({actual} != {fingerprint}): rows were added, removed or moved to other folds")
+
+
+def load_run(path: str | Path, folds: Folds | None = None) -> Run:
+    """Load a complete run folder: ids, labels, folds, class names, OOF and test probabilities.
+
+    ``meta.json`` and the parquet metadata both record the class order and fold fingerprint:
+    they are cross-checked, so an edit to either is caught here, naming the file. With the run
+    root's stored ``folds`` (of the same fingerprint), a missing or foreign id is named too.
+    """
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.exists():
         raise RunMismatchError(f"{path}: not a run folder (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     if meta.get("status") != "complete":
         done = sorted(int(p.stem[4:]) for p in (path / "parts").glob("fold*.json"))
         raise RunMismatchError(
             f"{path}: run is incomplete (folds done: {done} of {meta.get('folds', '?')}); "
             "rerun its run_folds.py command to finish it"
         )
-    oof_df, info = _read_parquet_info(path / "oof.parquet")
-    test_df, _ = _read_parquet_info(path / "test.parquet")
+    oof_path, test_path = path / "oof.parquet", path / "test.parquet"
+    oof_df, info = _read_parquet_info(oof_path, ["id", "label", "fold"])
+    test_df, test_info = _read_parquet_info(test_path, ["id"])
+    for key, label in (("run", "run name"), ("classes", "class order"),
+                       ("fingerprint", "fold fingerprint")):
+        in_meta = meta.get("fold_fingerprint" if key == "fingerprint" else key)
+        if in_meta != info[key]:
+            raise DataError(f"{meta_path}: {label} {in_meta!r} != {info[key]!r} recorded in "
+                            f"{oof_path}: one of the two files was edited")
+        if test_info[key] != info[key]:
+            raise DataError(f"{test_path}: {label} {test_info[key]!r} != {info[key]!r} of "
+                            f"{oof_path}: the files come from different runs")
     name, classes = info["run"], list(info["classes"])
     cols = column_names(name, classes)
-    missing = [c for c in cols if c not in oof_df.columns]
-    if missing:
-        raise RunMismatchError(f"{path / 'oof.parquet'}: columns {missing} missing")
+    _check_rows(oof_path, oof_df, classes, meta)
+    if folds is not None and folds.fingerprint == info["fingerprint"]:
+        _check_against(oof_path, oof_df, folds)
+    _check_fingerprint(oof_path, oof_df, meta, info["fingerprint"])
+    test_ids = test_df["id"].astype(str).to_numpy(object)
+    dup = _first_duplicate(test_ids)
+    if dup:
+        raise DataError(f"{test_path}: row {dup[0]}: test id {test_ids[dup[0]]!r} appears twice "
+                        f"(also row {dup[1]})")
     labels = oof_df["label"].astype(str).to_numpy(object)
     index = {c: i for i, c in enumerate(classes)}
     return Run(
@@ -264,8 +362,8 @@ def load_run(path: str | Path) -> Run:
         ids=oof_df["id"].astype(str).to_numpy(object), labels=labels,
         y=np.array([index[lab] for lab in labels], dtype=np.int64),
         folds=oof_df["fold"].to_numpy(np.int64), oof=oof_df[cols].to_numpy(np.float64),
-        test_ids=test_df["id"].astype(str).to_numpy(object),
-        test=test_df[cols].to_numpy(np.float64), fingerprint=info["fingerprint"], meta=meta,
+        test_ids=test_ids, test=test_df[cols].to_numpy(np.float64),
+        fingerprint=info["fingerprint"], meta=meta,
     )
 
 
@@ -273,10 +371,38 @@ def find_runs(run_root: str | Path, complete_only: bool = True) -> list[Path]:
     """Run folders under a run root (those with a meta.json), complete ones only by default."""
     found = []
     for meta in sorted(Path(run_root).glob(f"*/{META_FILE}")):
-        status = json.loads(meta.read_text()).get("status")
+        status = read_json(meta).get("status")
         if status == "complete" or not complete_only:
             found.append(meta.parent)
     return found
+
+
+def _check_against(where: Path, df: pd.DataFrame, folds: Folds) -> None:
+    """The OOF rows have exactly the stored folds' ids, folds and labels; name the first
+    difference."""
+    ids = df["id"].astype(str).to_numpy(object)
+    stored = {i: n for n, i in enumerate(folds.ids.astype(str))}
+    have = set(ids)
+    extra = [(n, i) for n, i in enumerate(ids) if i not in stored]
+    if extra:
+        raise DataError(f"{where}: row {extra[0][0]}: id {extra[0][1]!r} is not in {FOLDS_FILE}")
+    missing = [str(i) for i in folds.ids.astype(str) if i not in have]
+    if missing:
+        raise DataError(f"{where}: {len(missing)} training id(s) of {FOLDS_FILE} have no row, "
+                        f"e.g. {missing[:3]}")
+    pos = np.array([stored[i] for i in ids], dtype=np.int64)
+    fold = pd.to_numeric(df["fold"], errors="coerce").to_numpy(np.float64)
+    moved = np.flatnonzero(folds.fold[pos] != fold)
+    if len(moved):
+        n = int(moved[0])
+        raise DataError(f"{where}: row {n}: id {ids[n]!r} is in fold {df['fold'].iloc[n]}, "
+                        f"{FOLDS_FILE} says {folds.fold[pos[n]]}")
+    labels = df["label"].astype(str).to_numpy(object)
+    relabel = np.flatnonzero(folds.labels.astype(str)[pos] != labels)
+    if len(relabel):
+        n = int(relabel[0])
+        raise DataError(f"{where}: row {n}: id {ids[n]!r} has label {labels[n]!r}, "
+                        f"{FOLDS_FILE} says {folds.labels[pos[n]]!r}")
 
 
 def check_compatible(runs: list[Run], atol: float = 1e-4) -> None:

@@ -37,22 +37,12 @@ class Phase:
         return asdict(self)
 
 
-def plan_phases(cfg: RunConfig, backend_phases: bool = True) -> list[Phase]:
+def plan_phases(cfg: RunConfig) -> list[Phase]:
     """The phases of one fold: ``head`` (frozen backbone) then ``full``, or ``full`` alone.
 
     ``epochs`` counts both phases. Defaults depend on whether the weights are pretrained:
-    ``head_epochs`` 1 and ``layer_decay`` 0.8 if so, 0 and none from scratch. A backend that
-    cannot run phases (``backend_phases=False``) gets one phase, and refuses the keys if set.
+    ``head_epochs`` 1 and ``layer_decay`` 0.8 if so, 0 and none from scratch.
     """
-    if not backend_phases:
-        asked = [f"--{flag} {value}" for flag, value, neutral in (
-            ("head-epochs", cfg.head_epochs, 0), ("head-lr", cfg.head_lr, None),
-            ("layer-decay", cfg.layer_decay, 1)) if value is not None and value != neutral]
-        if asked:
-            raise ConfigError(f"{', '.join(asked)}: {cfg.backbone.partition('/')[0]} backbones "
-                              "train every layer from the first step (no fine-tuning phases "
-                              "yet); drop the option")
-        return [Phase("full", 0, cfg.epochs, cfg.lr, cfg.warmup_epochs, True, None)]
     pretrained = bool(cfg.pretrained)
     head = cfg.head_epochs if cfg.head_epochs is not None else (
         min(DEFAULT_HEAD_EPOCHS, cfg.epochs - 1) if pretrained else 0)

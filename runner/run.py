@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import platform
 import shutil
 import time
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 # ``folds`` and ``seed`` are checked through the stored folds' fingerprint instead: leaving them
 # out on a rerun means "the stored ones" (``ensure_folds`` already refused different values).
 RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data",
-                  "folds", "seed", "folds_group"}
+                  "folds", "seed", "folds_group", "lr_find"}
 
 
 @dataclass
@@ -218,10 +219,7 @@ def _train_folds(cfg: RunConfig, dataset: ImageDataset, folds: Folds, run: RunDi
     x_all = cached_images(list(dataset.train["path"]), spec.input_size, cache)
     x_test = cached_images(list(dataset.test["path"]), spec.input_size, cache)
     log.info("images ready in %.1fs", time.perf_counter() - t0)
-    row_of = {i: n for n, i in enumerate(dataset.train["id"])}
-    order = np.array([row_of[i] for i in folds.ids.astype(str)])  # folds.csv order -> dataset rows
-    index = dataset.class_index
-    y_all = np.array([index[lab] for lab in folds.labels.astype(str)], dtype=np.int64)
+    order, y_all = _fold_rows(dataset, folds)
     for k in todo:
         tr, va = folds.split(k)
         f0 = time.perf_counter()
@@ -248,3 +246,56 @@ def _train_folds(cfg: RunConfig, dataset: ImageDataset, folds: Folds, run: RunDi
 
 def _ckpt_suffix(spec: Any) -> str:
     return ".pt" if spec.framework == "torch" else ".weights.h5"
+
+
+def _fold_rows(dataset: ImageDataset, folds: Folds) -> tuple[np.ndarray, np.ndarray]:
+    """Dataset row of each folds.csv row, and its integer label."""
+    row_of = {i: n for n, i in enumerate(dataset.train["id"])}
+    order = np.array([row_of[i] for i in folds.ids.astype(str)])
+    index = dataset.class_index
+    return order, np.array([index[lab] for lab in folds.labels.astype(str)], dtype=np.int64)
+
+
+@dataclass
+class LRFindSummary:
+    """What ``lr_find`` returns: the curve, its suggestion and where they were written."""
+
+    result: Any
+    json_path: Path
+    plot_path: Path
+
+
+def lr_find(cfg: RunConfig) -> LRFindSummary:
+    """The LR range test (``run_folds.py --lr-find``) on fold 0's training rows.
+
+    One batch per learning rate on a geometric ramp from 1e-7 to 1, for the phase that trains
+    every layer; the curve (``lr_find.png``), the numbers and the suggested ``--lr`` go into the
+    run folder's ``lr_find/``. No fold is trained and no OOF is written.
+    """
+    import backbones
+    from backbones.base import FoldJob
+    from recipe.lr_find import LR_FIND_DIR, lr_ramp, save, suggest
+
+    dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
+    root = run_root_for(cfg, dataset)
+    spec, backend = backbones.resolve(cfg)
+    x_all = cached_images(list(dataset.train["path"]), spec.input_size, root / "cache")
+    folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
+                         cfg.folds, cfg.seed, cfg.folds_group,
+                         make_groups=lambda: duplicate_groups(dataset, root))
+    order, y_all = _fold_rows(dataset, folds)
+    tr, _ = folds.split(0)
+    run_path = root / cfg.resolved_run_name(spec.input_size)
+    seed = cfg.train_seed if cfg.train_seed is not None else folds.seed
+    job = FoldJob(spec=spec, cfg=cfg, fold=0, classes=dataset.classes,
+                  x_train=np.asarray(x_all[order[tr]]), y_train=y_all[tr],
+                  x_val=np.asarray(x_all[order[tr[:0]]]), y_val=y_all[tr[:0]],
+                  x_test=np.asarray(x_all[order[tr[:0]]]), checkpoint_path=Path(os.devnull),
+                  work_dir=run_path / "work" / "lr_find", history_path=Path(os.devnull),
+                  seed=seed)
+    lrs = lr_ramp()
+    log.info("LR range test: %d batches of %d, LR %.0e to %.0e", len(lrs), cfg.batch_size,
+             lrs[0], lrs[-1])
+    result = suggest(list(lrs), backend.lr_range_test(job, lrs))
+    data, plot = save(result, run_path / LR_FIND_DIR, f"LR range test: {run_path.name}")
+    return LRFindSummary(result, data, plot)

@@ -22,7 +22,7 @@ from oof.analysis import (
     per_class_scores,
     reliability,
 )
-from oof.errors import RunMismatchError
+from oof.errors import ConfigError, RunMismatchError
 from oof.folds import Folds, fold_fingerprint, make_folds, write_folds
 from oof.rundir import check_compatible, load_run, write_run
 from tests.synthetic import synthetic_folds, synthetic_proba, synthetic_run
@@ -130,33 +130,36 @@ def test_confusion_and_undefined_precision() -> None:
 def test_mismatched_runs_refused_with_check_compatible_message(tmp_path: Path, capsys) -> None:
     from oof.analyze import main
     from oof.cli import main_guard
+    from tests.test_stack import Project
 
-    a = synthetic_run(tmp_path, "a", synthetic_folds(tmp_path / "x", n=60, seed=0), 0.8, 1)
-    b = synthetic_run(tmp_path, "b", synthetic_folds(tmp_path / "y", n=60, seed=1), 0.8, 2)
+    p = Project(tmp_path)
+    a = p.runs[0]
+    b = synthetic_run(p.root, "b", synthetic_folds(tmp_path / "y", n=60, seed=1), 0.8, 2)
     with pytest.raises(RunMismatchError) as expected:
         check_compatible([a, b])
     with pytest.raises(RunMismatchError) as got:
-        load_runs(tmp_path)
+        load_runs(p.root, ["good", "b"])
     assert str(got.value) == str(expected.value)
     assert "fold fingerprint" in str(got.value)
     with pytest.raises(RunMismatchError):
         analyze([load_run(a.path), load_run(b.path)])
-    assert main_guard(lambda: main([str(tmp_path), "--out", str(tmp_path / "rep")])) == 2
+    assert main_guard(lambda: main(["--data", str(p.data), "--out", str(p.out), "--runs", "good",
+                                    "b", "--report-dir", str(tmp_path / "rep")])) == 2
     assert str(expected.value) in capsys.readouterr().err
     assert not (tmp_path / "rep").exists()
     with pytest.raises(RunMismatchError, match="no run folder"):
-        load_runs(tmp_path, ["nope"])
+        load_runs(p.root, ["nope"])
 
 
 def test_cli_writes_html_json_md(tmp_path: Path, capsys) -> None:
     from oof.analyze import main
+    from tests.test_stack import Project
 
-    folds = synthetic_folds(tmp_path, n=120, k=3)
-    for name, skill, seed in (("good", 0.5, 1), ("weak", 0.2, 2), ("noise", 0.0, 3)):
-        synthetic_run(tmp_path, name, folds, skill, seed)
+    p = Project(tmp_path)  # runs good, weak, noise in OUT/<dataset name>, as run_folds makes them
+    flags = ["--data", str(p.data), "--out", str(p.out)]
     out = tmp_path / "report"
-    assert main([str(tmp_path), "--runs", "good", "weak", "--out", str(out), "--bins", "10",
-                 "--hardest", "5"]) == 0
+    assert main([*flags, "--runs", "good", "weak", "--report-dir", str(out), "--bins", "10",
+                 "--hardest", "5", "--thumbnails", "false"]) == 0
     printed = capsys.readouterr().out
     assert "good" in printed and "noise" not in printed and "oracle accuracy" in printed
     data = json.loads((out / "report.json").read_text())
@@ -164,7 +167,7 @@ def test_cli_writes_html_json_md(tmp_path: Path, capsys) -> None:
     assert data["calibration_bins"]["n_bins"] == 10
     assert len(data["runs"]["good"]["reliability"]) == 10
     assert len(data["hardest"]) == 5
-    good = load_run(tmp_path / "good")
+    good = load_run(p.root / "good")
     assert data["runs"]["good"]["accuracy"] == pytest.approx(good.scores()["accuracy"])
     md = (out / "report.md").read_text()
     assert "## Between runs" in md and "| good" in md
@@ -172,9 +175,11 @@ def test_cli_writes_html_json_md(tmp_path: Path, capsys) -> None:
     assert html.startswith("<!DOCTYPE html>") and "Hardest images" in html
     assert "src=\"http" not in html and "<link" not in html  # nothing outside the file
     assert (out / "analyze_config.yaml").exists()
-    assert main([str(tmp_path), "--out", str(tmp_path / "all")]) == 0  # all three runs
-    all_runs = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert main([*flags, "--thumbnails", "false"]) == 0  # all three runs, default report dir
+    all_runs = json.loads((p.root / "analysis" / "report.json").read_text())
     assert len(all_runs["summary"]) == 3
+    with pytest.raises(ConfigError, match="--data DATA --out OUT"):
+        main([str(p.root)])  # the old positional RUN_ROOT: one way to name a run root
 
 
 # ---------------------------------------------------------------- real images, real browser
@@ -217,14 +222,15 @@ def test_report_renders_in_headless_chromium(demo_subset: Path, tmp_path: Path) 
     from oof.analyze import main
 
     train = pd.read_csv(demo_subset / "train.csv", dtype=str)
-    root = tmp_path / "runs"
+    root = tmp_path / "runs" / demo_subset.name
     folds = make_folds(list(train["Id"]), list(train["Category"]), 3, 0)
     write_folds(root, folds)
     _run_with_images(root, "alpha", folds, demo_subset, 0.5, 1, history=True)
     _run_with_images(root, "beta", folds, demo_subset, 0.3, 2, history=True)
     _run_with_images(root, "stack", folds, demo_subset, 0.6, 3, history=False, level=2)
     out = tmp_path / "report"
-    assert main([str(root), "--out", str(out), "--hardest", "12"]) == 0
+    assert main(["--data", str(demo_subset), "--out", str(tmp_path / "runs"), "--report-dir",
+                 str(out), "--hardest", "12"]) == 0
     data = json.loads((out / "report.json").read_text())
     assert len(data["hardest"]) == 12
     assert all(Path(h["path"]).is_file() for h in data["hardest"])

@@ -94,7 +94,7 @@ out["mixing"] = {"same": bool(np.array_equal(first[0], again[0])),
                  "sums": [round(float(v), 5) for v in first[1].sum(axis=1)]}
 out["steps_per_execution"] = [kb.steps_per_execution(n) for n in (1, 6, 7, 8, 100)]
 out["phase_keys"] = error(lambda: kb.resolve_spec(
-    sys.argv[2], RunConfig(backbone="keras/" + sys.argv[2], head_epochs=1)))
+    sys.argv[2], RunConfig(backbone="keras/" + sys.argv[2], head_epochs=5, epochs=2)))
 print("PROBE" + json.dumps(out))
 """
 
@@ -169,7 +169,8 @@ def test_keras_run_stacks_with_a_timm_run(demo_subset: Path, tmp_path: Path, pro
         "  - {name: EarlyStopping, monitor: val_loss, patience: 5}\n"
     )
     _run_folds("torch,timm", *common, "--backbone", f"keras/{APP}", "--img-size", "32",
-               "--config", str(config), "--pretrained", probe["weights_path"], "--tta", "hflip")
+               "--config", str(config), "--pretrained", probe["weights_path"], "--tta", "hflip",
+               "--layer-decay", "1")  # one phase: the traced step is reused across folds
     root = out / demo_subset.name
     timm_run = load_run(root / "timm-resnet10t_16px")
     keras_run = load_run(root / f"keras-{APP}_32px")
@@ -205,18 +206,21 @@ def test_keras_run_stacks_with_a_timm_run(demo_subset: Path, tmp_path: Path, pro
 
 @pytest.mark.slow
 def test_killed_fold_resumes_from_a_damaged_backup_as_if_never_killed(
-        demo_subset: Path, tmp_path: Path) -> None:
+        demo_subset: Path, tmp_path: Path, probe: dict) -> None:
+    """A pretrained (phased: head, then every layer with layer decay) fold killed in its second
+    phase, with a damaged latest backup, ends exactly as an uninterrupted fold."""
     args = [sys.executable, "run_folds.py", "--data", str(demo_subset), "--out",
             str(tmp_path), "--folds", "3", "--fold", "0", "--epochs", "12", "--backbone",
-            f"keras/{APP}", "--img-size", "32", "--progress", "false", "--batch-size", "32"]
+            f"keras/{APP}", "--img-size", "32", "--progress", "false", "--batch-size", "32",
+            "--pretrained", probe["weights_path"], "--head-epochs", "1"]
     history = tmp_path / demo_subset.name / f"keras-{APP}_32px" / "parts" / "fold0_history.csv"
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if history.exists() and len(history.read_text().strip().splitlines()) >= 3:
-                break  # header and two epochs
+            if history.exists() and len(history.read_text().strip().splitlines()) >= 4:
+                break  # header and three epochs: the head's and two of the full phase
             time.sleep(0.2)
         assert proc.poll() is None, "fold finished before it could be interrupted"
         proc.send_signal(signal.SIGKILL)
@@ -226,7 +230,7 @@ def test_killed_fold_resumes_from_a_damaged_backup_as_if_never_killed(
     part = history.parent / "fold0.json"
     assert not part.exists()
     # a kill while BackupAndRestore wrote would leave a truncated latest backup: plant one
-    backup = history.parent.parent / "work" / "fold0" / "backup"
+    backup = history.parent.parent / "work" / "fold0" / "backup" / "full"
     backed_up = json.loads((backup / "training_metadata.json").read_text())["epoch"]
     weights = backup / "latest.weights.h5"
     weights.write_bytes(weights.read_bytes()[:96])
@@ -235,7 +239,8 @@ def test_killed_fold_resumes_from_a_damaged_backup_as_if_never_killed(
     assert done.returncode == 0, done.stderr[-4000:]
     assert "is damaged (killed while writing it): resuming from the previous backup" in done.stderr
     info = json.loads(part.read_text())
-    assert info["resumed_from_epoch"] == backed_up - 1 >= 1
+    assert info["resumed_from_epoch"] == backed_up - 1 >= 2
+    assert [p["name"] for p in info["phases"]] == ["head", "full"]
     assert info["epochs_this_session"] == 12 - info["resumed_from_epoch"]
     epochs = pd.read_csv(history)["epoch"].tolist()
     assert epochs == list(range(12))
@@ -274,8 +279,8 @@ def test_every_optimizer_name_is_a_keras_optimizer(probe: dict) -> None:
         "lamb": "Lamb", "lion": "Lion", "adamax": "Adamax"}
 
 
-def test_fine_tuning_phase_keys_are_refused_not_ignored(probe: dict) -> None:
-    assert "--head-epochs 1: keras backbones train every layer" in probe["phase_keys"]
+def test_bad_fine_tuning_phase_keys_are_refused_before_any_work(probe: dict) -> None:
+    assert "--head-epochs 5: more than --epochs 2" in probe["phase_keys"]
 
 
 def test_steps_per_execution_divides_the_epoch(probe: dict) -> None:

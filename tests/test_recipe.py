@@ -40,12 +40,6 @@ def test_from_scratch_is_one_phase_and_keys_override() -> None:
 def test_bad_phase_settings_are_named() -> None:
     with pytest.raises(ConfigError, match="--head-epochs 5: more than --epochs 3"):
         plan_phases(RunConfig(epochs=3, head_epochs=5))
-    with pytest.raises(ConfigError, match="--head-epochs 2, --layer-decay 0.5: keras backbones"):
-        plan_phases(RunConfig(backbone="keras/MobileNetV3Small", head_epochs=2, layer_decay=0.5),
-                    backend_phases=False)
-    (single,) = plan_phases(RunConfig(backbone="keras/X", pretrained="auto", epochs=3),
-                            backend_phases=False)
-    assert single.train_backbone and single.epochs == 3
 
 
 def test_lr_curve_warms_up_then_anneals() -> None:
@@ -215,3 +209,66 @@ def test_timm_models_are_built_at_the_run_image_size_with_the_configured_head() 
     assert heads["catavgmax-0"]["in"] == 2 * heads["avg-0"]["in"]  # avg and max concatenated
     assert heads["avg-24"]["layers"] == ["Linear", "BatchNorm1d", "GELU", "Dropout", "Linear"]
     assert heads["avg-0"]["head"] == "Linear"
+
+
+KERAS_PHASES = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+import keras
+from backbones import keras_backend as kb
+from backbones.base import FoldJob
+from oof.config import RunConfig
+from recipe import plan_phases
+
+app = "MobileNetV3Small"
+base = getattr(keras.applications, app)(include_top=False, weights=None, input_shape=(32, 32, 3))
+path = str(Path(sys.argv[1]) / "base.weights.h5")
+base.save_weights(path)
+cfg = RunConfig(backbone="keras/" + app, pretrained=path, img_size=32, epochs=2, batch_size=16,
+                progress=False, augment="none")
+spec = kb.resolve_spec(app, cfg)
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+y = rng.integers(0, 4, 64)
+job = FoldJob(spec, cfg, 0, ["a", "b", "c", "d"], x, y, x[:8], y[:8], x[:8], Path("unused"),
+              Path("unused"), Path("unused"), seed=0)
+head, full = plan_phases(cfg)
+model = kb._fresh_model(job, kb.DEFAULT_BN_MOMENTUM)
+ds, steps, batches = kb.make_train_dataset(x, y, 4, cfg, 0)
+application = kb.application_of(model)
+before = [w.copy() for w in application.get_weights()]  # kernels and BatchNorm statistics
+head_before = model.get_layer("logits").get_weights()[0].copy()
+kb._compile_phase(model, job, steps, head)
+out = {"head_trainable": len(model.trainable_variables)}
+model.fit(ds, epochs=1, callbacks=[batches], verbose=0)
+after = application.get_weights()
+out["backbone_unchanged"] = all(np.array_equal(a, b) for a, b in zip(before, after))
+out["head_changed"] = not np.array_equal(head_before, model.get_layer("logits").get_weights()[0])
+kb._compile_phase(model, job, steps, full)
+out["scales"] = sorted(set(round(s, 6) for s in model.optimizer.lr_scales))
+out["optimizer"] = type(model.optimizer).__name__
+model.fit(ds, initial_epoch=1, epochs=2, callbacks=[batches], verbose=0)
+out["backbone_trained"] = not all(np.array_equal(a, b) for a, b in
+                                  zip(before, application.get_weights()))
+print("PHASES" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_keras_head_phase_freezes_application_and_full_phase_decays_by_layer(
+        tmp_path: Path) -> None:
+    """The Keras equivalent of the timm phases: frozen application (BatchNorm statistics too)
+    while the head trains, then every layer with per-variable LR scales."""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", KERAS_PHASES, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("PHASES"))
+    out = json.loads(line[len("PHASES"):])
+    assert out["head_trainable"] == 2  # the logits kernel and bias, nothing of the application
+    assert out["backbone_unchanged"] and out["head_changed"]
+    assert out["backbone_trained"] and out["optimizer"] == "LayerScaledAdamW"
+    scales = out["scales"]
+    assert len(scales) >= 8 and scales[-1] == 1.0 and scales[0] < 0.8 ** 10, scales

@@ -86,7 +86,7 @@ def test_complete_run_directory(finished: tuple[Path, subprocess.CompletedProces
         info = meta["fold_info"][k]
         assert {"accuracy", "log_loss", "seconds", "train_seconds", "epochs_run"} <= set(info)
         assert info["n_val"] == 100 and info["epochs_run"] == 1
-    assert set(meta["oof_metrics"]) == {"accuracy", "log_loss"}
+    assert set(meta["oof_metrics"]) == {"accuracy", "log_loss", "macro_f1", "top3"}
 
     oof = pd.read_parquet(run_dir / "oof.parquet")
     cols = [f"{RUN_NAME}__{i}" for i in range(10)]

@@ -148,7 +148,7 @@ def test_load_run_round_trip(tmp_path: Path, folds: Folds) -> None:
     assert again.fingerprint == folds.fingerprint
     assert [again.classes[i] for i in again.y] == list(again.labels)
     assert again.columns == [f"net_a__{c}" for c in again.classes]
-    assert set(again.scores()) == {"accuracy", "log_loss"}
+    assert set(again.scores()) == {"accuracy", "log_loss", "macro_f1", "top3"}
     assert find_runs(tmp_path) == [tmp_path / "net_a"]
 
 

@@ -14,7 +14,7 @@ from ensemble.evaluate import cross_val_level2, level1_matrix
 from ensemble.stack import StackConfig, stack_runs
 from ensemble.stackers import make_stacker
 from oof.errors import ConfigError, RunMismatchError
-from oof.folds import Folds, make_folds
+from oof.folds import Folds, fold_fingerprint, make_folds
 from oof.rundir import load_run, write_run
 from tests.synthetic import synthetic_folds, synthetic_proba, synthetic_run
 
@@ -65,8 +65,8 @@ def project(tmp_path: Path) -> Project:
 def test_stack_writes_table_submission_report_and_level2_run(project: Project) -> None:
     res = stack_runs(project.cfg())
     models = [r["model"] for r in res.rows]
-    assert models == ["good", "noise", "weak", "stack-mean", "stack-greedy", "stack-logreg",
-                      "stack-lightgbm"]
+    assert models == ["good", "noise", "weak", "stack-mean", "stack-geo", "stack-rank",
+                      "stack-blend", "stack-greedy", "stack-logreg", "stack-lightgbm"]
     chosen = [r for r in res.rows if r["chosen"]]
     assert len(chosen) == 1 and chosen[0]["model"] == f"stack-{res.chosen}"
     level2 = [r for r in res.rows if r["level"] == 2]
@@ -108,7 +108,12 @@ def test_level2_oof_is_saved_as_a_loadable_run(project: Project) -> None:
     assert "stack-greedy" not in [r["model"] for r in again.rows]
     named = stack_runs(project.cfg(method="mean", compare=False, name="level3",
                                    runs=["stack-greedy", "goo*"]))
-    assert [r["model"] for r in named.rows if r["level"] == 1] == ["stack-greedy", "good"]
+    assert [(r["model"], r["level"]) for r in named.rows[:2]] == [("stack-greedy", 2),
+                                                                   ("good", 1)]
+    # A stack of stacks is level 3: in its table, its meta and its report.
+    assert {r["level"] for r in named.rows[2:]} == {3}
+    assert load_run(named.level2_run).meta["level"] == 3
+    assert (named.out_dir / "report.md").read_text().startswith("# Level-3 stack")
 
 
 def test_submission_follows_the_sample_ids_order_and_labels(project: Project) -> None:
@@ -139,7 +144,8 @@ def _other_folds(p: Project) -> tuple[str, str]:
 
 def _other_ids(p: Project) -> tuple[str, str]:
     ids = np.array([f"x_{i}" for i in p.folds.ids], dtype=object)
-    f = Folds(ids, p.folds.labels, p.folds.fold, p.folds.k, p.folds.seed, p.folds.fingerprint)
+    f = Folds(ids, p.folds.labels, p.folds.fold, p.folds.k, p.folds.seed,
+              fold_fingerprint(ids, p.folds.fold, p.folds.k, p.folds.seed))
     synthetic_run(p.root, "otherids", f, 0.5, 9, N_TEST)
     return "otherids", "training ids differ"
 
@@ -302,3 +308,23 @@ def _yaml(project: Project, text: str) -> Path:
     path = project.out / "bad.yaml"
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("metric", ["macro_f1", "top3", "accuracy"])
+def test_metric_selects_the_best_method_by_that_metric(project: Project, metric: str) -> None:
+    res = stack_runs(project.cfg(metric=metric, name=f"by-{metric}"))
+    level2 = [r for r in res.rows if r["level"] == 2]
+    assert {r["model"] for r in level2} == {f"stack-{m}" for m in
+                                            ("mean", "geo", "rank", "blend", "greedy", "logreg",
+                                             "lightgbm")}
+    best = max(r[metric] for r in level2)
+    chosen = next(r for r in level2 if r["chosen"])
+    assert chosen[metric] == best and chosen["model"] == f"stack-{res.chosen}"
+    assert all(0 <= r["macro_f1"] <= 1 and r["top3"] >= r["accuracy"] for r in res.rows)
+    md = (res.out_dir / "report.md").read_text()
+    assert "macro_f1" in md and "top3" in md
+
+
+def test_unknown_metric_is_refused(project: Project) -> None:
+    with pytest.raises(ConfigError, match="metric"):
+        stack_runs(project.cfg(metric="auc"))

@@ -14,10 +14,13 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from ensemble.evaluate import cross_val_level2
 from ensemble.stackers import (
     STACKERS,
+    GeometricMean,
     GreedyEnsemble,
     LightGBMStacker,
     LogRegStacker,
     MeanBlend,
+    OptimizedBlend,
+    RankMean,
     make_stacker,
 )
 from oof.errors import ConfigError
@@ -43,11 +46,23 @@ _BLOCK_ONLY = {
 
 
 def _expected_failures(est: BaseEstimator) -> dict[str, str]:
-    return _BLOCK_ONLY if isinstance(est, (MeanBlend, GreedyEnsemble)) else {}
+    blocks = isinstance(est, (MeanBlend, GreedyEnsemble, OptimizedBlend, GeometricMean,
+                              RankMean)) or (
+        isinstance(est, LogRegStacker) and est.pooling == "run") or (
+        isinstance(est, LightGBMStacker) and est.base is not None)
+    if isinstance(est, OptimizedBlend) or (isinstance(est, LogRegStacker)
+                                           and est.pooling == "run"):
+        return {**_BLOCK_ONLY, "check_non_transformer_estimators_n_iter":
+                _BLOCK_ONLY["check_fit2d_1feature"]}
+    return _BLOCK_ONLY if blocks else {}
 
 
+# The default LogRegStacker (one weight per run) and LightGBMStacker (boosted from it) read X as
+# blocks too; their free-form variants go through every check.
 @parametrize_with_checks(
-    [MeanBlend(), GreedyEnsemble(), LogRegStacker(), LightGBMStacker()],
+    [MeanBlend(), GeometricMean(), RankMean(), OptimizedBlend(), GreedyEnsemble(),
+     LogRegStacker(), LogRegStacker(pooling="none"),
+     LightGBMStacker(), LightGBMStacker(base=None)],
     expected_failed_checks=_expected_failures,
 )
 def test_sklearn_conformance(estimator: BaseEstimator, check) -> None:
@@ -130,7 +145,8 @@ def test_level2_cv_never_fits_on_the_rows_it_scores() -> None:
     assert not np.isnan(res.oof).any()
 
 
-@pytest.mark.parametrize("cls", [MeanBlend, GreedyEnsemble])
+@pytest.mark.parametrize("cls", [MeanBlend, GreedyEnsemble, OptimizedBlend, GeometricMean,
+                                 RankMean])
 def test_block_stackers_basics(cls: type) -> None:
     X, y, _ = _level1(n=200, skills=(0.6, 0.3))
     est = cls().fit(X, y)
@@ -156,7 +172,7 @@ def test_mean_blend_weights_validated() -> None:
 
 
 def test_make_stacker_names_the_choices() -> None:
-    assert set(STACKERS) == {"mean", "greedy", "logreg", "lightgbm"}
+    assert set(STACKERS) == {"mean", "geo", "rank", "blend", "greedy", "logreg", "lightgbm"}
     with pytest.raises(ConfigError, match="lightgbm"):
         make_stacker("xgboost")
 
@@ -166,3 +182,35 @@ def test_lightgbm_is_imported_lazily() -> None:
             "print('lightgbm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_optimized_blend_weights_on_the_simplex_and_beat_mean_and_best_run() -> None:
+    X, y, folds = _level1(n=1000, skills=(0.7, 0.0, 0.4, 0.0), temperatures=(1, 1, 2, 1))
+    b = OptimizedBlend().fit(X, y)
+    assert b.weights_.min() >= 0 and b.weights_.sum() == pytest.approx(1.0)
+    assert b.weights_[[1, 3]].max() < 0.05  # noise runs get ~0
+    blend = cross_val_level2("blend", OptimizedBlend(), X, y, folds, 4).scores
+    mean = cross_val_level2("mean", MeanBlend(), X, y, folds, 4).scores
+    best = min(log_loss(y, X[:, 4 * r:4 * r + 4]) for r in range(4))
+    assert blend["log_loss"] < mean["log_loss"] - 0.1 and blend["log_loss"] <= best + 1e-9
+
+
+def test_geometric_mean_by_hand() -> None:
+    X = np.array([[0.5, 0.5, 0.9, 0.1], [0.2, 0.8, 0.2, 0.8]])
+    p = GeometricMean().fit(X, [0, 1]).predict_proba(X)
+    g = np.sqrt([0.5 * 0.9, 0.5 * 0.1])
+    np.testing.assert_allclose(p[0], g / g.sum())
+    np.testing.assert_allclose(p[1], [0.2, 0.8])
+
+
+def test_rank_mean_ignores_calibration_and_follows_order() -> None:
+    """Sharpening one run (a monotone change of its scores) leaves the rank mean unchanged."""
+    X, y, folds = _level1(n=600, skills=(0.6, 0.5))
+    sharp = X.copy()
+    sharp[:, :4] = X[:, :4] ** 3
+    a = RankMean().fit(X, y).predict_proba(X)
+    b = RankMean().fit(sharp, y).predict_proba(sharp)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    rank = cross_val_level2("rank", RankMean(), X, y, folds, 4).scores
+    best = max((X[:, 4 * r:4 * r + 4].argmax(1) == y).mean() for r in range(2))
+    assert rank["accuracy"] >= best - 0.01
