@@ -90,6 +90,9 @@ class RunConfig(DatasetConfig):
     run_name: str | None = opt(None, "run folder name (default: backbone and image size)")
     pretrained: str = opt("", "'' from scratch; 'auto' framework cache/online; or a weights file")
     img_size: ImageSize | None = opt(None, "square input size in pixels (default: the backbone's)")
+    resize: str = opt("squash", "how an image becomes a square in the decoded cache: squash the "
+                      "whole frame, or keep the aspect ratio and crop the centre or pad",
+                      ("squash", "crop", "pad"))
     batch_size: PositiveInt = opt(64, "images per training step")
     epochs: PositiveInt = opt(10, "training epochs per fold")
     lr: PositiveFloat = opt(2e-3, "peak learning rate")
