@@ -174,7 +174,7 @@ class LocalPool:
         self.pools: dict[str, ProcessPoolExecutor] = {}
         self.running: dict[Future, Job] = {}
 
-    def slots_free(self, family: str) -> bool:
+    def slots_free(self, family: str, wanted: set[str]) -> bool:
         return not self.running
 
     def _pool(self, family: str) -> ProcessPoolExecutor:
@@ -254,12 +254,14 @@ class RayPool:
     def _count(self) -> int:
         return sum(len(v) for v in self.actors.values())
 
-    def slots_free(self, family: str) -> bool:
+    def slots_free(self, family: str, wanted: set[str]) -> bool:
+        """An idle worker of ``family``, or a share to start one. ``wanted``: the frameworks
+        with jobs ready to start; their idle workers are kept (starting one costs seconds)."""
         if self._idle(family) is not None or self._count() < self.slots:
             return True
-        # all shares taken: free one held by an idle worker of another framework
+        # all shares taken: free one held by an idle worker that no ready job wants
         for other, actors in self.actors.items():
-            idle = self._idle(other) if other != family else None
+            idle = self._idle(other) if other not in wanted else None
             if idle is not None:
                 actors.remove(idle)
                 self.ray.kill(idle)
@@ -343,11 +345,13 @@ def _schedule(graph: Graph, table: JobTable, pool: LocalPool | RayPool,
     running: dict[int, Job] = {}
     while True:
         busy_roots = {graph.root(j.run) for j in running.values() if j.kind == "prepare"}
-        for job in graph.ready(busy_roots):
+        ready = graph.ready(busy_roots)
+        wanted = {j.family for j in ready if j.family}
+        for job in ready:
             if job.kind == "stack":  # level 2 runs here: it never needs torch or TensorFlow
                 _run_stack(graph, table, job)
                 continue
-            if not pool.slots_free(job.family or ""):
+            if not pool.slots_free(job.family or "", wanted):
                 continue
             args: tuple = (graph.values[job.run],)
             if job.kind == "fold":

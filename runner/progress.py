@@ -41,7 +41,7 @@ class Job:
     output: Any = field(default=None, repr=False)
 
     def row(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {"job": self.name, **asdict(self)}
         d.pop("output")
         d.pop("started")
         if self.state == "running" and self.started is not None:
