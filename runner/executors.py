@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -274,10 +275,21 @@ class RayPool:
         if actor is None:
             actor = self.actor_cls.remote(family)
             self.actors.setdefault(family, []).append(actor)
-        where = self.ray.get(actor.where.remote())  # also waits for a restarted actor
+        where = self._where(actor)
         ref = getattr(actor, method).remote(*args)
         self.busy[ref] = (job, actor)
         return f"{where['host']}:{where['pid']}"
+
+    def _where(self, actor: Any, timeout: float = 300.0) -> dict[str, Any]:
+        """The actor's host and pid, once it is up (a restarting actor answers 'unavailable')."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                return self.ray.get(actor.where.remote())
+            except self.ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.5)
 
     def wait(self, timeout: float) -> Iterator[tuple[Job, Outcome]]:
         ray = self.ray
