@@ -136,22 +136,28 @@ def _decode_chunk(file: str, offset: int, shape: tuple[int, ...], start: int,
                   paths: Sequence[str], resize: Resize) -> list[str]:
     """Decode ``paths`` into rows ``start:start+len(paths)`` of the ``.npy`` at ``file``.
 
-    Runs in a worker process: it maps only its own rows (``offset`` is the data start of the
-    file), writes them and unmaps, so its memory is one chunk whatever the size of the set.
-    Returns the bad files' messages instead of raising, so every culprit is listed together.
+    Runs in a worker process: it decodes into a buffer of one chunk and writes it at its place
+    (``offset`` is where the file's data starts) with one ``pwrite``, so its memory is one chunk
+    whatever the size of the set. Returns the bad files' messages instead of raising, so every
+    culprit is listed together.
     """
     size = shape[1]
     row_bytes = int(np.prod(shape[1:]))
-    rows = np.memmap(file, dtype=np.uint8, mode="r+", offset=offset + start * row_bytes,
-                     shape=(len(paths), *shape[1:]))
+    rows = np.zeros((len(paths), *shape[1:]), dtype=np.uint8)
     errors = []
     for i, p in enumerate(paths):
         try:
             rows[i] = read_rgb(p, size, resize)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
             errors.append(f"{p}: {type(exc).__name__}: {exc}")
-    rows.flush()
-    del rows
+    fd = os.open(file, os.O_WRONLY)
+    try:
+        data, at = memoryview(rows).cast("B"), offset + start * row_bytes
+        while len(data):
+            written = os.pwrite(fd, data, at)
+            data, at = data[written:], at + written
+    finally:
+        os.close(fd)
     return errors
 
 
@@ -239,7 +245,11 @@ class RowView:
     fold holds a batch of pixels, not its share of the set. It answers what the backends ask
     of an array (``len``, ``shape``, ``dtype``, int / slice / index-array lookups) and returns
     plain uint8 arrays, so their code runs unchanged; ``np.asarray(view)`` gathers every row.
-    Pickles as the cache's file name (a DataLoader worker, a Ray task), never as its pixels.
+
+    Rows of a cache file are read with ``pread`` rather than through the memory map: the pages
+    then live in the OS page cache (shared, dropped under pressure) instead of piling up in the
+    process's resident set as an epoch touches every row. Pickles as the cache's file name (a
+    DataLoader worker, a Ray task), never as its pixels.
     """
 
     def __init__(self, base: np.ndarray, rows: Any) -> None:
@@ -248,6 +258,35 @@ class RowView:
         n = len(base)
         if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= n):
             raise IndexError(f"row index out of range for {n} images")
+        self._file = getattr(base, "filename", None) if isinstance(base, np.memmap) else None
+        self._offset = int(getattr(base, "offset", 0))
+        self._row_bytes = int(np.prod(base.shape[1:], dtype=np.int64)) * base.dtype.itemsize
+        self._fd: int | None = None
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (ascending) of the cache file, by ``pread``; runs of rows in one call."""
+        out = np.empty((len(idx), *self.base.shape[1:]), dtype=self.base.dtype)
+        if self._fd is None:
+            self._fd = os.open(self._file, os.O_RDONLY)
+        flat = memoryview(out.reshape(len(idx), -1)).cast("B")
+        rb = self._row_bytes
+        i = 0
+        while i < len(idx):
+            j = i + 1
+            while j < len(idx) and idx[j] == idx[j - 1] + 1:
+                j += 1
+            want, at, got = (j - i) * rb, self._offset + int(idx[i]) * rb, 0
+            while got < want:
+                n = os.preadv(self._fd, [flat[i * rb + got:j * rb]], at + got)
+                if n <= 0:
+                    raise OSError(f"{self._file}: short read at row {idx[i]} (file truncated?)")
+                got += n
+            i = j
+        return out
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -264,21 +303,24 @@ class RowView:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _take(self, idx: np.ndarray) -> np.ndarray:
+        return self._read(idx) if self._file is not None else np.asarray(self.base[idx])
+
     def _gather(self, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` of the base, read in file order (forward on disk), returned in order."""
         if len(idx) > 1 and np.any(idx[1:] < idx[:-1]):
             order = np.argsort(idx, kind="stable")
             out = np.empty((len(idx), *self.base.shape[1:]), dtype=self.base.dtype)
-            out[order] = self.base[idx[order]]
+            out[order] = self._take(idx[order])
             return out
-        return np.asarray(self.base[idx])
+        return self._take(idx)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         rest: tuple = ()
         if isinstance(key, tuple):
             key, rest = key[0], key[1:]
         if isinstance(key, (int, np.integer)):
-            return np.array(self.base[self.rows[key]])[rest]
+            return self._take(np.atleast_1d(self.rows[key]))[0][rest]
         return self._gather(self.rows[key])[(slice(None), *rest)]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:

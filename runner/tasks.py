@@ -75,7 +75,8 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
         spec=spec, cfg=cfg, fold=k, classes=prep.dataset.classes,
         x_train=RowView(images.train, images.order[tr]), y_train=images.y[tr],
         x_val=RowView(images.train, images.order[va]), y_val=images.y[va],
-        x_test=images.test, checkpoint_path=run.checkpoint_dir() / f"fold{k}{ckpt_suffix(spec)}",
+        x_test=RowView(images.test, np.arange(len(images.test))),
+        checkpoint_path=run.checkpoint_dir() / f"fold{k}{ckpt_suffix(spec)}",
         work_dir=run.work_dir(k), history_path=run.history_path(k), seed=prep.train_seed + k,
     )
     result = prep.backend.train_fold(job)
