@@ -223,3 +223,20 @@ def test_bad_input_fails_once_with_its_message(cluster, data: Path, tmp_path: Pa
     assert jobs[f"{RUNS[0]}/assemble"]["state"] == "skipped"
     assert jobs["good/assemble"]["state"] == "done"
     assert (tmp_path / "out" / "data" / "good" / "oof.parquet").is_file()
+
+
+def test_single_run_on_a_local_ray_instance(data: Path, tmp_path: Path) -> None:
+    """No plan, no --address: ``run_folds.py --executor ray`` starts (and stops) its own Ray."""
+    (tmp_path / "token").write_text(secrets.token_hex(32))
+    args = ["--data", str(data), "--out", str(tmp_path / "runs"), "--executor", "ray",
+            "--object-store-mb", "80", "--folds", "2", "--epochs", "1", "--img-size", "16",
+            "--threads", "1", "--progress", "false"]
+    proc = run_script(args, tmp_path, ray_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_dir = tmp_path / "runs" / "data" / RUNS[0]
+    oof = pd.read_parquet(run_dir / "oof.parquet")
+    assert len(oof) == 300 and oof["fold"].nunique() == 2
+    accuracy = float(proc.stdout.rsplit("OOF accuracy ", 1)[1].split()[0])  # the last line
+    assert accuracy > 0.3  # 10 classes: chance is 0.1
+    jobs = status(tmp_path / "runs", RUNS[0])["jobs"]
+    assert [j["kind"] for j in jobs] == ["prepare", "fold", "fold", "finish"]
