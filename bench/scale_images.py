@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, default=1.0,
                     help="fraction of the car-sized set used by the measurements")
     ap.add_argument("--build-size", type=int, default=512, help="cache build: image size")
-    ap.add_argument("--fold-sizes", type=int, nargs="+", default=[224, 512])
+    ap.add_argument("--fold-sizes", type=int, nargs="*", default=[224, 512],
+                    help="image sizes of the fold measurement (none: skip it)")
     ap.add_argument("--fold-images", type=int, default=400,
                     help="N: training images of the smaller fold run (the other has 2N)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -272,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
             m = run_measured(cmd, env)
             copy_mb = n_imgs * size**2 * 3 / 2**20
             rows.append((size, n_imgs, m, copy_mb))
+    if not rows:
+        return
     print(f"\none fold (timm/resnet10t, batch {args.batch_size}, 1 epoch, K=5, fold 0), "
           "peak memory of its process:")
     print("| size | train images | test images | seconds | peak MB | anonymous MB | "
