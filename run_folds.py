@@ -34,4 +34,4 @@ def main(argv: list[str] | None = None) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(lambda: main(sys.argv[1:])))
+    sys.exit(main_guard(lambda: main(sys.argv[1:]), hard_exit_on_disk_full=True))

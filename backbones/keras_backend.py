@@ -253,7 +253,11 @@ def build_model(spec: BackboneSpec, num_classes: int,
         x = keras.layers.BatchNormalization(name="head_bn")(x)
         x = keras.layers.Activation(spec.head_activation, name="head_act")(x)
         x = keras.layers.Dropout(spec.head_dropout, name="head_hidden_dropout")(x)
-    x = keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
+    # on pretrained features the new head starts at zero (uniform predictions), as in the timm
+    # backend: its first large gradients would otherwise flow into the pretrained layers
+    init = "zeros" if weights is not None else "glorot_uniform"
+    x = keras.layers.Dense(num_classes, name="logits", dtype="float32",
+                           kernel_initializer=init)(x)
     outputs = keras.layers.Activation("softmax", dtype="float32", name="proba")(x)
     model = keras.Model(inputs, outputs, name=spec.model_name)
     set_bn_momentum(model, bn_momentum)

@@ -97,7 +97,7 @@ def create_model(spec: BackboneSpec, num_classes: int) -> nn.Module:
             raise ConfigError(f"--pretrained {source}: no such weights file")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     try:
-        return _with_hidden_layer(_create_at_size(spec, pretrained=bool(source), **kwargs), spec)
+        model = _with_hidden_layer(_create_at_size(spec, pretrained=bool(source), **kwargs), spec)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - timm raises many types for "no weights"
@@ -109,6 +109,26 @@ def create_model(spec: BackboneSpec, num_classes: int) -> nn.Module:
             f"{where} ({type(exc).__name__}: {str(exc)[:300]}). Offline, pass a local file: "
             "--pretrained /path/to/model.safetensors (or .pth / .bin)"
         ) from exc
+    if source:
+        _zero_new_head(model)
+    return model
+
+
+def _zero_new_head(model: nn.Module) -> None:
+    """Start the new head's last layer at zero on pretrained features.
+
+    timm initialises a fresh classifier for training from scratch: on pretrained EfficientNet
+    features its logits start with a standard deviation near 3 (first-epoch loss 8-10 on 8
+    classes), and those large early gradients flow into the backbone. A zero last layer starts
+    at the uniform prediction (loss ln C) and still gets full gradients, as BiT does.
+    """
+    head = model.get_classifier()
+    last = head[-1] if isinstance(head, nn.Sequential) else head
+    if isinstance(last, nn.Linear):
+        with torch.no_grad():
+            last.weight.zero_()
+            if last.bias is not None:
+                last.bias.zero_()
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
