@@ -35,15 +35,18 @@ class BackboneSpec:
     head_dropout: float = 0.2
     head_hidden: int = 0
     head_activation: str = "relu"
+    drop_path: float = 0.0  # stochastic depth rate of the backbone's residual branches
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def head_options(cfg: RunConfig) -> dict[str, Any]:
-        """The ``head_*`` config keys, as the spec fields every backend builds the head from."""
+        """The model-structure config keys (``head_*``, ``drop_path``), as the spec fields every
+        backend builds the model from."""
         return {"head_pool": cfg.head_pool, "head_dropout": cfg.head_dropout,
-                "head_hidden": cfg.head_hidden, "head_activation": cfg.head_activation}
+                "head_hidden": cfg.head_hidden, "head_activation": cfg.head_activation,
+                "drop_path": cfg.drop_path}
 
 
 @dataclass

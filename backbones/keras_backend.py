@@ -69,6 +69,7 @@ from oof.config import RunConfig  # noqa: E402
 from oof.errors import ConfigError  # noqa: E402
 from oof.metrics import accuracy, log_loss  # noqa: E402
 from recipe import lr_table, phase_lengths, plan_phases  # noqa: E402
+from recipe.losses import class_weight_vector  # noqa: E402
 from recipe.phases import Phase  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,10 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
     ).is_file():
         raise ConfigError(f"--pretrained {cfg.pretrained}: no such weights file")
     plan_phases(cfg)  # refuses bad fine-tuning keys before any work
+    if cfg.drop_path:
+        raise ConfigError(f"--drop-path {cfg.drop_path}: keras.applications fix their stochastic "
+                          f"depth (keras/{model_name} takes no rate); leave --drop-path at 0 or "
+                          "use a timm backbone")
     words, mean, std = describe_preprocessing(model_name)
     return BackboneSpec(
         name=f"keras/{model_name}", family="keras", framework=FRAMEWORK, model_name=model_name,
@@ -450,9 +455,20 @@ def reseed_layers(model: keras.Model, seed: int, epoch: int) -> int:
     return len(generators)
 
 
+def make_loss(cfg: RunConfig) -> keras.losses.Loss:
+    """The recipe's loss (recipe/losses.py) from Keras' own classes; class weights come as
+    sample weights from the dataset (``make_train_dataset``)."""
+    if cfg.loss == "focal":  # alpha 1: the class weights do the balancing, as in timm
+        return keras.losses.CategoricalFocalCrossentropy(
+            alpha=1.0, gamma=cfg.focal_gamma, label_smoothing=cfg.label_smoothing)
+    return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+
+
 def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
-                       cfg: RunConfig, seed: int) -> tuple[tf.data.Dataset, int, EpochBatches]:
-    """Augmented, one-hot, prefetched batches of the fold's uint8 training images.
+                       cfg: RunConfig, seed: int, class_weights: np.ndarray | None = None,
+                       ) -> tuple[tf.data.Dataset, int, EpochBatches]:
+    """Augmented, one-hot, prefetched batches of the fold's uint8 training images, with
+    each image's class weight (``t_i . w``, soft targets too) as its sample weight when given.
 
     A batch is gathered and augmented in one numpy call, so the per-image Python cost is the
     albumentations transform alone and it runs ahead of the training step in tf.data's thread.
@@ -468,11 +484,15 @@ def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
                            build_seeded_augment(cfg.augment, images.shape[1], seed), seed, mixing)
     size = images.shape[1]
 
-    def gather(b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    weight_of_class = None if class_weights is None else tf.constant(class_weights, tf.float32)
+
+    def gather(b: tf.Tensor) -> tuple[tf.Tensor, ...]:
         x, y = tf.numpy_function(batches.load, [b], [tf.uint8, tf.float32], stateful=True)
         x.set_shape((None, size, size, 3))
         y.set_shape((None, num_classes))
-        return x, y
+        if weight_of_class is None:
+            return x, y
+        return x, y, tf.linalg.matvec(y, weight_of_class)
 
     ds = (tf.data.Dataset.range(steps)
           .map(gather, num_parallel_calls=1)
@@ -715,6 +735,7 @@ def _graph_key(job: FoldJob, bn: float, policy: str, steps_per_epoch: int) -> st
         "spec": job.spec.to_dict(), "classes": len(job.classes), "bn": bn, "policy": policy,
         "batch": min(cfg.batch_size, len(job.x_train)), "lr": cfg.lr,
         "opt": cfg.optimizer, "wd": cfg.weight_decay, "ls": cfg.label_smoothing,
+        "loss": cfg.loss, "gamma": cfg.focal_gamma, "class_weights": cfg.class_weights,
         "schedule": cfg.schedule, "plateau": uses_plateau(cfg), "ema": cfg.ema,
         "ema_decay": cfg.ema_decay,
     }, sort_keys=True, default=str)
@@ -742,7 +763,7 @@ def _compile_phase(model: keras.Model, job: FoldJob, steps_per_epoch: int, phase
     optimizer, _ = make_optimizer(cfg, steps_per_epoch, phase, scales)
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        loss=make_loss(cfg),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         steps_per_execution=steps_per_execution(steps_per_epoch),
         jit_compile="auto",
@@ -780,7 +801,7 @@ def _compiled_model(job: FoldJob, steps_per_epoch: int, bn: float, policy: str) 
     optimizer, schedule = make_optimizer(cfg, steps_per_epoch)
     fresh.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        loss=make_loss(cfg),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         steps_per_execution=steps_per_execution(steps_per_epoch),
         jit_compile="auto",  # XLA on GPU; off on CPU, where it compiles slower than it runs
@@ -829,8 +850,9 @@ def train_fold(job: FoldJob) -> FoldResult:
     device, policy = configure_runtime(cfg)
     bn = DEFAULT_BN_MOMENTUM if cfg.bn_momentum is None else float(cfg.bn_momentum)
     extra = user_callbacks(cfg.callbacks)  # bad names fail before any work
-    dataset, steps, batches = make_train_dataset(job.x_train, job.y_train, len(job.classes), cfg,
-                                                 job.seed)
+    dataset, steps, batches = make_train_dataset(
+        job.x_train, job.y_train, len(job.classes), cfg, job.seed,
+        class_weight_vector(cfg.class_weights, job.classes, job.y_train))
     phases = plan_phases(cfg)
     phased = len(phases) > 1 or phases[0].layer_decay is not None
     if phased:  # each phase compiles its own step: nothing to reuse across folds
@@ -953,15 +975,16 @@ def lr_range_test(job: FoldJob, lrs: np.ndarray) -> list[float]:
     cfg = job.cfg
     configure_runtime(cfg)
     bn = DEFAULT_BN_MOMENTUM if cfg.bn_momentum is None else float(cfg.bn_momentum)
-    dataset, steps, batches = make_train_dataset(job.x_train, job.y_train, len(job.classes), cfg,
-                                                 job.seed)
+    dataset, steps, batches = make_train_dataset(
+        job.x_train, job.y_train, len(job.classes), cfg, job.seed,
+        class_weight_vector(cfg.class_weights, job.classes, job.y_train))
     model = _fresh_model(job, bn)
     phase = plan_phases(cfg)[-1]
     application_of(model).trainable = True
     scales = layer_lr_scales(model, phase.layer_decay) if phase.layer_decay else None
     optimizer, _ = make_optimizer(cfg, steps, phase, scales, fixed_lr=float(lrs[0]))
     model.compile(optimizer=optimizer,
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                  loss=make_loss(cfg),
                   steps_per_execution=1)
     losses: list[float] = []
 

@@ -45,6 +45,7 @@ from oof.config import RunConfig
 from oof.errors import ConfigError
 from oof.metrics import accuracy, log_loss
 from recipe import lr_factor, phase_lengths, plan_phases
+from recipe.losses import class_weight_vector
 from recipe.phases import Phase, phase_of
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def create_model(spec: BackboneSpec, num_classes: int) -> nn.Module:
     source = spec.pretrained
     kwargs: dict[str, Any] = {"num_classes": num_classes, "global_pool": spec.head_pool,
                               "drop_rate": spec.head_dropout}
+    if spec.drop_path:
+        kwargs["drop_path_rate"] = spec.drop_path
     if source not in ("", "auto"):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -157,7 +160,18 @@ def _with_hidden_layer(model: nn.Module, spec: BackboneSpec) -> nn.Module:
 
 
 def _create_at_size(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` with ``img_size`` where the model takes one."""
+    """``timm.create_model`` with ``img_size`` where the model takes one; a model without
+    stochastic depth refuses ``--drop-path`` clearly."""
+    try:
+        return _create_sized(spec, **kwargs)
+    except TypeError as exc:
+        if "drop_path_rate" in str(exc):
+            raise ConfigError(f"--drop-path {spec.drop_path}: timm/{spec.model_name} has no "
+                              "stochastic depth (drop_path_rate); leave --drop-path at 0") from exc
+        raise
+
+
+def _create_sized(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(spec.model_name, img_size=spec.input_size, **kwargs)
     except TypeError as exc:
@@ -230,6 +244,7 @@ class Trainer:
     device: torch.device
     steps_per_epoch: int
     seed: int = 0  # of the per-batch mixing draws
+    class_weights: np.ndarray | None = None  # recipe.class_weight_vector of the fold
     stop_training: bool = False
 
     def __post_init__(self) -> None:
@@ -244,13 +259,31 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.weight_of_class = (None if self.class_weights is None else
+                                torch.as_tensor(self.class_weights, device=self.device))
         use_amp = cfg.amp and self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
                           else torch.float16 if use_amp else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1) * 255
+
+    def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The recipe's loss (recipe/losses.py): ``mean_i w_i * l_i`` with smoothed targets,
+        ``l_i`` cross-entropy or focal, ``w_i`` the target's class weight; hard (class index)
+        or soft (mixed) targets."""
+        cfg = self.cfg
+        logits = logits.float()
+        if target.ndim == 1:
+            target = nn.functional.one_hot(target, logits.shape[1]).to(logits.dtype)
+        smooth = target * (1.0 - cfg.label_smoothing) + cfg.label_smoothing / logits.shape[1]
+        log_p = nn.functional.log_softmax(logits, dim=1)
+        if cfg.loss == "focal":
+            log_p = log_p * (1.0 - log_p.exp()).pow(cfg.focal_gamma)
+        per_image = -(smooth * log_p).sum(dim=1)
+        if self.weight_of_class is not None:
+            per_image = per_image * (target @ self.weight_of_class)
+        return per_image.mean()
 
     @property
     def predict_model(self) -> nn.Module:
@@ -437,7 +470,8 @@ def build_trainer(job: FoldJob, steps_per_epoch: int) -> Trainer:
     seed_everything(job.seed)
     device = pick_device(cfg)
     model = create_model(job.spec, len(job.classes))
-    trainer = Trainer(model, job.spec, cfg, device, steps_per_epoch, job.seed)
+    trainer = Trainer(model, job.spec, cfg, device, steps_per_epoch, job.seed,
+                      class_weight_vector(cfg.class_weights, job.classes, job.y_train))
     trainer.start_phase(plan_phases(cfg)[0])
     return trainer
 

@@ -117,7 +117,16 @@ class RunConfig(DatasetConfig):
                         "and 75 %) or constant; plateau: constant + a ReduceLROnPlateau callback",
                         ("cosine", "onecycle", "cyclic", "step", "constant"))
     warmup_epochs: NonNegativeFloat = opt(1.0, "linear LR warmup length in epochs")
-    label_smoothing: Smoothing = opt(0.1, "label smoothing of the cross-entropy loss")
+    label_smoothing: Smoothing = opt(0.1, "label smoothing of the loss's targets")
+    loss: str = opt("ce", "training loss: ce (cross-entropy) or focal (each image's loss times "
+                    "(1 - p_true)^gamma: hard images count more)", ("ce", "focal"))
+    focal_gamma: NonNegativeFloat = opt(2.0, "focal loss: gamma (0 = cross-entropy)")
+    class_weights: str | dict[str, PositiveFloat] = opt(
+        "none", "loss weight per class: none, balanced (n / (K * n_class) over the fold's "
+        "training images) or CLASS=W,CLASS=W (others weigh 1; a mapping in YAML)")
+    drop_path: Smoothing = opt(0.0, "stochastic depth: drop rate of residual branches (timm "
+                               "drop_path_rate; refused by models without one, and by Keras, "
+                               "whose applications fix it: EfficientNet 0.2, ConvNeXt 0)")
     augment: Name = opt("light", "augmentation (albumentations): a preset none|light|flip|"
                         "medium|strong, or a pipeline file (.json/.yaml) written by "
                         "albumentations.save")

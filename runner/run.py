@@ -28,6 +28,7 @@ from oof.folds import Folds, ensure_folds
 from oof.images import cached_images
 from oof.metrics import scores
 from oof.rundir import FoldPart, Run, RunDir, load_run
+from recipe.losses import parse_class_weights
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ def run_folds(cfg: RunConfig) -> RunSummary:
     import backbones
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
+    parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
     decode_first(dataset, spec.input_size, root)
@@ -277,6 +279,7 @@ def lr_find(cfg: RunConfig) -> LRFindSummary:
     from recipe.lr_find import LR_FIND_DIR, lr_ramp, save, suggest
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
+    parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
     x_all = cached_images(list(dataset.train["path"]), spec.input_size, root / "cache")
