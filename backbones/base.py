@@ -7,6 +7,7 @@ pipeline asks the backbone for input size, mean and std instead of guessing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -66,6 +67,16 @@ class FoldJob:
     work_dir: Path  # scratch for resumable state; removed by the runner when the fold is done
     history_path: Path  # per-epoch CSV, may be written live
     seed: int = 0
+    # progressive resizing: the fold's training rows decoded at another size (from the cache)
+    train_images_at: Callable[[int], np.ndarray] | None = None
+
+    def train_images(self, size: int) -> np.ndarray:
+        """The training rows at ``size`` px: ``x_train`` itself at the spec's size."""
+        if size == self.spec.input_size:
+            return self.x_train
+        if self.train_images_at is None:
+            raise ValueError(f"fold {self.fold}: no training images at {size}px were provided")
+        return self.train_images_at(size)
 
 
 @dataclass

@@ -68,7 +68,7 @@ from oof.atomic import atomic_path  # noqa: E402
 from oof.config import RunConfig  # noqa: E402
 from oof.errors import ConfigError  # noqa: E402
 from oof.metrics import accuracy, log_loss  # noqa: E402
-from recipe import lr_table, phase_lengths, plan_phases  # noqa: E402
+from recipe import lr_table, phase_lengths, plan_phases, plan_segments, plan_sizes  # noqa: E402
 from recipe.losses import class_weight_vector  # noqa: E402
 from recipe.phases import Phase  # noqa: E402
 
@@ -149,7 +149,7 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
     words, mean, std = describe_preprocessing(model_name)
     return BackboneSpec(
         name=f"keras/{model_name}", family="keras", framework=FRAMEWORK, model_name=model_name,
-        input_size=int(cfg.img_size or 224), mean=mean, std=std,  # type: ignore[arg-type]
+        input_size=int(cfg.final_img_size or 224), mean=mean, std=std,  # type: ignore[arg-type]
         preprocessing=words, pretrained=cfg.pretrained, **BackboneSpec.head_options(cfg),
     )
 
@@ -220,16 +220,20 @@ def recalibrate_batchnorm(model: keras.Model, images: np.ndarray,
 
 
 def build_model(spec: BackboneSpec, num_classes: int,
-                bn_momentum: float = DEFAULT_BN_MOMENTUM) -> keras.Model:
-    """uint8/0..255 RGB in, class probabilities out: preprocess, application, foldstack head."""
-    size = spec.input_size
+                bn_momentum: float = DEFAULT_BN_MOMENTUM, any_size: bool = False) -> keras.Model:
+    """uint8/0..255 RGB in, class probabilities out: preprocess, application, foldstack head.
+
+    ``any_size`` builds it for inputs of any height and width (progressive resizing trains
+    one model at several sizes); otherwise for the spec's size only.
+    """
+    size = None if any_size else spec.input_size
     app = getattr(keras.applications, spec.model_name)
     weights = _weights_argument(spec)
     try:
         base = app(include_top=False, weights=weights, input_shape=(size, size, 3))
     except ValueError as exc:  # too small an input, or imagenet weights at an unsupported size
-        raise ConfigError(f"keras/{spec.model_name} at {size}px with weights={weights}: "
-                          f"{exc}") from exc
+        raise ConfigError(f"keras/{spec.model_name} at {size or 'any size'} px with "
+                          f"weights={weights}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - download errors come in many types
         if weights == "imagenet":
             raise ConfigError(
@@ -417,12 +421,17 @@ class EpochBatches(keras.callbacks.Callback):
         self.mixing = mixing  # (mixup_alpha, cutmix_alpha, prob): the same draws as timm's
         self.images, self.labels, self.batch, self.augment = images, labels, batch, augment
         self.seed, self.epoch = int(seed), 0
+        self.log_size = False
         self.eye = np.eye(num_classes, dtype=np.float32)
         self._order: tuple[int, np.ndarray] | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch = int(epoch)
         reseed_layers(self.model, self.seed, self.epoch)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.log_size and logs is not None:  # progressive resizing: the size in the history
+            logs["img_size"] = int(self.images.shape[1])
 
     def load(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         epoch = self.epoch
@@ -741,14 +750,14 @@ def _graph_key(job: FoldJob, bn: float, policy: str, steps_per_epoch: int) -> st
     }, sort_keys=True, default=str)
 
 
-def _fresh_model(job: FoldJob, bn: float) -> keras.Model:
+def _fresh_model(job: FoldJob, bn: float, any_size: bool = False) -> keras.Model:
     """A new model for a phased fold, after dropping any cached compiled one."""
     global _COMPILED
     if _COMPILED is not None:
         _COMPILED = None
         keras.backend.clear_session()
     seed_python(job.seed)
-    return build_model(job.spec, len(job.classes), bn)
+    return build_model(job.spec, len(job.classes), bn, any_size)
 
 
 def _compile_phase(model: keras.Model, job: FoldJob, steps_per_epoch: int, phase: Phase) -> None:
@@ -850,13 +859,16 @@ def train_fold(job: FoldJob) -> FoldResult:
     device, policy = configure_runtime(cfg)
     bn = DEFAULT_BN_MOMENTUM if cfg.bn_momentum is None else float(cfg.bn_momentum)
     extra = user_callbacks(cfg.callbacks)  # bad names fail before any work
+    weight_of_class = class_weight_vector(cfg.class_weights, job.classes, job.y_train)
     dataset, steps, batches = make_train_dataset(
-        job.x_train, job.y_train, len(job.classes), cfg, job.seed,
-        class_weight_vector(cfg.class_weights, job.classes, job.y_train))
+        job.x_train, job.y_train, len(job.classes), cfg, job.seed, weight_of_class)
     phases = plan_phases(cfg)
-    phased = len(phases) > 1 or phases[0].layer_decay is not None
+    stages = plan_sizes(cfg, job.spec.input_size)
+    segments = plan_segments(phases, stages)
+    progressive = len(stages) > 1
+    phased = len(segments) > 1 or phases[0].layer_decay is not None
     if phased:  # each phase compiles its own step: nothing to reuse across folds
-        model, reused = _fresh_model(job, bn), False
+        model, reused = _fresh_model(job, bn, any_size=progressive), False
     else:
         reused = _COMPILED is not None
         compiled = _compiled_model(job, steps, bn, policy)
@@ -868,9 +880,9 @@ def train_fold(job: FoldJob) -> FoldResult:
     backup_dir = job.work_dir / "backup"
     best_path = job.work_dir / "best.weights.h5"
     if phased:
-        backups = [repair_backup(backup_dir / p.name) for p in phases]
-        first_phase = max((i for i, e in enumerate(backups) if e is not None), default=0)
-        resumed_from = backups[first_phase]
+        backups = [repair_backup(backup_dir / seg.name) for seg in segments]
+        first_segment = max((i for i, e in enumerate(backups) if e is not None), default=0)
+        resumed_from = backups[first_segment]
     else:
         resumed_from = repair_backup(backup_dir)
     resuming = resumed_from is not None
@@ -882,7 +894,6 @@ def train_fold(job: FoldJob) -> FoldResult:
     best = _best_so_far(job.history_path) if resuming else None
     metrics = FoldMetrics(job.x_val, job.y_val, job.fold, cfg.epochs, echo=not cfg.progress)
     common = [
-        batches,
         metrics,
         keras.callbacks.TerminateOnNaN(),
         *extra,
@@ -901,20 +912,32 @@ def train_fold(job: FoldJob) -> FoldResult:
     build_seconds = time.perf_counter() - t0
     verbose = "auto" if cfg.progress else 0
     if phased:
-        for phase in phases[first_phase:]:
-            _compile_phase(model, job, steps, phase)
+        data_at = {job.spec.input_size: (dataset, steps, batches)}
+        compiled_for = None
+        for seg in segments[first_segment:]:
+            if seg.size not in data_at:  # progressive resizing: the fold's rows at this size
+                data_at[seg.size] = make_train_dataset(
+                    job.train_images(seg.size), job.y_train, len(job.classes), cfg, job.seed,
+                    weight_of_class)
+            seg_data, seg_steps, seg_batches = data_at[seg.size]
+            seg_batches.log_size = progressive
+            if seg.phase is not compiled_for:
+                _compile_phase(model, job, seg_steps, seg.phase)
+                compiled_for = seg.phase
+            phase = seg.phase
             model._initial_epoch = None
-            log.info("fold %d: phase %r, epochs %d-%d, %s", job.fold, phase.name,
-                     phase.first_epoch + 1, phase.first_epoch + phase.epochs,
+            log.info("fold %d: %s, epochs %d-%d%s, %s", job.fold, seg.name,
+                     seg.first_epoch + 1, seg.first_epoch + seg.epochs,
+                     f" at {seg.size}px" if progressive else "",
                      "every layer" + (f", layer decay {phase.layer_decay}"
                                       if phase.layer_decay else "")
                      if phase.train_backbone else "head only, backbone frozen")
-            model.fit(dataset, initial_epoch=phase.first_epoch,
-                      epochs=phase.first_epoch + phase.epochs,
-                      callbacks=[*common, *tail(backup_dir / phase.name)], shuffle=False,
-                      verbose=verbose)
+            model.fit(seg_data, initial_epoch=seg.first_epoch,
+                      epochs=seg.first_epoch + seg.epochs,
+                      callbacks=[seg_batches, *common, *tail(backup_dir / seg.name)],
+                      shuffle=False, verbose=verbose)
     else:
-        model.fit(dataset, epochs=cfg.epochs, callbacks=[*common, *tail(backup_dir)],
+        model.fit(dataset, epochs=cfg.epochs, callbacks=[batches, *common, *tail(backup_dir)],
                   shuffle=False, verbose=verbose)
     train_seconds = time.perf_counter() - t0
     history = read_history(job.history_path)

@@ -44,7 +44,7 @@ from oof.atomic import atomic_path
 from oof.config import RunConfig
 from oof.errors import ConfigError
 from oof.metrics import accuracy, log_loss
-from recipe import lr_factor, phase_lengths, plan_phases
+from recipe import lr_factor, phase_lengths, plan_phases, plan_sizes, size_of
 from recipe.losses import class_weight_vector
 from recipe.phases import Phase, phase_of
 
@@ -76,7 +76,7 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
     std = tuple(pcfg.std) if pcfg else (0.229, 0.224, 0.225)
     return BackboneSpec(
         name=f"timm/{model_name}", family="timm", framework=FRAMEWORK, model_name=model_name,
-        input_size=int(cfg.img_size or default_size), mean=mean, std=std,  # type: ignore[arg-type]
+        input_size=int(cfg.final_img_size or default_size), mean=mean, std=std,  # type: ignore[arg-type]
         preprocessing=f"x/255, minus mean {mean}, divided by std {std} (timm pretrained cfg)",
         pretrained=cfg.pretrained, **BackboneSpec.head_options(cfg),
     )
@@ -543,6 +543,8 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
     device = pick_device(cfg)
     loader = make_loader(job.x_train, job.y_train, cfg, job.seed, device)
     phases = plan_phases(cfg)
+    stages = plan_sizes(cfg, job.spec.input_size)
+    loaders = {job.spec.input_size: loader}  # progressive resizing: one loader per size
     trainer = build_trainer(job, len(loader))
     resume_path = job.work_dir / RESUME_FILE
     state = load_resume_state(resume_path)
@@ -574,8 +576,17 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
                      if phase.train_backbone else "head only, backbone frozen")
         for cb in callbacks:
             cb.on_epoch_begin(epoch, {})
+        size = size_of(stages, epoch)
+        if size not in loaders:
+            loaders[size] = make_loader(job.train_images(size), job.y_train, cfg, job.seed,
+                                        device)
+        if len(stages) > 1 and (epoch == first_epoch or size != size_of(stages, epoch - 1)):
+            log.info("fold %d: training at %dpx from epoch %d", job.fold, size, epoch + 1)
+        loader = loaders[size]
         loader.sampler.set_epoch(epoch)
         logs = trainer.train_epoch(loader, epoch)
+        if len(stages) > 1:
+            logs["img_size"] = size
         val = trainer.predict(job.x_val)
         logs.update(val_loss=log_loss(job.y_val, val), val_accuracy=accuracy(job.y_val, val),
                     seconds=time.perf_counter() - e0)

@@ -48,6 +48,18 @@ ImageSize = Annotated[int, _NUMBER, Field(ge=8, le=4096)]
 FoldCount = Annotated[int, _NUMBER, Field(ge=2)]
 Name = Annotated[str, Field(min_length=1)]
 
+
+def _sizes(value: Any) -> Any:
+    """``--img-size 128,160,224`` or ``[128, 160, 224]`` -> a list; one size stays a number."""
+    if isinstance(value, str) and "," in value:
+        value = [v.strip() for v in value.split(",")]
+    if isinstance(value, list) and len(value) == 1:
+        return value[0]
+    return value
+
+
+ImageSizes = Annotated[ImageSize | list[ImageSize], BeforeValidator(_sizes)]
+
 #: every config class is a pydantic dataclass with this behaviour
 config_dataclass = pydantic.dataclasses.dataclass(
     config=pydantic.ConfigDict(extra="forbid", validate_default=True))
@@ -89,7 +101,12 @@ class RunConfig(DatasetConfig):
                         "training: plot and suggested --lr in the run folder's lr_find/")
     run_name: str | None = opt(None, "run folder name (default: backbone and image size)")
     pretrained: str = opt("", "'' from scratch; 'auto' framework cache/online; or a weights file")
-    img_size: ImageSize | None = opt(None, "square input size in pixels (default: the backbone's)")
+    img_size: ImageSizes | None = opt(
+        None, "square input size in pixels (default: the backbone's); several sizes, e.g. "
+        "128,160,224, train at each in turn (progressive resizing), and the last one predicts")
+    img_size_epochs: list[PositiveInt] = opt(
+        [], "progressive resizing: epochs at each --img-size (default: --epochs split evenly, "
+        "the remainder to the last size)")
     batch_size: PositiveInt = opt(64, "images per training step")
     epochs: PositiveInt = opt(10, "training epochs per fold")
     lr: PositiveFloat = opt(2e-3, "peak learning rate")
@@ -163,6 +180,11 @@ class RunConfig(DatasetConfig):
     callbacks: list = opt([], "extra Keras callbacks: [{name: EarlyStopping, patience: 3}]",
                           yaml_only=True)
     progress: bool = opt(True, "show a progress bar per epoch")
+
+    @property
+    def final_img_size(self) -> int | None:
+        """The size that predicts (the last of a progressive list), or None for the default."""
+        return self.img_size[-1] if isinstance(self.img_size, list) else self.img_size
 
     def resolved_run_name(self, img_size: int) -> str:
         if self.run_name:

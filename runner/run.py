@@ -28,6 +28,7 @@ from oof.folds import Folds, ensure_folds
 from oof.images import cached_images
 from oof.metrics import scores
 from oof.rundir import FoldPart, Run, RunDir, load_run
+from recipe import plan_sizes
 from recipe.losses import parse_class_weights
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,9 @@ def run_folds(cfg: RunConfig) -> RunSummary:
     parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
-    decode_first(dataset, spec.input_size, root)
+    sizes = [s.size for s in plan_sizes(cfg, spec.input_size)]  # refuses a bad size plan
+    for size in dict.fromkeys([spec.input_size, *sizes]):
+        decode_first(dataset, size, root)
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
                          cfg.folds, cfg.seed, cfg.folds_group,
                          make_groups=lambda: duplicate_groups(dataset, root))
@@ -221,6 +224,7 @@ def _train_folds(cfg: RunConfig, dataset: ImageDataset, folds: Folds, run: RunDi
     x_all = cached_images(list(dataset.train["path"]), spec.input_size, cache)
     x_test = cached_images(list(dataset.test["path"]), spec.input_size, cache)
     log.info("images ready in %.1fs", time.perf_counter() - t0)
+    train_paths = list(dataset.train["path"])
     order, y_all = _fold_rows(dataset, folds)
     for k in todo:
         tr, va = folds.split(k)
@@ -233,6 +237,8 @@ def _train_folds(cfg: RunConfig, dataset: ImageDataset, folds: Folds, run: RunDi
             y_train=y_all[tr], x_val=np.asarray(x_all[order[va]]), y_val=y_all[va],
             x_test=x_test, checkpoint_path=run.checkpoint_dir() / f"fold{k}{_ckpt_suffix(spec)}",
             work_dir=run.work_dir(k), history_path=run.history_path(k), seed=train_seed + k,
+            train_images_at=lambda size, rows=order[tr]: np.asarray(
+                cached_images(train_paths, size, cache)[rows]),
         )
         result = backend.train_fold(job)
         fold_scores = scores(y_all[va], result.val_proba)
