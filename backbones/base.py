@@ -69,6 +69,7 @@ class FoldJob:
     seed: int = 0
     # progressive resizing: the fold's training rows decoded at another size (from the cache)
     train_images_at: Callable[[int], np.ndarray] | None = None
+    tensorboard_dir: Path | None = None  # event files of this fold, when asked for
 
     def train_images(self, size: int) -> np.ndarray:
         """The training rows at ``size`` px: ``x_train`` itself at the spec's size."""

@@ -551,9 +551,10 @@ class FoldMetrics(keras.callbacks.Callback):
     """
 
     def __init__(self, x_val: np.ndarray, y_val: np.ndarray, fold: int, epochs: int,
-                 echo: bool = True) -> None:
+                 echo: bool = True, n_train: int = 0) -> None:
         super().__init__()
         self.x_val, self.y_val, self.fold, self.epochs = x_val, y_val, fold, epochs
+        self.n_train = n_train
         self.echo = echo
         self.seconds: list[float] = []
         self._t0 = 0.0
@@ -569,6 +570,7 @@ class FoldMetrics(keras.callbacks.Callback):
         logs["val_loss"] = log_loss(self.y_val, val)
         logs["val_accuracy"] = accuracy(self.y_val, val)
         logs["seconds"] = time.perf_counter() - self._t0
+        logs["images_per_second"] = self.n_train / logs["seconds"]
         self.seconds.append(logs["seconds"])
         # Keras' progress bar already prints these numbers: echo them only without it
         (log.info if self.echo else log.debug)(
@@ -892,9 +894,14 @@ def train_fold(job: FoldJob) -> FoldResult:
     else:
         trim_history(job.history_path, resumed_from)
     best = _best_so_far(job.history_path) if resuming else None
-    metrics = FoldMetrics(job.x_val, job.y_val, job.fold, cfg.epochs, echo=not cfg.progress)
+    metrics = FoldMetrics(job.x_val, job.y_val, job.fold, cfg.epochs, echo=not cfg.progress,
+                          n_train=len(job.x_train))
+    board = ([keras.callbacks.TensorBoard(str(job.tensorboard_dir), write_graph=False,
+                                          profile_batch=0)]
+             if job.tensorboard_dir is not None else [])
     common = [
         metrics,
+        *board,  # after FoldMetrics: the validation metrics, LR and images/s are in its logs
         keras.callbacks.TerminateOnNaN(),
         *extra,
         keras.callbacks.ModelCheckpoint(str(best_path), monitor="val_loss", mode="min",

@@ -532,6 +532,22 @@ def _restore(trainer: Trainer, state: dict[str, Any], phases: list[Phase],
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
+def tensorboard_writer(path: Path) -> Any:
+    """torch's own ``SummaryWriter``, kept free of TensorFlow.
+
+    TensorBoard imports TensorFlow whenever it is installed (it is, for the Keras backend),
+    which would put both frameworks in one process; the ``tensorboard.compat.notf`` marker
+    module is the switch TensorBoard's TensorFlow-free build uses to pick its stub instead.
+    """
+    import sys
+    import types
+
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
+
+
 def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldResult:
     """Train on the fold's training rows, then predict its held-out rows and the test set.
 
@@ -563,6 +579,7 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
         log.info("fold %d: resuming after epoch %d from %s", job.fold, first_epoch,
                  resume_path)
     startup = time.perf_counter() - t0
+    writer = tensorboard_writer(job.tensorboard_dir) if job.tensorboard_dir else None
     for epoch in range(first_epoch, cfg.epochs):
         if trainer.stop_training:
             break
@@ -588,8 +605,13 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
         if len(stages) > 1:
             logs["img_size"] = size
         val = trainer.predict(job.x_val)
+        seconds = time.perf_counter() - e0
         logs.update(val_loss=log_loss(job.y_val, val), val_accuracy=accuracy(job.y_val, val),
-                    seconds=time.perf_counter() - e0)
+                    seconds=seconds, images_per_second=len(job.x_train) / seconds)
+        if writer is not None:
+            for key, value in logs.items():
+                writer.add_scalar(f"epoch/{key}", value, epoch)
+            writer.flush()
         history.append({"epoch": epoch, **logs})
         log.info("fold %d epoch %d/%d %s", job.fold, epoch + 1, cfg.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
@@ -598,6 +620,8 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
         save_resume_state(resume_path, trainer, epoch, history, callbacks)
     for cb in callbacks:
         cb.on_train_end({})
+    if writer is not None:
+        writer.close()
     train_seconds = time.perf_counter() - t0
     if cfg.predict_weights == "best" and best.state is not None:
         trainer.load_weights(best.state)

@@ -66,9 +66,10 @@ config_dataclass = pydantic.dataclasses.dataclass(
 
 
 def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None, yaml_only: bool = False,
-        **kw: Any) -> Any:
-    """A config field with its help text (and choices) in one place."""
-    meta = {"help": help, "choices": choices, "yaml_only": yaml_only}
+        const: Any = None, **kw: Any) -> Any:
+    """A config field with its help text (and choices) in one place; ``const`` is the value
+    of its flag given alone."""
+    meta = {"help": help, "choices": choices, "yaml_only": yaml_only, "const": const}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -180,6 +181,11 @@ class RunConfig(DatasetConfig):
     callbacks: list = opt([], "extra Keras callbacks: [{name: EarlyStopping, patience: 3}]",
                           yaml_only=True)
     progress: bool = opt(True, "show a progress bar per epoch")
+    tensorboard: bool = opt(False, "TensorBoard event files per fold in the run folder's "
+                            "tensorboard/foldK (loss, accuracy, LR, images/s, val metrics)")
+    mlflow: str = opt("", "track the run in MLflow: a tracking URI (http://host:5000, "
+                      "sqlite:///mlflow.db) or a local folder; --mlflow alone means ./mlruns; "
+                      "'' = off", const="mlruns")
 
     @property
     def final_img_size(self) -> int | None:
@@ -233,6 +239,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
                           type=item if item in (int, float) else None)
         else:
             kwargs.update(type=tp, metavar=f.name.upper())
+        if f.metadata.get("const") is not None:
+            kwargs.update(nargs="?", const=f.metadata["const"])
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
             kwargs.pop("metavar", None)

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # ``folds`` and ``seed`` are checked through the stored folds' fingerprint instead: leaving them
 # out on a rerun means "the stored ones" (``ensure_folds`` already refused different values).
 RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data",
-                  "folds", "seed", "folds_group", "lr_find"}
+                  "folds", "seed", "folds_group", "lr_find", "tensorboard", "mlflow"}
 
 
 @dataclass
@@ -49,6 +49,7 @@ class RunSummary:
     complete: bool = False
     oof_scores: dict[str, float] = field(default_factory=dict)
     run: Run | None = None
+    mlflow_run_id: str | None = None
 
 
 def library_versions() -> dict[str, str]:
@@ -211,6 +212,10 @@ def run_folds(cfg: RunConfig) -> RunSummary:
             summary.run = load_run(run.path)
         summary.complete = True
         summary.oof_scores = summary.run.scores()
+    if cfg.mlflow:
+        from runner.tracking import track_run
+
+        summary.mlflow_run_id = track_run(cfg.mlflow, run, summary.complete)
     return summary
 
 
@@ -239,6 +244,7 @@ def _train_folds(cfg: RunConfig, dataset: ImageDataset, folds: Folds, run: RunDi
             work_dir=run.work_dir(k), history_path=run.history_path(k), seed=train_seed + k,
             train_images_at=lambda size, rows=order[tr]: np.asarray(
                 cached_images(train_paths, size, cache)[rows]),
+            tensorboard_dir=run.path / "tensorboard" / f"fold{k}" if cfg.tensorboard else None,
         )
         result = backend.train_fold(job)
         fold_scores = scores(y_all[va], result.val_proba)
