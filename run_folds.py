@@ -60,4 +60,4 @@ def print_plan(result) -> int:  # noqa: ANN001 - runner.executors.PlanResult, im
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(lambda: main(sys.argv[1:])))
+    sys.exit(main_guard(lambda: main(sys.argv[1:]), hard_exit_on_disk_full=True))

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
-from oof.errors import FoldstackError
+from oof.errors import DiskFullError, FoldstackError
 
 
-def main_guard(fn: Callable[[], int | None]) -> int:
-    """Run a script's body; a FoldstackError becomes one clear message and exit status 2."""
+def main_guard(fn: Callable[[], int | None], *, hard_exit_on_disk_full: bool = False) -> int:
+    """Run a script's body; a FoldstackError becomes one clear message and exit status 2.
+
+    ``hard_exit_on_disk_full`` is for a script's own process only: once HDF5 has failed a write
+    (Keras' ModelCheckpoint and BackupAndRestore write ``.weights.h5`` themselves), closing that
+    file, even in the interpreter's final clean-up, crashes the process with SIGSEGV. After a
+    full disk the message is printed, the streams flushed and the process ends at once with
+    status 2, skipping those finalizers; every artifact was written atomically, so nothing is
+    lost and the rerun resumes.
+    """
     logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return fn() or 0
     except FoldstackError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if hard_exit_on_disk_full and isinstance(exc, DiskFullError):
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

@@ -68,8 +68,8 @@ def family_of(cfg: RunConfig) -> str:
 
 def run_label(cfg: RunConfig) -> str:
     """The run's folder name when known without the backbone (else a stand-in until prepared)."""
-    return cfg.resolved_run_name(cfg.img_size) if cfg.img_size or cfg.run_name else (
-        cfg.backbone.replace("/", "-"))
+    size = cfg.img_size[-1] if isinstance(cfg.img_size, list) else cfg.img_size  # the last
+    return cfg.resolved_run_name(size) if size or cfg.run_name else cfg.backbone.replace("/", "-")
 
 
 @dataclass

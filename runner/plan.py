@@ -135,7 +135,7 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
         if values.get("fold") is not None:
             raise ConfigError(f"{where}: fold: a plan runs every fold; leave fold out")
         cfg = make_config(RunConfig, values, where)
-        key = (cfg.data, cfg.out, cfg.backbone, cfg.run_name, cfg.img_size)
+        key = (cfg.data, cfg.out, cfg.backbone, cfg.run_name, repr(cfg.img_size))
         if key in seen:
             raise ConfigError(f"{where}: the same run as runs[{seen[key]}] ({cfg.backbone}); "
                               "give one of them another run_name")

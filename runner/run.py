@@ -27,6 +27,8 @@ from oof.errors import BusyError, ConfigError, DataError
 from oof.folds import Folds, ensure_folds
 from oof.images import cached_images
 from oof.rundir import Run, RunDir, load_run
+from recipe import plan_sizes
+from recipe.losses import parse_class_weights
 from runner.tasks import FoldImages, load_fold_images, train_one_fold
 from runner.tasks import fold_rows as _fold_rows
 
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 # ``folds`` and ``seed`` are checked through the stored folds' fingerprint instead: leaving them
 # out on a rerun means "the stored ones" (``ensure_folds`` already refused different values).
 RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data",
-                  "folds", "seed", "folds_group", "lr_find"}
+                  "folds", "seed", "folds_group", "lr_find", "tensorboard", "mlflow"}
 
 
 @dataclass
@@ -48,6 +50,7 @@ class RunSummary:
     complete: bool = False
     oof_scores: dict[str, float] = field(default_factory=dict)
     run: Run | None = None
+    mlflow_run_id: str | None = None
 
 
 def library_versions() -> dict[str, str]:
@@ -187,9 +190,12 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     import backbones
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
+    parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
-    decode_first(dataset, spec.input_size, root, cfg.resize)
+    sizes = [s.size for s in plan_sizes(cfg, spec.input_size)]  # refuses a bad size plan
+    for size in dict.fromkeys([spec.input_size, *sizes]):
+        decode_first(dataset, size, root, cfg.resize)
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
                          cfg.folds, cfg.seed, cfg.folds_group,
                          make_groups=lambda: duplicate_groups(dataset, root))
@@ -250,6 +256,10 @@ def finish_run(prep: PreparedRun) -> RunSummary:
             summary.run = load_run(run.path)
         summary.complete = True
         summary.oof_scores = summary.run.scores()
+    if prep.cfg.mlflow:
+        from runner.tracking import track_run
+
+        summary.mlflow_run_id = track_run(prep.cfg.mlflow, run, summary.complete)
     return summary
 
 
@@ -290,6 +300,7 @@ def lr_find(cfg: RunConfig) -> LRFindSummary:
     from recipe.lr_find import LR_FIND_DIR, lr_ramp, save, suggest
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
+    parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
     x_all = cached_images(list(dataset.train["path"]), spec.input_size, root / "cache",

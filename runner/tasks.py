@@ -68,6 +68,7 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
 
     cfg, folds, run, spec = prep.cfg, prep.folds, prep.run, prep.spec
     tr, va = folds.split(k)
+    train_paths, cache = list(prep.dataset.train["path"]), prep.root / "cache"
     f0 = time.perf_counter()
     log.info("fold %d/%d: %d train, %d held out, %d test", k + 1, folds.k, len(tr), len(va),
              len(images.test))
@@ -78,6 +79,10 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
         x_test=RowView(images.test, np.arange(len(images.test))),
         checkpoint_path=run.checkpoint_dir() / f"fold{k}{ckpt_suffix(spec)}",
         work_dir=run.work_dir(k), history_path=run.history_path(k), seed=prep.train_seed + k,
+        # progressive resizing: the fold's rows of the cache at another size, also a view
+        train_images_at=lambda size, rows=images.order[tr]: RowView(
+            cached_images(train_paths, size, cache, cfg.resize), rows),
+        tensorboard_dir=run.path / "tensorboard" / f"fold{k}" if cfg.tensorboard else None,
     )
     result = prep.backend.train_fold(job)
     fold_scores = scores(images.y[va], result.val_proba)

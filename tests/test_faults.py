@@ -249,7 +249,5 @@ def test_keras_disk_full_and_kill_are_resumable(tiny: Path, tmp_path: Path) -> N
                                                                              "fold1.json"]
     oof = _matrices(run_dir)["oof"]
     assert np.isfinite(oof).all() and np.allclose(oof.sum(axis=1), 1, atol=1e-4)
-    if full.returncode == -signal.SIGSEGV:
-        pytest.xfail("after the message, h5py segfaults at interpreter exit (Keras' "
-                     "ModelCheckpoint left its HDF5 file half-written): backbones/keras_backend.py")
-    assert full.returncode == 2
+    # not a SIGSEGV from h5py's finalizer after the failed HDF5 write (oof.cli.main_guard)
+    assert full.returncode == 2, full.returncode

@@ -240,7 +240,9 @@ application = kb.application_of(model)
 before = [w.copy() for w in application.get_weights()]  # kernels and BatchNorm statistics
 head_before = model.get_layer("logits").get_weights()[0].copy()
 kb._compile_phase(model, job, steps, head)
-out = {"head_trainable": len(model.trainable_variables)}
+out = {"head_trainable": len(model.trainable_variables),
+       "zero_head": not head_before.any(),
+       "uniform": bool(np.allclose(model.predict(x[:4], verbose=0), 0.25, atol=1e-6))}
 model.fit(ds, epochs=1, callbacks=[batches], verbose=0)
 after = application.get_weights()
 out["backbone_unchanged"] = all(np.array_equal(a, b) for a, b in zip(before, after))
@@ -268,6 +270,7 @@ def test_keras_head_phase_freezes_application_and_full_phase_decays_by_layer(
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("PHASES"))
     out = json.loads(line[len("PHASES"):])
     assert out["head_trainable"] == 2  # the logits kernel and bias, nothing of the application
+    assert out["zero_head"] and out["uniform"]  # the new head starts at uniform predictions
     assert out["backbone_unchanged"] and out["head_changed"]
     assert out["backbone_trained"] and out["optimizer"] == "LayerScaledAdamW"
     scales = out["scales"]

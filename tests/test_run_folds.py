@@ -337,6 +337,10 @@ print(json.dumps({
     "same_as_file": bool(torch.equal(loaded.conv1[0].weight, source.conv1[0].weight)),
     "same_as_scratch": bool(torch.equal(loaded.conv1[0].weight, scratch.conv1[0].weight)),
     "head": [loaded.fc.out_features, scratch.fc.out_features],
+    # a new head on pretrained features starts at zero (uniform predictions), from scratch not
+    "zero_head": [bool(torch.count_nonzero(m.fc.weight) == 0) for m in (loaded, scratch)],
+    "uniform": bool(torch.allclose(loaded.eval()(torch.rand(2, 3, 16, 16)).softmax(1),
+                                   torch.full((2, 7), 1 / 7))),
     "unknown": unknown,
     "tensorflow_loaded": "tensorflow" in sys.modules,
 }))
@@ -352,6 +356,7 @@ def test_pretrained_file_loads_offline_and_unknown_name_suggests(tmp_path: Path)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["same_as_file"] and not result["same_as_scratch"]
     assert result["head"] == [7, 7]  # a fresh head for this dataset's classes
+    assert result["zero_head"] == [True, False] and result["uniform"]
     assert "timm has no such model" in result["unknown"]
     assert "resnet10t" in result["unknown"].split("closest:")[1]
     assert not result["tensorflow_loaded"]
