@@ -245,7 +245,7 @@ def _train_folds(cfg: RunConfig, dataset: ImageDataset, folds: Folds, run: RunDi
 
 
 def _ckpt_suffix(spec: Any) -> str:
-    return ".pt" if spec.framework == "torch" else ".weights.h5"
+    return ".safetensors" if spec.framework == "torch" else ".weights.h5"
 
 
 def _fold_rows(dataset: ImageDataset, folds: Folds) -> tuple[np.ndarray, np.ndarray]:
