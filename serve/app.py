@@ -1,0 +1,145 @@
+"""The Flask app over a loaded ``Ensemble``: upload page, ``POST /predict``, ``GET /health``.
+
+Models are loaded once, before the app exists (``create_app`` takes the loaded ensemble).
+Uploads are checked and decoded in the request's own thread; the forward passes run one request
+at a time behind a lock (the frameworks' thread pools already use every core, and neither
+TensorFlow's nor torch's models are documented as safe to call from many threads at once).
+Every refusal is a 4xx JSON ``{"error": message, "status": code}`` naming the problem; nothing a
+client sends can produce a 500 or an unbounded wait.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flask import Flask, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from oof.errors import DataError
+from serve.bundle import Ensemble
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold; the page shows them too."""
+
+    max_bytes: int = 16 * 2**20  # the whole request (Flask's MAX_CONTENT_LENGTH)
+    max_files: int = 32
+    max_pixels: int = 40_000_000  # per image, read from its header before decoding: a bomb
+    top_k: int = 5
+
+
+class UploadError(Exception):
+    """A client mistake, answered with ``status`` and a message naming the upload."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def check_upload(name: str, data: bytes, limits: Limits) -> None:
+    """Refuse empty files, non-images and decompression bombs from the header alone."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise UploadError(400, f"file {name!r} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Image.DecompressionBombError as exc:
+        raise UploadError(413, f"file {name!r}: decompression bomb refused ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise UploadError(415, f"file {name!r} is not an image Pillow can read "
+                               f"({type(exc).__name__})") from exc
+    if width * height > limits.max_pixels:
+        raise UploadError(413, f"file {name!r}: {width}x{height} = {width * height} pixels, "
+                               f"over the limit of {limits.max_pixels} (decompression bomb?)")
+
+
+def prediction_rows(ensemble: Ensemble, names: list[str], proba: np.ndarray,
+                    votes: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    classes = ensemble.classes
+    rows = []
+    for i, name in enumerate(names):
+        row = {"name": name, "label": classes[int(proba[i].argmax())],
+               "probabilities": {c: float(p) for c, p in zip(classes, proba[i])},
+               "models": {}}
+        for run, v in votes.items():
+            row["models"][run] = {"label": classes[int(v[i].argmax())],
+                                  "probabilities": {c: float(p) for c, p in zip(classes, v[i])}}
+        rows.append(row)
+    return rows
+
+
+def create_app(ensemble: Ensemble, limits: Limits | None = None) -> Flask:
+    """The WSGI app; ``ensemble`` is already loaded (models load once, at start)."""
+    limits = limits or Limits()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = limits.max_bytes
+    app.config["MAX_FORM_PARTS"] = limits.max_files + 16  # werkzeug refuses past it: 413
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    lock = threading.Lock()
+    health = ensemble.health()
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        messages = {404: f"no such path {request.path!r}; try GET /, POST /predict, GET /health",
+                    405: f"method {request.method} not allowed on {request.path}",
+                    413: f"request too large: more than {limits.max_bytes} bytes or "
+                         f"{limits.max_files} files"}
+        msg = messages.get(exc.code or 500, exc.description or exc.name)
+        return jsonify(error=msg, status=exc.code), exc.code
+
+    @app.errorhandler(UploadError)
+    def upload_error(exc: UploadError) -> Any:
+        return jsonify(error=exc.message, status=exc.status), exc.status
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Any:  # a bug, not the client's fault: say so, log it
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error ({type(exc).__name__})", status=500), 500
+
+    @app.get("/")
+    def index() -> Any:
+        return render_template("index.html", health=health, limits=limits)
+
+    @app.get("/health")
+    def health_view() -> Any:
+        return jsonify(health)
+
+    @app.post("/predict")
+    def predict() -> Any:
+        t0 = time.perf_counter()
+        files = request.files.getlist("file")
+        if not files:
+            other = sorted(request.files)
+            raise UploadError(400, "no file: send the image(s) as multipart/form-data field "
+                                   "'file'" + (f" (got fields {other})" if other else ""))
+        if len(files) > limits.max_files:
+            raise UploadError(413, f"too many files: {len(files)} > {limits.max_files} per "
+                                   "request")
+        names, blobs = [], []
+        for n, f in enumerate(files):
+            name = f.filename or f"file {n + 1}"
+            data = f.read()
+            check_upload(name, data, limits)
+            names.append(name)
+            blobs.append(data)
+        try:
+            decoded = ensemble.decode(blobs, names)
+        except DataError as exc:  # truncated or corrupt past its header
+            raise UploadError(400, str(exc)) from exc
+        with lock:
+            pred = ensemble.predict_decoded(decoded)
+        rows = prediction_rows(ensemble, names, pred.proba, pred.runs)
+        return jsonify(predictions=rows, seconds=round(time.perf_counter() - t0, 4))
+
+    return app
