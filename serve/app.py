@@ -1,9 +1,8 @@
 """The Flask app over a loaded ``Ensemble``: upload page, ``POST /predict``, ``GET /health``.
 
 Models are loaded once, before the app exists (``create_app`` takes the loaded ensemble).
-Uploads are checked and decoded in the request's own thread; the forward passes run one request
-at a time behind a lock (the frameworks' thread pools already use every core, and neither
-TensorFlow's nor torch's models are documented as safe to call from many threads at once).
+Uploads are checked and decoded in the request's own thread; the forward passes run in one
+thread, with concurrent requests gathered into one batch (``Batcher``).
 Every refusal is a 4xx JSON ``{"error": message, "status": code}`` naming the problem; nothing a
 client sends can produce a 500 or an unbounded wait.
 """
@@ -12,9 +11,10 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from oof.errors import DataError
-from serve.bundle import Ensemble
+from serve.bundle import Ensemble, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,71 @@ class Limits:
     max_files: int = 32
     max_pixels: int = 40_000_000  # per image, read from its header before decoding: a bomb
     top_k: int = 5
+
+
+class Batcher:
+    """One thread runs every forward pass; requests waiting at the same time share a batch.
+
+    Concurrent requests are thus serialised (neither framework's model is documented as safe
+    to call from many threads) and batched (16 one-image requests cost about one 16-image
+    pass, not sixteen). A request waits at most ``timeout`` seconds, then gets a 503.
+    """
+
+    def __init__(self, ensemble: Ensemble, max_images: int = 64, timeout: float = 120.0) -> None:
+        self.ensemble, self.max_images, self.timeout = ensemble, max_images, timeout
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        threading.Thread(target=self._work, name="foldstack-batcher", daemon=True).start()
+
+    def predict(self, decoded: dict[int, np.ndarray]) -> Prediction:
+        job = _Job(decoded)
+        self.jobs.put(job)
+        if not job.done.wait(self.timeout):
+            raise UploadError(503, f"the models did not answer within {self.timeout:.0f} s "
+                                   "(server overloaded); retry later")
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def _work(self) -> None:
+        while True:
+            batch = [self.jobs.get()]
+            size = batch[0].size
+            while size < self.max_images:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(job)
+                size += job.size
+            try:
+                sizes = batch[0].decoded.keys()
+                merged = {s: np.concatenate([j.decoded[s] for j in batch]) for s in sizes}
+                pred = self.ensemble.predict_decoded(merged)
+                start = 0
+                for j in batch:
+                    rows = slice(start, start + j.size)
+                    j.result = Prediction(pred.proba[rows], {k: v[rows] for k, v in
+                                                             pred.runs.items()}, pred.classes)
+                    start += j.size
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
+                log.exception("forward pass failed")
+                for j in batch:
+                    j.error = exc
+            for j in batch:
+                j.done.set()
+
+
+@dataclass
+class _Job:
+    decoded: dict[int, np.ndarray]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Prediction | None = None
+    error: Exception | None = None
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.decoded.values())))
 
 
 class UploadError(Exception):
@@ -86,7 +151,7 @@ def create_app(ensemble: Ensemble, limits: Limits | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = limits.max_bytes
     app.config["MAX_FORM_PARTS"] = limits.max_files + 16  # werkzeug refuses past it: 413
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    lock = threading.Lock()
+    batcher = Batcher(ensemble)
     health = ensemble.health()
 
     @app.errorhandler(HTTPException)
@@ -137,8 +202,7 @@ def create_app(ensemble: Ensemble, limits: Limits | None = None) -> Flask:
             decoded = ensemble.decode(blobs, names)
         except DataError as exc:  # truncated or corrupt past its header
             raise UploadError(400, str(exc)) from exc
-        with lock:
-            pred = ensemble.predict_decoded(decoded)
+        pred = batcher.predict(decoded)
         rows = prediction_rows(ensemble, names, pred.proba, pred.runs)
         return jsonify(predictions=rows, seconds=round(time.perf_counter() - t0, 4))
 

@@ -288,7 +288,9 @@ class Ensemble:
     def _load_models(self, threads: int | None, device: str) -> None:
         import backbones
 
-        threads = threads or os.cpu_count() or 1
+        # half the cores each by default: a framework's pool that spins after its call must
+        # not starve the other's (measured on 2 busy cores: timm 15 ms at 1 thread, 120 at 2)
+        threads = threads or max(1, (os.cpu_count() or 2) // 2)
         t0 = time.perf_counter()
         import_backends({e.family for e in self.runs})
         for e in self.runs:
