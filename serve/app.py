@@ -62,7 +62,7 @@ class Batcher:
         return job.result
 
     def _work(self) -> None:
-        while True:
+        while True:  # never dies: every failure is handed to the requests that wait on it
             batch = [self.jobs.get()]
             size = batch[0].size
             while size < self.max_images:

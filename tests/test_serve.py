@@ -275,18 +275,22 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(bundle: Path) -> Iterator[str]:
-    """serve.py on a free port of 127.0.0.1, small limits so the corpus can cross them."""
+    """serve.py on a free port of 127.0.0.1, small limits so the corpus can cross them.
+
+    Its log goes to a file: a pipe nobody reads fills up and blocks the server's logging."""
     port = _free_port()
+    log_path = bundle.parent / "server.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
         [sys.executable, "serve.py", str(bundle), "--port", str(port), "--max-mb", "1",
          "--max-files", "8", "--max-pixels", "4000000"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=_env(), stdout=log_file, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     try:
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"serve.py exited: {proc.stdout.read()[-3000:]}")
+                raise AssertionError(f"serve.py exited: {log_path.read_text()[-3000:]}")
             try:
                 if requests.get(url + "/health", timeout=2).status_code == 200:
                     break
@@ -301,6 +305,7 @@ def server(bundle: Path) -> Iterator[str]:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log_file.close()
 
 
 def test_health_names_models_classes_versions(server: str) -> None:
