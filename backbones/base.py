@@ -7,6 +7,7 @@ pipeline asks the backbone for input size, mean and std instead of guessing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -35,15 +36,18 @@ class BackboneSpec:
     head_dropout: float = 0.2
     head_hidden: int = 0
     head_activation: str = "relu"
+    drop_path: float = 0.0  # stochastic depth rate of the backbone's residual branches
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def head_options(cfg: RunConfig) -> dict[str, Any]:
-        """The ``head_*`` config keys, as the spec fields every backend builds the head from."""
+        """The model-structure config keys (``head_*``, ``drop_path``), as the spec fields every
+        backend builds the model from."""
         return {"head_pool": cfg.head_pool, "head_dropout": cfg.head_dropout,
-                "head_hidden": cfg.head_hidden, "head_activation": cfg.head_activation}
+                "head_hidden": cfg.head_hidden, "head_activation": cfg.head_activation,
+                "drop_path": cfg.drop_path}
 
 
 @dataclass
@@ -63,6 +67,17 @@ class FoldJob:
     work_dir: Path  # scratch for resumable state; removed by the runner when the fold is done
     history_path: Path  # per-epoch CSV, may be written live
     seed: int = 0
+    # progressive resizing: the fold's training rows decoded at another size (from the cache)
+    train_images_at: Callable[[int], np.ndarray] | None = None
+    tensorboard_dir: Path | None = None  # event files of this fold, when asked for
+
+    def train_images(self, size: int) -> np.ndarray:
+        """The training rows at ``size`` px: ``x_train`` itself at the spec's size."""
+        if size == self.spec.input_size:
+            return self.x_train
+        if self.train_images_at is None:
+            raise ValueError(f"fold {self.fold}: no training images at {size}px were provided")
+        return self.train_images_at(size)
 
 
 @dataclass

@@ -68,7 +68,8 @@ from oof.atomic import atomic_path  # noqa: E402
 from oof.config import RunConfig  # noqa: E402
 from oof.errors import ConfigError  # noqa: E402
 from oof.metrics import accuracy, log_loss  # noqa: E402
-from recipe import lr_table, phase_lengths, plan_phases  # noqa: E402
+from recipe import lr_table, phase_lengths, plan_phases, plan_segments, plan_sizes  # noqa: E402
+from recipe.losses import class_weight_vector  # noqa: E402
 from recipe.phases import Phase  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,14 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
     ).is_file():
         raise ConfigError(f"--pretrained {cfg.pretrained}: no such weights file")
     plan_phases(cfg)  # refuses bad fine-tuning keys before any work
+    if cfg.drop_path:
+        raise ConfigError(f"--drop-path {cfg.drop_path}: keras.applications fix their stochastic "
+                          f"depth (keras/{model_name} takes no rate); leave --drop-path at 0 or "
+                          "use a timm backbone")
     words, mean, std = describe_preprocessing(model_name)
     return BackboneSpec(
         name=f"keras/{model_name}", family="keras", framework=FRAMEWORK, model_name=model_name,
-        input_size=int(cfg.img_size or 224), mean=mean, std=std,  # type: ignore[arg-type]
+        input_size=int(cfg.final_img_size or 224), mean=mean, std=std,  # type: ignore[arg-type]
         preprocessing=words, pretrained=cfg.pretrained, **BackboneSpec.head_options(cfg),
     )
 
@@ -215,16 +220,20 @@ def recalibrate_batchnorm(model: keras.Model, images: np.ndarray,
 
 
 def build_model(spec: BackboneSpec, num_classes: int,
-                bn_momentum: float = DEFAULT_BN_MOMENTUM) -> keras.Model:
-    """uint8/0..255 RGB in, class probabilities out: preprocess, application, foldstack head."""
-    size = spec.input_size
+                bn_momentum: float = DEFAULT_BN_MOMENTUM, any_size: bool = False) -> keras.Model:
+    """uint8/0..255 RGB in, class probabilities out: preprocess, application, foldstack head.
+
+    ``any_size`` builds it for inputs of any height and width (progressive resizing trains
+    one model at several sizes); otherwise for the spec's size only.
+    """
+    size = None if any_size else spec.input_size
     app = getattr(keras.applications, spec.model_name)
     weights = _weights_argument(spec)
     try:
         base = app(include_top=False, weights=weights, input_shape=(size, size, 3))
     except ValueError as exc:  # too small an input, or imagenet weights at an unsupported size
-        raise ConfigError(f"keras/{spec.model_name} at {size}px with weights={weights}: "
-                          f"{exc}") from exc
+        raise ConfigError(f"keras/{spec.model_name} at {size or 'any size'} px with "
+                          f"weights={weights}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - download errors come in many types
         if weights == "imagenet":
             raise ConfigError(
@@ -412,12 +421,17 @@ class EpochBatches(keras.callbacks.Callback):
         self.mixing = mixing  # (mixup_alpha, cutmix_alpha, prob): the same draws as timm's
         self.images, self.labels, self.batch, self.augment = images, labels, batch, augment
         self.seed, self.epoch = int(seed), 0
+        self.log_size = False
         self.eye = np.eye(num_classes, dtype=np.float32)
         self._order: tuple[int, np.ndarray] | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch = int(epoch)
         reseed_layers(self.model, self.seed, self.epoch)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.log_size and logs is not None:  # progressive resizing: the size in the history
+            logs["img_size"] = int(self.images.shape[1])
 
     def load(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         epoch = self.epoch
@@ -450,9 +464,20 @@ def reseed_layers(model: keras.Model, seed: int, epoch: int) -> int:
     return len(generators)
 
 
+def make_loss(cfg: RunConfig) -> keras.losses.Loss:
+    """The recipe's loss (recipe/losses.py) from Keras' own classes; class weights come as
+    sample weights from the dataset (``make_train_dataset``)."""
+    if cfg.loss == "focal":  # alpha 1: the class weights do the balancing, as in timm
+        return keras.losses.CategoricalFocalCrossentropy(
+            alpha=1.0, gamma=cfg.focal_gamma, label_smoothing=cfg.label_smoothing)
+    return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+
+
 def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
-                       cfg: RunConfig, seed: int) -> tuple[tf.data.Dataset, int, EpochBatches]:
-    """Augmented, one-hot, prefetched batches of the fold's uint8 training images.
+                       cfg: RunConfig, seed: int, class_weights: np.ndarray | None = None,
+                       ) -> tuple[tf.data.Dataset, int, EpochBatches]:
+    """Augmented, one-hot, prefetched batches of the fold's uint8 training images, with
+    each image's class weight (``t_i . w``, soft targets too) as its sample weight when given.
 
     A batch is gathered and augmented in one numpy call, so the per-image Python cost is the
     albumentations transform alone and it runs ahead of the training step in tf.data's thread.
@@ -468,11 +493,15 @@ def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
                            build_seeded_augment(cfg.augment, images.shape[1], seed), seed, mixing)
     size = images.shape[1]
 
-    def gather(b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    weight_of_class = None if class_weights is None else tf.constant(class_weights, tf.float32)
+
+    def gather(b: tf.Tensor) -> tuple[tf.Tensor, ...]:
         x, y = tf.numpy_function(batches.load, [b], [tf.uint8, tf.float32], stateful=True)
         x.set_shape((None, size, size, 3))
         y.set_shape((None, num_classes))
-        return x, y
+        if weight_of_class is None:
+            return x, y
+        return x, y, tf.linalg.matvec(y, weight_of_class)
 
     ds = (tf.data.Dataset.range(steps)
           .map(gather, num_parallel_calls=1)
@@ -522,9 +551,10 @@ class FoldMetrics(keras.callbacks.Callback):
     """
 
     def __init__(self, x_val: np.ndarray, y_val: np.ndarray, fold: int, epochs: int,
-                 echo: bool = True) -> None:
+                 echo: bool = True, n_train: int = 0) -> None:
         super().__init__()
         self.x_val, self.y_val, self.fold, self.epochs = x_val, y_val, fold, epochs
+        self.n_train = n_train
         self.echo = echo
         self.seconds: list[float] = []
         self._t0 = 0.0
@@ -540,6 +570,7 @@ class FoldMetrics(keras.callbacks.Callback):
         logs["val_loss"] = log_loss(self.y_val, val)
         logs["val_accuracy"] = accuracy(self.y_val, val)
         logs["seconds"] = time.perf_counter() - self._t0
+        logs["images_per_second"] = self.n_train / logs["seconds"]
         self.seconds.append(logs["seconds"])
         # Keras' progress bar already prints these numbers: echo them only without it
         (log.info if self.echo else log.debug)(
@@ -715,19 +746,20 @@ def _graph_key(job: FoldJob, bn: float, policy: str, steps_per_epoch: int) -> st
         "spec": job.spec.to_dict(), "classes": len(job.classes), "bn": bn, "policy": policy,
         "batch": min(cfg.batch_size, len(job.x_train)), "lr": cfg.lr,
         "opt": cfg.optimizer, "wd": cfg.weight_decay, "ls": cfg.label_smoothing,
+        "loss": cfg.loss, "gamma": cfg.focal_gamma, "class_weights": cfg.class_weights,
         "schedule": cfg.schedule, "plateau": uses_plateau(cfg), "ema": cfg.ema,
         "ema_decay": cfg.ema_decay,
     }, sort_keys=True, default=str)
 
 
-def _fresh_model(job: FoldJob, bn: float) -> keras.Model:
+def _fresh_model(job: FoldJob, bn: float, any_size: bool = False) -> keras.Model:
     """A new model for a phased fold, after dropping any cached compiled one."""
     global _COMPILED
     if _COMPILED is not None:
         _COMPILED = None
         keras.backend.clear_session()
     seed_python(job.seed)
-    return build_model(job.spec, len(job.classes), bn)
+    return build_model(job.spec, len(job.classes), bn, any_size)
 
 
 def _compile_phase(model: keras.Model, job: FoldJob, steps_per_epoch: int, phase: Phase) -> None:
@@ -742,7 +774,7 @@ def _compile_phase(model: keras.Model, job: FoldJob, steps_per_epoch: int, phase
     optimizer, _ = make_optimizer(cfg, steps_per_epoch, phase, scales)
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        loss=make_loss(cfg),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         steps_per_execution=steps_per_execution(steps_per_epoch),
         jit_compile="auto",
@@ -780,7 +812,7 @@ def _compiled_model(job: FoldJob, steps_per_epoch: int, bn: float, policy: str) 
     optimizer, schedule = make_optimizer(cfg, steps_per_epoch)
     fresh.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        loss=make_loss(cfg),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         steps_per_execution=steps_per_execution(steps_per_epoch),
         jit_compile="auto",  # XLA on GPU; off on CPU, where it compiles slower than it runs
@@ -829,12 +861,16 @@ def train_fold(job: FoldJob) -> FoldResult:
     device, policy = configure_runtime(cfg)
     bn = DEFAULT_BN_MOMENTUM if cfg.bn_momentum is None else float(cfg.bn_momentum)
     extra = user_callbacks(cfg.callbacks)  # bad names fail before any work
-    dataset, steps, batches = make_train_dataset(job.x_train, job.y_train, len(job.classes), cfg,
-                                                 job.seed)
+    weight_of_class = class_weight_vector(cfg.class_weights, job.classes, job.y_train)
+    dataset, steps, batches = make_train_dataset(
+        job.x_train, job.y_train, len(job.classes), cfg, job.seed, weight_of_class)
     phases = plan_phases(cfg)
-    phased = len(phases) > 1 or phases[0].layer_decay is not None
+    stages = plan_sizes(cfg, job.spec.input_size)
+    segments = plan_segments(phases, stages)
+    progressive = len(stages) > 1
+    phased = len(segments) > 1 or phases[0].layer_decay is not None
     if phased:  # each phase compiles its own step: nothing to reuse across folds
-        model, reused = _fresh_model(job, bn), False
+        model, reused = _fresh_model(job, bn, any_size=progressive), False
     else:
         reused = _COMPILED is not None
         compiled = _compiled_model(job, steps, bn, policy)
@@ -846,9 +882,9 @@ def train_fold(job: FoldJob) -> FoldResult:
     backup_dir = job.work_dir / "backup"
     best_path = job.work_dir / "best.weights.h5"
     if phased:
-        backups = [repair_backup(backup_dir / p.name) for p in phases]
-        first_phase = max((i for i, e in enumerate(backups) if e is not None), default=0)
-        resumed_from = backups[first_phase]
+        backups = [repair_backup(backup_dir / seg.name) for seg in segments]
+        first_segment = max((i for i, e in enumerate(backups) if e is not None), default=0)
+        resumed_from = backups[first_segment]
     else:
         resumed_from = repair_backup(backup_dir)
     resuming = resumed_from is not None
@@ -858,10 +894,14 @@ def train_fold(job: FoldJob) -> FoldResult:
     else:
         trim_history(job.history_path, resumed_from)
     best = _best_so_far(job.history_path) if resuming else None
-    metrics = FoldMetrics(job.x_val, job.y_val, job.fold, cfg.epochs, echo=not cfg.progress)
+    metrics = FoldMetrics(job.x_val, job.y_val, job.fold, cfg.epochs, echo=not cfg.progress,
+                          n_train=len(job.x_train))
+    board = ([keras.callbacks.TensorBoard(str(job.tensorboard_dir), write_graph=False,
+                                          profile_batch=0)]
+             if job.tensorboard_dir is not None else [])
     common = [
-        batches,
         metrics,
+        *board,  # after FoldMetrics: the validation metrics, LR and images/s are in its logs
         keras.callbacks.TerminateOnNaN(),
         *extra,
         keras.callbacks.ModelCheckpoint(str(best_path), monitor="val_loss", mode="min",
@@ -879,20 +919,32 @@ def train_fold(job: FoldJob) -> FoldResult:
     build_seconds = time.perf_counter() - t0
     verbose = "auto" if cfg.progress else 0
     if phased:
-        for phase in phases[first_phase:]:
-            _compile_phase(model, job, steps, phase)
+        data_at = {job.spec.input_size: (dataset, steps, batches)}
+        compiled_for = None
+        for seg in segments[first_segment:]:
+            if seg.size not in data_at:  # progressive resizing: the fold's rows at this size
+                data_at[seg.size] = make_train_dataset(
+                    job.train_images(seg.size), job.y_train, len(job.classes), cfg, job.seed,
+                    weight_of_class)
+            seg_data, seg_steps, seg_batches = data_at[seg.size]
+            seg_batches.log_size = progressive
+            if seg.phase is not compiled_for:
+                _compile_phase(model, job, seg_steps, seg.phase)
+                compiled_for = seg.phase
+            phase = seg.phase
             model._initial_epoch = None
-            log.info("fold %d: phase %r, epochs %d-%d, %s", job.fold, phase.name,
-                     phase.first_epoch + 1, phase.first_epoch + phase.epochs,
+            log.info("fold %d: %s, epochs %d-%d%s, %s", job.fold, seg.name,
+                     seg.first_epoch + 1, seg.first_epoch + seg.epochs,
+                     f" at {seg.size}px" if progressive else "",
                      "every layer" + (f", layer decay {phase.layer_decay}"
                                       if phase.layer_decay else "")
                      if phase.train_backbone else "head only, backbone frozen")
-            model.fit(dataset, initial_epoch=phase.first_epoch,
-                      epochs=phase.first_epoch + phase.epochs,
-                      callbacks=[*common, *tail(backup_dir / phase.name)], shuffle=False,
-                      verbose=verbose)
+            model.fit(seg_data, initial_epoch=seg.first_epoch,
+                      epochs=seg.first_epoch + seg.epochs,
+                      callbacks=[seg_batches, *common, *tail(backup_dir / seg.name)],
+                      shuffle=False, verbose=verbose)
     else:
-        model.fit(dataset, epochs=cfg.epochs, callbacks=[*common, *tail(backup_dir)],
+        model.fit(dataset, epochs=cfg.epochs, callbacks=[batches, *common, *tail(backup_dir)],
                   shuffle=False, verbose=verbose)
     train_seconds = time.perf_counter() - t0
     history = read_history(job.history_path)
@@ -953,15 +1005,16 @@ def lr_range_test(job: FoldJob, lrs: np.ndarray) -> list[float]:
     cfg = job.cfg
     configure_runtime(cfg)
     bn = DEFAULT_BN_MOMENTUM if cfg.bn_momentum is None else float(cfg.bn_momentum)
-    dataset, steps, batches = make_train_dataset(job.x_train, job.y_train, len(job.classes), cfg,
-                                                 job.seed)
+    dataset, steps, batches = make_train_dataset(
+        job.x_train, job.y_train, len(job.classes), cfg, job.seed,
+        class_weight_vector(cfg.class_weights, job.classes, job.y_train))
     model = _fresh_model(job, bn)
     phase = plan_phases(cfg)[-1]
     application_of(model).trainable = True
     scales = layer_lr_scales(model, phase.layer_decay) if phase.layer_decay else None
     optimizer, _ = make_optimizer(cfg, steps, phase, scales, fixed_lr=float(lrs[0]))
     model.compile(optimizer=optimizer,
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                  loss=make_loss(cfg),
                   steps_per_execution=1)
     losses: list[float] = []
 

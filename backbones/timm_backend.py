@@ -45,7 +45,8 @@ from oof.atomic import atomic_path
 from oof.config import RunConfig
 from oof.errors import ConfigError
 from oof.metrics import accuracy, log_loss
-from recipe import lr_factor, phase_lengths, plan_phases
+from recipe import lr_factor, phase_lengths, plan_phases, plan_sizes, size_of
+from recipe.losses import class_weight_vector
 from recipe.phases import Phase, phase_of
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
     std = tuple(pcfg.std) if pcfg else (0.229, 0.224, 0.225)
     return BackboneSpec(
         name=f"timm/{model_name}", family="timm", framework=FRAMEWORK, model_name=model_name,
-        input_size=int(cfg.img_size or default_size), mean=mean, std=std,  # type: ignore[arg-type]
+        input_size=int(cfg.final_img_size or default_size), mean=mean, std=std,  # type: ignore[arg-type]
         preprocessing=f"x/255, minus mean {mean}, divided by std {std} (timm pretrained cfg)",
         pretrained=cfg.pretrained, **BackboneSpec.head_options(cfg),
     )
@@ -92,6 +93,8 @@ def create_model(spec: BackboneSpec, num_classes: int) -> nn.Module:
     source = spec.pretrained
     kwargs: dict[str, Any] = {"num_classes": num_classes, "global_pool": spec.head_pool,
                               "drop_rate": spec.head_dropout}
+    if spec.drop_path:
+        kwargs["drop_path_rate"] = spec.drop_path
     if source not in ("", "auto"):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -158,7 +161,18 @@ def _with_hidden_layer(model: nn.Module, spec: BackboneSpec) -> nn.Module:
 
 
 def _create_at_size(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` with ``img_size`` where the model takes one."""
+    """``timm.create_model`` with ``img_size`` where the model takes one; a model without
+    stochastic depth refuses ``--drop-path`` clearly."""
+    try:
+        return _create_sized(spec, **kwargs)
+    except TypeError as exc:
+        if "drop_path_rate" in str(exc):
+            raise ConfigError(f"--drop-path {spec.drop_path}: timm/{spec.model_name} has no "
+                              "stochastic depth (drop_path_rate); leave --drop-path at 0") from exc
+        raise
+
+
+def _create_sized(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(spec.model_name, img_size=spec.input_size, **kwargs)
     except TypeError as exc:
@@ -231,6 +245,7 @@ class Trainer:
     device: torch.device
     steps_per_epoch: int
     seed: int = 0  # of the per-batch mixing draws
+    class_weights: np.ndarray | None = None  # recipe.class_weight_vector of the fold
     stop_training: bool = False
 
     def __post_init__(self) -> None:
@@ -245,13 +260,31 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.weight_of_class = (None if self.class_weights is None else
+                                torch.as_tensor(self.class_weights, device=self.device))
         use_amp = cfg.amp and self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
                           else torch.float16 if use_amp else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1) * 255
+
+    def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The recipe's loss (recipe/losses.py): ``mean_i w_i * l_i`` with smoothed targets,
+        ``l_i`` cross-entropy or focal, ``w_i`` the target's class weight; hard (class index)
+        or soft (mixed) targets."""
+        cfg = self.cfg
+        logits = logits.float()
+        if target.ndim == 1:
+            target = nn.functional.one_hot(target, logits.shape[1]).to(logits.dtype)
+        smooth = target * (1.0 - cfg.label_smoothing) + cfg.label_smoothing / logits.shape[1]
+        log_p = nn.functional.log_softmax(logits, dim=1)
+        if cfg.loss == "focal":
+            log_p = log_p * (1.0 - log_p.exp()).pow(cfg.focal_gamma)
+        per_image = -(smooth * log_p).sum(dim=1)
+        if self.weight_of_class is not None:
+            per_image = per_image * (target @ self.weight_of_class)
+        return per_image.mean()
 
     @property
     def predict_model(self) -> nn.Module:
@@ -444,7 +477,8 @@ def build_trainer(job: FoldJob, steps_per_epoch: int) -> Trainer:
     seed_everything(job.seed)
     device = pick_device(cfg)
     model = create_model(job.spec, len(job.classes))
-    trainer = Trainer(model, job.spec, cfg, device, steps_per_epoch, job.seed)
+    trainer = Trainer(model, job.spec, cfg, device, steps_per_epoch, job.seed,
+                      class_weight_vector(cfg.class_weights, job.classes, job.y_train))
     trainer.start_phase(plan_phases(cfg)[0])
     return trainer
 
@@ -505,6 +539,22 @@ def _restore(trainer: Trainer, state: dict[str, Any], phases: list[Phase],
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
+def tensorboard_writer(path: Path) -> Any:
+    """torch's own ``SummaryWriter``, kept free of TensorFlow.
+
+    TensorBoard imports TensorFlow whenever it is installed (it is, for the Keras backend),
+    which would put both frameworks in one process; the ``tensorboard.compat.notf`` marker
+    module is the switch TensorBoard's TensorFlow-free build uses to pick its stub instead.
+    """
+    import sys
+    import types
+
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
+
+
 def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldResult:
     """Train on the fold's training rows, then predict its held-out rows and the test set.
 
@@ -516,6 +566,8 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
     device = pick_device(cfg)
     loader = make_loader(job.x_train, job.y_train, cfg, job.seed, device)
     phases = plan_phases(cfg)
+    stages = plan_sizes(cfg, job.spec.input_size)
+    loaders = {job.spec.input_size: loader}  # progressive resizing: one loader per size
     trainer = build_trainer(job, len(loader))
     resume_path = job.work_dir / RESUME_FILE
     state = load_resume_state(resume_path)
@@ -534,6 +586,7 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
         log.info("fold %d: resuming after epoch %d from %s", job.fold, first_epoch,
                  resume_path)
     startup = time.perf_counter() - t0
+    writer = tensorboard_writer(job.tensorboard_dir) if job.tensorboard_dir else None
     for epoch in range(first_epoch, cfg.epochs):
         if trainer.stop_training:
             break
@@ -547,11 +600,25 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
                      if phase.train_backbone else "head only, backbone frozen")
         for cb in callbacks:
             cb.on_epoch_begin(epoch, {})
+        size = size_of(stages, epoch)
+        if size not in loaders:
+            loaders[size] = make_loader(job.train_images(size), job.y_train, cfg, job.seed,
+                                        device)
+        if len(stages) > 1 and (epoch == first_epoch or size != size_of(stages, epoch - 1)):
+            log.info("fold %d: training at %dpx from epoch %d", job.fold, size, epoch + 1)
+        loader = loaders[size]
         loader.sampler.set_epoch(epoch)
         logs = trainer.train_epoch(loader, epoch)
+        if len(stages) > 1:
+            logs["img_size"] = size
         val = trainer.predict(job.x_val)
+        seconds = time.perf_counter() - e0
         logs.update(val_loss=log_loss(job.y_val, val), val_accuracy=accuracy(job.y_val, val),
-                    seconds=time.perf_counter() - e0)
+                    seconds=seconds, images_per_second=len(job.x_train) / seconds)
+        if writer is not None:
+            for key, value in logs.items():
+                writer.add_scalar(f"epoch/{key}", value, epoch)
+            writer.flush()
         history.append({"epoch": epoch, **logs})
         log.info("fold %d epoch %d/%d %s", job.fold, epoch + 1, cfg.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
@@ -560,6 +627,8 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
         save_resume_state(resume_path, trainer, epoch, history, callbacks)
     for cb in callbacks:
         cb.on_train_end({})
+    if writer is not None:
+        writer.close()
     train_seconds = time.perf_counter() - t0
     if cfg.predict_weights == "best" and best.state is not None:
         trainer.load_weights(best.state)

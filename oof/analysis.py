@@ -326,6 +326,9 @@ class Analysis:
     hardest: pd.DataFrame
     ensemble_members: list[str] = field(default_factory=list)
     image_paths: dict[str, str] = field(default_factory=dict)
+    # near-duplicates of the dataset (oof.duplicates.DuplicateReport), when it was read
+    duplicates: Any = None
+    image_labels: dict[str, str] = field(default_factory=dict)  # of the ids it names
 
     @property
     def names(self) -> list[str]:
@@ -374,6 +377,7 @@ class Analysis:
             } for r in self.runs},
             "hardest": [{**row, "path": self.image_paths.get(row["id"])}
                         for row in frame(self.hardest)],
+            "duplicates": self.duplicates.to_dict() if self.duplicates is not None else None,
         }
 
 

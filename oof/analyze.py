@@ -7,6 +7,7 @@ runs/). All complete runs of the root by default; a mismatched set is refused.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from oof.config import (
     parse_config,
     save_config,
 )
-from oof.errors import ConfigError
+from oof.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 @config_dataclass
@@ -34,6 +37,8 @@ class AnalyzeConfig(DatasetConfig):
     hardest: PositiveInt = opt(DEFAULT_HARDEST, "how many most confidently wrong images to show")
     thumbnails: bool = opt(True, "read the hardest images from the dataset for thumbnails")
     thumb_size: PositiveInt = opt(128, "thumbnail size in pixels (longest side)")
+    duplicates: bool = opt(True, "list near-duplicate training images and train/test pairs "
+                           "(perceptual hash, cached in the run root) with thumbnails")
 
 
 def run_root(cfg: DatasetConfig) -> Path:
@@ -61,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_runs(root, [str(r) for r in cfg.runs] or None)
     analysis = analyze(runs, n_bins=cfg.bins, n_hardest=cfg.hardest,
                        find_images=cfg.thumbnails)
+    if cfg.duplicates:
+        from oof.datasets import load_dataset
+        from oof.duplicates import dataset_duplicates
+
+        try:
+            analysis.duplicates, paths_of, analysis.image_labels = dataset_duplicates(
+                load_dataset(cfg.data, cfg.layout, cfg.test), root / "cache")
+            analysis.image_paths.update(paths_of)
+        except (DataError, OSError) as exc:  # the OOF analysis stands without the images
+            log.warning("near-duplicates not checked: %s", str(exc).splitlines()[0])
     out = Path(cfg.report_dir) if cfg.report_dir else root / "analysis"
     title = cfg.title or f"OOF analysis: {root.resolve().name}"
     paths = write_report(analysis, out, title, with_thumbnails=cfg.thumbnails,
@@ -72,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"oracle accuracy {o['oracle_accuracy']:.4f} "
           f"(best single {o['best_single_accuracy']:.4f})  "
           f"ensemble mean {analysis.ensemble['accuracy']:.4f}")
+    if analysis.duplicates is not None:
+        d = analysis.duplicates
+        print(f"near-duplicates: {len(d.groups)} groups in train ({len(d.mixed_label_groups)} "
+              f"with mixed labels), {len(d.train_test_pairs)} train/test pairs")
     for kind, p in paths.items():
         print(f"{kind:5s} {p}")
     return 0

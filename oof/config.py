@@ -48,15 +48,28 @@ ImageSize = Annotated[int, _NUMBER, Field(ge=8, le=4096)]
 FoldCount = Annotated[int, _NUMBER, Field(ge=2)]
 Name = Annotated[str, Field(min_length=1)]
 
+
+def _sizes(value: Any) -> Any:
+    """``--img-size 128,160,224`` or ``[128, 160, 224]`` -> a list; one size stays a number."""
+    if isinstance(value, str) and "," in value:
+        value = [v.strip() for v in value.split(",")]
+    if isinstance(value, list) and len(value) == 1:
+        return value[0]
+    return value
+
+
+ImageSizes = Annotated[ImageSize | list[ImageSize], BeforeValidator(_sizes)]
+
 #: every config class is a pydantic dataclass with this behaviour
 config_dataclass = pydantic.dataclasses.dataclass(
     config=pydantic.ConfigDict(extra="forbid", validate_default=True))
 
 
 def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None, yaml_only: bool = False,
-        **kw: Any) -> Any:
-    """A config field with its help text (and choices) in one place."""
-    meta = {"help": help, "choices": choices, "yaml_only": yaml_only}
+        const: Any = None, **kw: Any) -> Any:
+    """A config field with its help text (and choices) in one place; ``const`` is the value
+    of its flag given alone."""
+    meta = {"help": help, "choices": choices, "yaml_only": yaml_only, "const": const}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -89,7 +102,12 @@ class RunConfig(DatasetConfig):
                         "training: plot and suggested --lr in the run folder's lr_find/")
     run_name: str | None = opt(None, "run folder name (default: backbone and image size)")
     pretrained: str = opt("", "'' from scratch; 'auto' framework cache/online; or a weights file")
-    img_size: ImageSize | None = opt(None, "square input size in pixels (default: the backbone's)")
+    img_size: ImageSizes | None = opt(
+        None, "square input size in pixels (default: the backbone's); several sizes, e.g. "
+        "128,160,224, train at each in turn (progressive resizing), and the last one predicts")
+    img_size_epochs: list[PositiveInt] = opt(
+        [], "progressive resizing: epochs at each --img-size (default: --epochs split evenly, "
+        "the remainder to the last size)")
     batch_size: PositiveInt = opt(64, "images per training step")
     epochs: PositiveInt = opt(10, "training epochs per fold")
     lr: PositiveFloat = opt(2e-3, "peak learning rate")
@@ -117,7 +135,16 @@ class RunConfig(DatasetConfig):
                         "and 75 %) or constant; plateau: constant + a ReduceLROnPlateau callback",
                         ("cosine", "onecycle", "cyclic", "step", "constant"))
     warmup_epochs: NonNegativeFloat = opt(1.0, "linear LR warmup length in epochs")
-    label_smoothing: Smoothing = opt(0.1, "label smoothing of the cross-entropy loss")
+    label_smoothing: Smoothing = opt(0.1, "label smoothing of the loss's targets")
+    loss: str = opt("ce", "training loss: ce (cross-entropy) or focal (each image's loss times "
+                    "(1 - p_true)^gamma: hard images count more)", ("ce", "focal"))
+    focal_gamma: NonNegativeFloat = opt(2.0, "focal loss: gamma (0 = cross-entropy)")
+    class_weights: str | dict[str, PositiveFloat] = opt(
+        "none", "loss weight per class: none, balanced (n / (K * n_class) over the fold's "
+        "training images) or CLASS=W,CLASS=W (others weigh 1; a mapping in YAML)")
+    drop_path: Smoothing = opt(0.0, "stochastic depth: drop rate of residual branches (timm "
+                               "drop_path_rate; refused by models without one, and by Keras, "
+                               "whose applications fix it: EfficientNet 0.2, ConvNeXt 0)")
     augment: Name = opt("light", "augmentation (albumentations): a preset none|light|flip|"
                         "medium|strong, or a pipeline file (.json/.yaml) written by "
                         "albumentations.save")
@@ -154,6 +181,16 @@ class RunConfig(DatasetConfig):
     callbacks: list = opt([], "extra Keras callbacks: [{name: EarlyStopping, patience: 3}]",
                           yaml_only=True)
     progress: bool = opt(True, "show a progress bar per epoch")
+    tensorboard: bool = opt(False, "TensorBoard event files per fold in the run folder's "
+                            "tensorboard/foldK (loss, accuracy, LR, images/s, val metrics)")
+    mlflow: str = opt("", "track the run in MLflow: a tracking URI (http://host:5000, "
+                      "sqlite:///mlflow.db) or a local folder; --mlflow alone means ./mlruns; "
+                      "'' = off", const="mlruns")
+
+    @property
+    def final_img_size(self) -> int | None:
+        """The size that predicts (the last of a progressive list), or None for the default."""
+        return self.img_size[-1] if isinstance(self.img_size, list) else self.img_size
 
     def resolved_run_name(self, img_size: int) -> str:
         if self.run_name:
@@ -202,6 +239,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
                           type=item if item in (int, float) else None)
         else:
             kwargs.update(type=tp, metavar=f.name.upper())
+        if f.metadata.get("const") is not None:
+            kwargs.update(nargs="?", const=f.metadata["const"])
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
             kwargs.pop("metavar", None)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -152,3 +153,22 @@ def find_duplicates(train_ids: Sequence[str], train_labels: Sequence[str],
         i, j, d = close_pairs(train_hashes, test_hashes, max_distance)
         pairs = [(str(train_ids[a]), str(test_ids[b]), int(c)) for a, b, c in zip(i, j, d)]
     return DuplicateReport(as_ids, mixed, pairs, max_distance)
+
+
+def dataset_duplicates(dataset: Any, cache_dir: Path | None = None,
+                       max_distance: int = DEFAULT_MAX_DISTANCE
+                       ) -> tuple[DuplicateReport, dict[str, str], dict[str, str]]:
+    """``find_duplicates`` over a loaded dataset's train and test images (hashes cached), with
+    the path (test ids as ``test:<id>``) and training label of every id the report names."""
+    train, test = dataset.train, dataset.test
+    train_hashes = perceptual_hashes(list(train["path"]), cache_dir)
+    test_hashes = perceptual_hashes(list(test["path"]), cache_dir) if len(test) else None
+    report = find_duplicates(list(train["id"]), list(train["label"]), train_hashes,
+                             list(test["id"]), test_hashes, max_distance)
+    named = {i for g in report.groups for i in g} | {p[0] for p in report.train_test_pairs}
+    paths = {str(i): str(p) for i, p in zip(train["id"], train["path"]) if str(i) in named}
+    tests = {p[1] for p in report.train_test_pairs}
+    paths.update({f"test:{i}": str(p) for i, p in zip(test["id"], test["path"])
+                  if str(i) in tests})
+    labels = {str(i): str(c) for i, c in zip(train["id"], train["label"]) if str(i) in named}
+    return report, paths, labels

@@ -209,6 +209,9 @@ def learning_curves_figure(a: Analysis) -> bytes | None:
     return _png(fig)
 
 
+MAX_DUPLICATE_GROUPS = 30  # shown with thumbnails; all of them are in report.json
+
+
 def thumbnail(path: str, size: int = THUMB_SIZE) -> bytes:
     """PNG of one image fitted into ``size`` px (tiny images scaled up, pixels kept sharp)."""
     from PIL import Image
@@ -226,9 +229,15 @@ def thumbnail(path: str, size: int = THUMB_SIZE) -> bytes:
 
 
 def thumbnails(a: Analysis, size: int = THUMB_SIZE) -> dict[str, bytes]:
-    """Thumbnails of the hardest images only; unreadable files are logged and left out."""
+    """Thumbnails of the hardest images and of the near-duplicates shown; unreadable files
+    are logged and left out."""
     out = {}
-    for image_id in a.hardest["id"]:
+    wanted = list(a.hardest["id"])
+    if a.duplicates is not None:
+        wanted += [i for g in a.duplicates.groups[:MAX_DUPLICATE_GROUPS] for i in g]
+        wanted += [k for t, u, _ in a.duplicates.train_test_pairs[:MAX_DUPLICATE_GROUPS]
+                   for k in (t, f"test:{u}")]
+    for image_id in dict.fromkeys(wanted):
         path = a.image_paths.get(image_id)
         if path is None:
             continue
@@ -258,6 +267,7 @@ img.fig{max-width:100%;height:auto;display:block;margin:8px 0}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:140px}
 .card b{display:block;font-size:1.4em}
 .thumbs{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px}
+.dup{border-top:1px solid #ddd;margin:6px 0}.dup p{margin:4px 0;font-size:13px}
 figure{margin:0;border:1px solid #ddd;border-radius:6px;padding:6px;text-align:center;
 font-size:12px}
 figure img{width:128px;height:128px;object-fit:contain;image-rendering:pixelated;background:#eee}
@@ -390,6 +400,8 @@ def build_html(a: Analysis, figures: dict[str, bytes | None], thumbs: dict[str, 
         _img(figures["reliability"] or b"", "reliability diagrams"),
         "<h2 id='hardest'>Hardest images</h2>",
         _hardest_html(a, thumbs),
+        "<h2 id='duplicates'>Near-duplicates</h2>",
+        _duplicates_html(a, thumbs),
         "<h2 id='curves'>Learning curves</h2>",
     ]
     no_hist = [r.name for r in a.runs if r.history is None]
@@ -427,6 +439,47 @@ def _hardest_html(a: Analysis, thumbs: dict[str, bytes]) -> str:
             f"p(true) {row.p_true:.3f} &middot; wrong in {row.runs_wrong}/{len(a.runs)}<br>"
             f"<small>{_esc(row.id)} &middot; fold {row.fold}</small></figcaption></figure>")
     return intro + f"<div class='thumbs'>{''.join(figs)}</div>"
+
+
+def _duplicates_html(a: Analysis, thumbs: dict[str, bytes]) -> str:
+    d = a.duplicates
+    if d is None:
+        return ("<p class='note'>Not checked (the dataset was not read: --duplicates false, or "
+                "its images were not found).</p>")
+    labels = a.image_labels
+    intro = (f"<p class='note'>Perceptual hashes (64-bit pHash) within {d.max_distance} bits: "
+             f"{len(d.groups)} groups of 2+ near-identical training images, "
+             f"{len(d.mixed_label_groups)} of them with more than one label (a likely labelling "
+             f"error), and {len(d.train_test_pairs)} train/test pairs (a test image the models "
+             "have as good as seen). <code>--folds-group phash</code> keeps each group in one "
+             "fold.</p>")
+    mixed = {tuple(g) for g in d.mixed_label_groups}
+    rows = []
+    for group in d.groups[:MAX_DUPLICATE_GROUPS]:
+        figs = []
+        for image_id in group:
+            png = thumbs.get(image_id)
+            pic = _img(png, image_id, cls="thumb") if png else ""
+            figs.append(f"<figure>{pic}<figcaption><small>{_esc(image_id)}</small><br>"
+                        f"{_esc(labels.get(image_id, ''))}</figcaption></figure>")
+        flag = " <b>mixed labels</b>" if tuple(group) in mixed else ""
+        rows.append(f"<div class='dup'><p>{len(group)} images{flag}</p>"
+                    f"<div class='thumbs'>{''.join(figs)}</div></div>")
+    if len(d.groups) > MAX_DUPLICATE_GROUPS:
+        rows.append(f"<p class='note'>{len(d.groups) - MAX_DUPLICATE_GROUPS} more groups in "
+                    "report.json.</p>")
+    pairs = []
+    for train_id, test_id, dist in d.train_test_pairs[:MAX_DUPLICATE_GROUPS]:
+        figs = "".join(
+            f"<figure>{_img(thumbs[k], k, cls='thumb') if k in thumbs else ''}<figcaption>"
+            f"<small>{_esc(cap)}</small></figcaption></figure>"
+            for k, cap in ((train_id, f"train {train_id} ({labels.get(train_id, '')})"),
+                           (f"test:{test_id}", f"test {test_id}")))
+        pairs.append(f"<div class='dup'><p>distance {dist}</p><div class='thumbs'>{figs}"
+                     "</div></div>")
+    if pairs:
+        pairs.insert(0, "<h3>Train/test pairs</h3>")
+    return intro + "".join(rows) + "".join(pairs)
 
 
 # ---------------------------------------------------------------- Markdown
@@ -469,6 +522,16 @@ def build_markdown(a: Analysis, title: str) -> str:
     out += ["## Hardest images (ensemble mean most confidently wrong)", "",
             _md_frame(a.hardest.assign(path=[a.image_paths.get(i) for i in a.hardest["id"]])),
             ""]
+    d = a.duplicates
+    if d is not None:
+        out += ["## Near-duplicates (perceptual hash)", "",
+                f"{len(d.groups)} groups of 2+ training images within {d.max_distance} bits, "
+                f"{len(d.mixed_label_groups)} with mixed labels; {len(d.train_test_pairs)} "
+                "train/test pairs.", ""]
+        out += [f"- {', '.join(g)}" + (" (mixed labels)" if g in d.mixed_label_groups else "")
+                for g in d.groups[:MAX_DUPLICATE_GROUPS]]
+        out += [f"- train {t} / test {u} (distance {dist})"
+                for t, u, dist in d.train_test_pairs[:MAX_DUPLICATE_GROUPS]] + [""]
     return "\n".join(out)
 
 

@@ -64,3 +64,73 @@ def plan_phases(cfg: RunConfig) -> list[Phase]:
 def phase_of(phases: list[Phase], epoch: int) -> Phase:
     """The phase that trains ``epoch``."""
     return next(p for p in phases if p.first_epoch <= epoch < p.first_epoch + p.epochs)
+
+
+@dataclass(frozen=True)
+class SizeStage:
+    """Progressive resizing: ``epochs`` epochs from ``first_epoch`` on images of ``size`` px."""
+
+    first_epoch: int
+    epochs: int
+    size: int
+
+
+def plan_sizes(cfg: RunConfig, final_size: int) -> list[SizeStage]:
+    """The image size of every epoch: one stage at ``final_size``, or one per ``img_size``.
+
+    Small images first is the fast.ai progressive-resizing recipe: early epochs cost less and
+    the last size, the one that predicts, gets the final epochs. ``img_size_epochs`` sets the
+    epochs per size; by default ``epochs`` is split evenly, the remainder to the last size.
+    """
+    sizes = list(cfg.img_size) if isinstance(cfg.img_size, list) else [final_size]
+    if len(sizes) == 1:
+        if cfg.img_size_epochs and cfg.img_size_epochs != [cfg.epochs]:
+            raise ConfigError(f"--img-size-epochs {cfg.img_size_epochs}: needs several "
+                              "--img-size values (progressive resizing), e.g. 128,160,224")
+        return [SizeStage(0, cfg.epochs, final_size)]
+    counts = list(cfg.img_size_epochs)
+    if not counts:
+        if cfg.epochs < len(sizes):
+            raise ConfigError(f"--img-size {','.join(map(str, sizes))}: {len(sizes)} sizes "
+                              f"need at least {len(sizes)} --epochs (one per size), got "
+                              f"{cfg.epochs}")
+        each = cfg.epochs // len(sizes)
+        counts = [each] * (len(sizes) - 1) + [cfg.epochs - each * (len(sizes) - 1)]
+    if len(counts) != len(sizes) or sum(counts) != cfg.epochs:
+        raise ConfigError(f"--img-size-epochs {counts}: one count per --img-size "
+                          f"({len(sizes)} sizes) summing to --epochs {cfg.epochs}")
+    stages, first = [], 0
+    for size, n in zip(sizes, counts, strict=True):
+        stages.append(SizeStage(first, n, size))
+        first += n
+    return stages
+
+
+def size_of(stages: list[SizeStage], epoch: int) -> int:
+    """The image size that trains ``epoch``."""
+    return next(s.size for s in stages if s.first_epoch <= epoch < s.first_epoch + s.epochs)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of epochs with one phase and one image size: the unit a Keras ``fit`` call trains."""
+
+    name: str
+    phase: Phase
+    first_epoch: int
+    epochs: int
+    size: int
+
+
+def plan_segments(phases: list[Phase], stages: list[SizeStage]) -> list[Segment]:
+    """Phases cut by size stages. Without progressive resizing a segment is a phase, named
+    like it; with it, ``full@160`` says which phase at which size."""
+    cuts = sorted({0, *(p.first_epoch for p in phases), *(s.first_epoch for s in stages)})
+    end = phases[-1].first_epoch + phases[-1].epochs
+    segments = []
+    for a, b in zip(cuts, [*cuts[1:], end], strict=True):
+        phase = phase_of(phases, a)
+        size = size_of(stages, a)
+        name = phase.name if len(stages) == 1 else f"{phase.name}@{size}"
+        segments.append(Segment(name, phase, a, b - a, size))
+    return segments

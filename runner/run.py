@@ -28,6 +28,8 @@ from oof.folds import Folds, ensure_folds
 from oof.images import cached_images
 from oof.metrics import scores
 from oof.rundir import FoldPart, Run, RunDir, load_run
+from recipe import plan_sizes
+from recipe.losses import parse_class_weights
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 # ``folds`` and ``seed`` are checked through the stored folds' fingerprint instead: leaving them
 # out on a rerun means "the stored ones" (``ensure_folds`` already refused different values).
 RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data",
-                  "folds", "seed", "folds_group", "lr_find"}
+                  "folds", "seed", "folds_group", "lr_find", "tensorboard", "mlflow"}
 
 
 @dataclass
@@ -47,6 +49,7 @@ class RunSummary:
     complete: bool = False
     oof_scores: dict[str, float] = field(default_factory=dict)
     run: Run | None = None
+    mlflow_run_id: str | None = None
 
 
 def library_versions() -> dict[str, str]:
@@ -157,9 +160,12 @@ def run_folds(cfg: RunConfig) -> RunSummary:
     import backbones
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
+    parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
-    decode_first(dataset, spec.input_size, root)
+    sizes = [s.size for s in plan_sizes(cfg, spec.input_size)]  # refuses a bad size plan
+    for size in dict.fromkeys([spec.input_size, *sizes]):
+        decode_first(dataset, size, root)
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
                          cfg.folds, cfg.seed, cfg.folds_group,
                          make_groups=lambda: duplicate_groups(dataset, root))
@@ -206,6 +212,10 @@ def run_folds(cfg: RunConfig) -> RunSummary:
             summary.run = load_run(run.path)
         summary.complete = True
         summary.oof_scores = summary.run.scores()
+    if cfg.mlflow:
+        from runner.tracking import track_run
+
+        summary.mlflow_run_id = track_run(cfg.mlflow, run, summary.complete)
     return summary
 
 
@@ -219,6 +229,7 @@ def _train_folds(cfg: RunConfig, dataset: ImageDataset, folds: Folds, run: RunDi
     x_all = cached_images(list(dataset.train["path"]), spec.input_size, cache)
     x_test = cached_images(list(dataset.test["path"]), spec.input_size, cache)
     log.info("images ready in %.1fs", time.perf_counter() - t0)
+    train_paths = list(dataset.train["path"])
     order, y_all = _fold_rows(dataset, folds)
     for k in todo:
         tr, va = folds.split(k)
@@ -231,6 +242,9 @@ def _train_folds(cfg: RunConfig, dataset: ImageDataset, folds: Folds, run: RunDi
             y_train=y_all[tr], x_val=np.asarray(x_all[order[va]]), y_val=y_all[va],
             x_test=x_test, checkpoint_path=run.checkpoint_dir() / f"fold{k}{_ckpt_suffix(spec)}",
             work_dir=run.work_dir(k), history_path=run.history_path(k), seed=train_seed + k,
+            train_images_at=lambda size, rows=order[tr]: np.asarray(
+                cached_images(train_paths, size, cache)[rows]),
+            tensorboard_dir=run.path / "tensorboard" / f"fold{k}" if cfg.tensorboard else None,
         )
         result = backend.train_fold(job)
         fold_scores = scores(y_all[va], result.val_proba)
@@ -277,6 +291,7 @@ def lr_find(cfg: RunConfig) -> LRFindSummary:
     from recipe.lr_find import LR_FIND_DIR, lr_ramp, save, suggest
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
+    parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
     x_all = cached_images(list(dataset.train["path"]), spec.input_size, root / "cache")

@@ -230,7 +230,7 @@ def test_report_renders_in_headless_chromium(demo_subset: Path, tmp_path: Path) 
     _run_with_images(root, "stack", folds, demo_subset, 0.6, 3, history=False, level=2)
     out = tmp_path / "report"
     assert main(["--data", str(demo_subset), "--out", str(tmp_path / "runs"), "--report-dir",
-                 str(out), "--hardest", "12"]) == 0
+                 str(out), "--hardest", "12", "--duplicates", "false"]) == 0
     data = json.loads((out / "report.json").read_text())
     assert len(data["hardest"]) == 12
     assert all(Path(h["path"]).is_file() for h in data["hardest"])
@@ -252,3 +252,52 @@ def test_report_renders_in_headless_chromium(demo_subset: Path, tmp_path: Path) 
     assert found, f"marker missing from the DOM: {dom[:500]!r}"
     assert (int(found[1]), int(found[2])) == (n_images, n_images)
     assert "Hardest images" in dom and "Learning curves" in dom
+
+
+def test_report_lists_planted_near_duplicates_with_thumbnails(tmp_path: Path) -> None:
+    """A resized copy under another label (mixed-label group) and a recompressed copy in the
+    test set (train/test pair) are found among distinct photos-like images, and shown."""
+    from PIL import Image
+
+    from oof.analyze import main
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "dupdata"
+    rows = []
+    for i in range(30):
+        label = "abc"[i % 3]
+        (data / "train" / label).mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).resize(
+            (96, 96), Image.Resampling.BICUBIC)
+        img.save(data / "train" / label / f"im{i:02d}.png")
+        rows.append((f"im{i:02d}.png", label))
+    src = Image.open(data / "train" / "a" / "im00.png")
+    src.resize((80, 80), Image.Resampling.LANCZOS).save(data / "train" / "b" / "copy.png")
+    rows.append(("copy.png", "b"))
+    (data / "test_upload").mkdir()
+    src.convert("RGB").save(data / "test_upload" / "t0.jpg", quality=85)
+    Image.open(data / "train" / "c" / "im05.png").transpose(Image.Transpose.ROTATE_90).save(
+        data / "test_upload" / "t1.png")  # a different picture, not a duplicate
+    pd.DataFrame(rows, columns=["Id", "Category"]).to_csv(data / "train.csv", index=False)
+
+    train = pd.read_csv(data / "train.csv", dtype=str)
+    root = tmp_path / "runs" / data.name
+    folds = make_folds(list(train["Id"]), list(train["Category"]), 3, 0)
+    write_folds(root, folds)
+    _run_with_images(root, "alpha", folds, data, 0.5, 1, history=False)
+    out = tmp_path / "report"
+    assert main(["--data", str(data), "--out", str(tmp_path / "runs"), "--report-dir", str(out),
+                 "--hardest", "3"]) == 0
+    dup = json.loads((out / "report.json").read_text())["duplicates"]
+    assert dup["groups"] == [["im00.png", "copy.png"]]
+    assert dup["mixed_label_groups"] == [["im00.png", "copy.png"]]
+    # the test copy pairs with both training copies; the rotated image pairs with none
+    assert sorted(p[:2] for p in dup["train_test_pairs"]) == [["copy.png", "t0.jpg"],
+                                                              ["im00.png", "t0.jpg"]]
+    html = (out / "report.html").read_text()
+    section = html.split("id='duplicates'")[1].split("id='curves'")[0]
+    assert section.count('class="thumb"') == 2 + 2 * 2  # the group's two, two per pair
+    assert "mixed labels" in section
+    assert "1 groups in train" not in html  # the terminal line is printed, not in the page
+    md = (out / "report.md").read_text()
+    assert "im00.png, copy.png (mixed labels)" in md and "test t0.jpg" in md

@@ -1,0 +1,80 @@
+"""Progressive resizing (issue 9): ``--img-size 16,24`` trains at each size in turn, the last
+size predicts, the cache serves every size, and a bad size plan is refused before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from oof.config import RunConfig
+from oof.errors import ConfigError
+from recipe import plan_phases, plan_segments, plan_sizes, size_of
+from tests.test_run_folds import assert_user_error, run_script
+
+
+def test_size_plan_splits_epochs_and_cuts_phases() -> None:
+    cfg = RunConfig(img_size=[96, 128, 160], epochs=7)
+    stages = plan_sizes(cfg, 160)
+    assert [(s.first_epoch, s.epochs, s.size) for s in stages] == [(0, 2, 96), (2, 2, 128),
+                                                                    (4, 3, 160)]
+    assert [size_of(stages, e) for e in range(7)] == [96, 96, 128, 128, 160, 160, 160]
+    cfg = RunConfig(img_size="96,160", img_size_epochs=[1, 3], epochs=4, pretrained="w.pth")
+    segs = plan_segments(plan_phases(cfg), plan_sizes(cfg, 160))
+    # the head epoch at 96 px, then the full phase at 160
+    assert [(s.name, s.first_epoch, s.epochs, s.size) for s in segs] == [
+        ("head@96", 0, 1, 96), ("full@160", 1, 3, 160)]
+    one = plan_segments(plan_phases(RunConfig(epochs=3)), plan_sizes(RunConfig(epochs=3), 32))
+    assert [(s.name, s.epochs, s.size) for s in one] == [("full", 3, 32)]  # names as before
+
+
+def test_pretrained_head_phase_and_sizes_interleave() -> None:
+    cfg = RunConfig(img_size=[64, 96], epochs=4, pretrained="w.pth")  # head 1 epoch, sizes 2+2
+    segs = plan_segments(plan_phases(cfg), plan_sizes(cfg, 96))
+    assert [(s.name, s.first_epoch, s.epochs, s.size) for s in segs] == [
+        ("head@64", 0, 1, 64), ("full@64", 1, 1, 64), ("full@96", 2, 2, 96)]
+
+
+@pytest.mark.parametrize("cfg, words", [
+    (dict(img_size=[16, 24, 32], epochs=2), "3 sizes need at least 3 --epochs"),
+    (dict(img_size=[16, 24], epochs=4, img_size_epochs=[1, 2]), "summing to --epochs 4"),
+    (dict(img_size=[16, 24], epochs=3, img_size_epochs=[3]), "one count per --img-size"),
+    (dict(img_size=24, epochs=3, img_size_epochs=[1, 2]), "needs several --img-size values"),
+])
+def test_bad_size_plans_are_refused(cfg: dict, words: str) -> None:
+    with pytest.raises(ConfigError, match="--img-size") as err:
+        plan_sizes(RunConfig(**cfg), 24)
+    assert words in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone, sizes", [("timm/resnet10t", "16,24"),
+                                             ("keras/MobileNetV3Small", "32,40")])
+def test_progressive_resizing_trains_at_each_size(backbone: str, sizes: str, demo_subset: Path,
+                                                  tmp_path: Path) -> None:
+    first, last = (int(s) for s in sizes.split(","))
+    out = tmp_path / "runs"
+    proc = run_script(["--data", str(demo_subset), "--out", str(out), "--backbone", backbone,
+                       "--img-size", sizes, "--epochs", "2", "--folds", "2",
+                       "--progress", "false", "--batch-size", "32"], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    family, _, model = backbone.partition("/")
+    run_dir = out / demo_subset.name / f"{family}-{model}_{last}px"
+    history = pd.read_csv(run_dir / "history.csv")
+    for _, fold in history.groupby("fold"):
+        assert fold.sort_values("epoch")["img_size"].tolist() == [first, last]
+    cached = sorted(p.name.split("_")[1] for p in (out / demo_subset.name / "cache").glob("*.npy"))
+    assert f"{first}px" in cached and f"{last}px" in cached
+    acc = json.loads((run_dir / "meta.json").read_text())["oof_metrics"]["accuracy"]
+    assert acc > 0.3, acc  # chance is 0.1: it learned, across the size change
+
+
+def test_bad_size_plan_is_refused_before_anything_is_written(demo_subset: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    proc = run_script(["--data", str(demo_subset), "--out", str(out), "--img-size", "16,24",
+                       "--epochs", "3", "--img-size-epochs", "1", "1"], tmp_path)
+    assert_user_error(proc, "--img-size-epochs [1, 1]: one count per --img-size")
+    assert not out.exists()
