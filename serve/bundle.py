@@ -275,7 +275,8 @@ class Ensemble:
             raise RunMismatchError(f"{root}: bundle saved with other library versions "
                                    f"({'; '.join(bad)}); install those versions, or pass "
                                    "--allow-version-mismatch")
-        entries = [RunEntry(r["name"], json.loads((root / r["meta"]).read_text()),
+        entries = [RunEntry(r["name"], _resolve_augment(json.loads((root / r["meta"]).read_text()),
+                                                        root),
                             [root / c["file"] for c in r["checkpoints"]])
                    for r in manifest["runs"]]
         saved = load_stacker(root, STACKER_FILE, allow_version_mismatch=allow)
@@ -411,6 +412,33 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
                         + "\n  ".join(problems or ["the manifest lists no files"]))
 
 
+AUGMENT_SUFFIXES = (".json", ".yaml", ".yml")  # = backbones.augment.PIPELINE_SUFFIXES
+
+
+def _with_bundled_augment(entry: RunEntry, root: Path) -> dict[str, Any]:
+    """The run's meta, its augmentation pipeline file copied in when TTA draws views from it
+    (``--tta-augment N`` with ``--augment FILE``): the bundle must not need the original path."""
+    meta = json.loads(json.dumps(entry.meta))
+    cfg = meta.get("config", {})
+    source = Path(str(cfg.get("augment", "")))
+    if cfg.get("tta_augment") and source.suffix.lower() in AUGMENT_SUFFIXES:
+        if not source.is_file():
+            raise DataError(f"run {entry.name!r}: its TTA pipeline {source} is missing")
+        rel = f"runs/{entry.name}/augment{source.suffix.lower()}"
+        shutil.copyfile(source, root / rel)
+        cfg["augment"] = rel
+    return meta
+
+
+def _resolve_augment(meta: dict[str, Any], root: Path) -> dict[str, Any]:
+    """A bundled pipeline path is relative to the bundle: make it absolute for the backend."""
+    cfg = meta.get("config", {})
+    aug = str(cfg.get("augment", ""))
+    if aug.startswith("runs/") and (root / aug).is_file():
+        cfg["augment"] = str(root / aug)
+    return meta
+
+
 def export_bundle(stack_dir: str | Path, out: str | Path,
                   subset: str | list[str] | None = None) -> Path:
     """Copy what serving needs into ``out`` (which must not exist), atomically.
@@ -433,7 +461,7 @@ def export_bundle(stack_dir: str | Path, out: str | Path,
                      saved.info["fold_fingerprint"], saved.info["level2_scores"])
         for e, r in zip(entries, manifest["runs"]):
             (tmp / "runs" / e.name).mkdir(parents=True)
-            write_json(tmp / r["meta"], e.meta)
+            write_json(tmp / r["meta"], _with_bundled_augment(e, tmp))
             for ck, spec in zip(e.checkpoints, r["checkpoints"]):
                 shutil.copyfile(ck, tmp / spec["file"])
         manifest["versions"] = {**saved.info["versions"], **json.loads(

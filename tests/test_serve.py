@@ -456,3 +456,48 @@ def test_upload_page_in_headless_chromium_shows_the_label(server: str, demo_subs
         assert len(browser.find_elements(By.CSS_SELECTOR, ".prediction .bar")) == 5
     finally:
         browser.quit()
+
+
+def test_layers_serve_on_top_ensemble_free_of_frameworks() -> None:
+    """serve/ is the top layer: nothing below imports it; ensemble/ (where the saved stacker
+    lives) imports neither backbones nor a framework, even lazily inside a function."""
+    import ast
+
+    def imported(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+        return names
+
+    for package in ("oof", "recipe", "backbones", "runner", "ensemble"):
+        for path in (ROOT / package).rglob("*.py"):
+            assert "serve" not in imported(path), path
+    for path in (ROOT / "ensemble").rglob("*.py"):
+        assert not imported(path) & {"backbones", "torch", "tensorflow", "keras", "timm",
+                                     "flask", "runner"}, path
+
+
+def test_bundle_carries_the_tta_pipeline_file(tmp_path: Path) -> None:
+    """--tta-augment draws views from an --augment FILE: the bundle copies it and points the
+    run at the copy, so it predicts without the original path."""
+    from oof.errors import DataError
+    from serve.bundle import RunEntry, _resolve_augment, _with_bundled_augment
+
+    pipeline = tmp_path / "aug.yaml"
+    pipeline.write_text("transform: {}\n")
+    entry = RunEntry("r", {"config": {"augment": str(pipeline), "tta_augment": 2}}, [])
+    root = tmp_path / "bundle"
+    (root / "runs" / "r").mkdir(parents=True)
+    meta = _with_bundled_augment(entry, root)
+    assert meta["config"]["augment"] == "runs/r/augment.yaml"
+    assert entry.meta["config"]["augment"] == str(pipeline)  # the run's own meta untouched
+    pipeline.unlink()
+    resolved = _resolve_augment(meta, root)["config"]["augment"]
+    assert Path(resolved).read_text() == "transform: {}\n"
+    with pytest.raises(DataError, match="aug.yaml is missing"):
+        _with_bundled_augment(entry, root)
+    plain = RunEntry("p", {"config": {"augment": "light", "tta_augment": 2}}, [])
+    assert _with_bundled_augment(plain, root)["config"]["augment"] == "light"
