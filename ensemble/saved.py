@@ -49,13 +49,14 @@ def installed_versions(names: tuple[str, ...] = LEVEL2_LIBRARIES) -> dict[str, s
 
 def version_mismatches(recorded: dict[str, str], installed: dict[str, str]) -> list[str]:
     """``name: recorded -> installed`` for each recorded library installed at another version
-    (Python compared by major.minor only; a library not installed here is reported too)."""
+    (Python compared by major.minor only; a local build tag such as torch's ``+cu132`` is
+    ignored: CPU and CUDA builds read the same weights; a library not installed is reported)."""
     out = []
     for name, want in sorted(recorded.items()):
         have = installed.get(name)
         if name == "python":
             want, have = ".".join(want.split(".")[:2]), ".".join((have or "").split(".")[:2])
-        if have != want:
+        if (have or "").split("+")[0] != want.split("+")[0]:
             out.append(f"{name}: saved with {want}, installed {have or 'none'}")
     return out
 

@@ -145,16 +145,31 @@ def import_backends(families: set[str]) -> None:
         backbones.get_backend(family)
 
 
-def _framework_versions(family: str) -> dict[str, str]:
-    import backbones
+FRAMEWORK_LIBRARIES = {"timm": ("torch", "torchvision", "timm"),
+                       "keras": ("tensorflow", "keras")}  # = the keys of backend.versions()
 
-    return backbones.get_backend(family).versions()
+
+def _framework_versions(family: str) -> dict[str, str]:
+    """Installed versions from package metadata: checking them must not cost a TensorFlow
+    import (seconds) before a bundle is refused or exported; the backend's own report where
+    the metadata lacks one (e.g. tensorflow installed as tensorflow-cpu)."""
+    from importlib import metadata
+
+    out = {}
+    for name in FRAMEWORK_LIBRARIES.get(family, ()):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            import backbones
+
+            import_backends({family})
+            return backbones.get_backend(family).versions()
+    return out
 
 
 def _check_run_versions(entries: list[RunEntry], allow: bool) -> None:
     bad = []
     families: dict[str, dict[str, str]] = {}
-    import_backends({e.family for e in entries})
     for e in entries:
         if e.family not in families:
             families[e.family] = _framework_versions(e.family)

@@ -93,51 +93,55 @@ def predicted(bundle: Path, demo_subset: Path, tmp_path_factory: pytest.TempPath
 REPRODUCE = r"""
 import json, sys
 import numpy as np
-from pathlib import Path
 from serve.bundle import import_backends
 import_backends({"timm", "keras"})
 import backbones
 from oof.images import decode_images
 from oof.datasets import load_dataset
 from oof.rundir import load_run
-run = load_run(sys.argv[1]); data = load_dataset(sys.argv[2], "auto", None)
+data = load_dataset(sys.argv[1], "auto", None)
 paths = dict(zip(data.train["id"].astype(str), data.train["path"]))
-test_paths = list(data.test.set_index("id").loc[run.test_ids, "path"])
-family = run.meta["backbone"]["family"]; size = run.meta["backbone"]["input_size"]
-x_test = decode_images(test_paths, size)
-per_fold = run.test_per_fold()
-out = {"oof": [], "test": []}
-for ck in sorted((run.path / "checkpoints").glob("fold?.*")):
-    if ".best." in ck.name:
-        continue
-    p = backbones.get_backend(family).load_predictor(run.meta, ck, 1)
-    k = p.meta["fold"]
-    rows = np.flatnonzero(run.folds == k)
-    x = decode_images([paths[i] for i in run.ids[rows]], size)
-    out["oof"].append(float(np.abs(p.predict_proba(x) - run.oof[rows]).max()))
-    out["test"].append(float(np.abs(p.predict_proba(x_test) - per_fold[k]).max()))
+out = {}
+for run_dir in sys.argv[2:]:
+    run = load_run(run_dir)
+    test_paths = list(data.test.set_index("id").loc[run.test_ids, "path"])
+    family = run.meta["backbone"]["family"]; size = run.meta["backbone"]["input_size"]
+    x_test = decode_images(test_paths, size)
+    per_fold = run.test_per_fold()
+    got = out[run.name] = {"oof": [], "test": []}
+    for ck in sorted((run.path / "checkpoints").glob("fold?.*")):
+        if ".best." in ck.name:
+            continue
+        p = backbones.get_backend(family).load_predictor(run.meta, ck, 1)
+        k = p.meta["fold"]
+        rows = np.flatnonzero(run.folds == k)
+        x = decode_images([paths[i] for i in run.ids[rows]], size)
+        got["oof"].append(float(np.abs(p.predict_proba(x) - run.oof[rows]).max()))
+        got["test"].append(float(np.abs(p.predict_proba(x_test) - per_fold[k]).max()))
 print(json.dumps(out))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", [TIMM_RUN, KERAS_RUN])
-def test_fold_model_reproduces_its_stored_oof_and_test_rows(stack: Path, demo_subset: Path,
-                                                            run: str) -> None:
+def test_fold_models_reproduce_their_stored_oof_and_test_rows(stack: Path,
+                                                              demo_subset: Path) -> None:
     """Each published fold checkpoint (safetensors / .weights.h5), loaded by the backend's
     load_predictor, predicts its held-out rows and the test set as the run stored them."""
-    proc = _py("-c", REPRODUCE, str(stack.parent / run), str(demo_subset))
+    proc = _py("-c", REPRODUCE, str(demo_subset), str(stack.parent / TIMM_RUN),
+               str(stack.parent / KERAS_RUN))
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(got["oof"]) == 3
-    assert max(got["oof"]) < 1e-6 and max(got["test"]) < 1e-6, got
-    if run == TIMM_RUN:  # no pickle: the fold weights are safetensors
-        assert sorted(p.name for p in (stack.parent / run / "checkpoints").iterdir()) == [
-            f"fold{k}.safetensors" for k in range(3)]
+    for run in (TIMM_RUN, KERAS_RUN):
+        assert len(got[run]["oof"]) == 3
+        assert max(got[run]["oof"]) < 1e-6 and max(got[run]["test"]) < 1e-6, got
+    # no pickle: timm fold weights are safetensors
+    assert sorted(p.name for p in (stack.parent / TIMM_RUN / "checkpoints").iterdir()) == [
+        f"fold{k}.safetensors" for k in range(3)]
 
 
 # ------------------------------------------------------------------------------ predict
 
 
+@pytest.mark.slow
 def test_stack_saves_its_final_stacker_with_what_it_was_fitted_on(stack: Path) -> None:
     info = json.loads((stack / "stacker.json").read_text())
     report = json.loads((stack / "report.json").read_text())
@@ -166,11 +170,12 @@ def test_predict_equals_the_stacks_own_test_predictions(stack: Path, predicted: 
 
 
 @pytest.mark.slow
-def test_subset_shows_its_own_level2_score(stack: Path, tmp_path: Path) -> None:
+def test_subset_shows_its_own_level2_score(stack: Path) -> None:
     """Serving fewer runs is never silent: the manifest names what was dropped and the
     subset's honest level-2 score beside the full stack's; greedy keeps its non-zero runs."""
-    _py("-m", "serve.bundle", str(stack), "--out", str(tmp_path / "one"), "--subset", TIMM_RUN)
-    m = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    from serve.bundle import describe_stack
+
+    m, _, _ = describe_stack(stack, [TIMM_RUN])  # what export writes (frameworks not needed)
     assert [r["name"] for r in m["runs"]] == [TIMM_RUN]
     s = m["subset"]
     assert s["kept"] == [TIMM_RUN] and s["dropped"] == [KERAS_RUN]
@@ -205,6 +210,7 @@ def _load_error(path: Path) -> str:
     return str(exc.value)
 
 
+@pytest.mark.slow
 def test_damaged_or_mismatched_bundle_is_refused_clearly(bundle: Path, tmp_path: Path) -> None:
     b = _damaged_copy(bundle, tmp_path)
     ckpt = b / "runs" / TIMM_RUN / "fold1.safetensors"
@@ -245,7 +251,25 @@ def test_damaged_or_mismatched_bundle_is_refused_clearly(bundle: Path, tmp_path:
     msg = _load_error(b)
     assert KERAS_RUN in msg and "fold fingerprint 0123456789abcdef" in msg
 
+    # fold models saved with another torch: refused (a CUDA/CPU build tag alone is not)
+    shutil.rmtree(b)
+    b = _damaged_copy(bundle, tmp_path)
+    meta_path = b / "runs" / TIMM_RUN / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["versions"]["torch"] = "1.0.0+cu999"
+    meta_path.write_text(json.dumps(meta))
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"][f"runs/{TIMM_RUN}/meta.json"] = sha256_of(meta_path)
+    (b / "manifest.json").write_text(json.dumps(m))
+    msg = _load_error(b)
+    assert f"{TIMM_RUN}: torch: saved with 1.0.0+cu999" in msg
+    from ensemble.saved import version_mismatches
 
+    assert version_mismatches({"torch": "2.1.0+cu121"}, {"torch": "2.1.0+cpu"}) == []
+    assert version_mismatches({"python": "3.11.2"}, {"python": "3.11.7"}) == []
+
+
+@pytest.mark.slow
 def test_export_refuses_an_existing_folder_and_a_non_stack(bundle: Path, stack: Path,
                                                           tmp_path: Path) -> None:
     from oof.errors import FoldstackError
@@ -258,6 +282,7 @@ def test_export_refuses_an_existing_folder_and_a_non_stack(bundle: Path, stack: 
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_predict_script_errors_are_one_line(bundle: Path, tmp_path: Path) -> None:
     proc = _py("predict.py", str(bundle), str(tmp_path / "nothing.png"), check=False)
     assert proc.returncode == 2 and "no such image file or folder" in proc.stderr
@@ -308,6 +333,7 @@ def server(bundle: Path) -> Iterator[str]:
         log_file.close()
 
 
+@pytest.mark.slow
 def test_health_names_models_classes_versions(server: str) -> None:
     h = requests.get(server + "/health", timeout=30).json()
     assert [m["run"] for m in h["models"]] == [KERAS_RUN, TIMM_RUN]
@@ -364,6 +390,7 @@ def _corpus(sample: bytes) -> dict[str, tuple[str, str, dict, int, str]]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(_corpus(b"").keys()))
 def test_malformed_upload_gets_a_4xx_json_naming_the_problem(server: str, demo_subset: Path,
                                                              case: str) -> None:
@@ -376,6 +403,7 @@ def test_malformed_upload_gets_a_4xx_json_naming_the_problem(server: str, demo_s
     assert requests.get(server + "/health", timeout=30).status_code == 200  # still serving
 
 
+@pytest.mark.slow
 def test_predict_endpoint_answers_like_predict_py(server: str, demo_subset: Path,
                                                   predicted: pd.DataFrame) -> None:
     files = sorted((demo_subset / "test_upload").iterdir())[:3]
