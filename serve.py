@@ -31,7 +31,12 @@ def main(argv: list[str] | None = None) -> int | None:
                         help="largest image (width x height) accepted")
     parser.add_argument("--allow-version-mismatch", action="store_true")
     args = parser.parse_args(argv)
+    from oof.errors import ConfigError
     from serve.wsgi import serve
+
+    for flag in ("port", "threads", "max_files", "max_mb", "max_pixels"):
+        if getattr(args, flag) <= 0 and not (flag == "port" and args.port == 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
 
     subset = None if not args.subset else ("greedy" if args.subset == "greedy"
                                            else args.subset.split(","))

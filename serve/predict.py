@@ -49,6 +49,8 @@ def predict_files(stack_dir: str | Path, inputs: Sequence[str | Path], out: str 
     """Load the ensemble, predict every image, write ``out`` atomically when given."""
     from oof.atomic import write_atomic
 
+    if batch < 1:
+        raise ConfigError(f"--batch {batch}: must be at least 1")
     paths = expand_inputs(inputs)  # before the (slow) model load: bad paths fail at once
     ensemble = Ensemble.load(stack_dir, subset=subset,
                              allow_version_mismatch=allow_version_mismatch)

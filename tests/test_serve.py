@@ -287,6 +287,11 @@ def test_predict_script_errors_are_one_line(bundle: Path, tmp_path: Path) -> Non
     proc = _py("predict.py", str(bundle), str(tmp_path / "nothing.png"), check=False)
     assert proc.returncode == 2 and "no such image file or folder" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = _py("predict.py", str(bundle), str(tmp_path), "--batch", "0", check=False)
+    assert proc.returncode == 2 and "--batch 0" in proc.stderr
+    proc = _py("serve.py", str(bundle), "--max-files", "0", check=False)
+    assert proc.returncode == 2 and "--max-files 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # ------------------------------------------------------------------------------ service
