@@ -184,6 +184,12 @@ class RunConfig(DatasetConfig):
     callbacks: list = opt([], "extra Keras callbacks: [{name: EarlyStopping, patience: 3}]",
                           yaml_only=True)
     progress: bool = opt(True, "show a progress bar per epoch")
+    pseudo_labels: str | None = opt(
+        None, "stack folder (stack.py's output) whose leak-free per-fold test predictions label "
+        "confident test images for each fold's TRAINING side: fold k's come only from models "
+        "that never saw fold k")
+    pseudo_threshold: Fraction = opt(0.95, "pseudo-labels: least ensemble confidence of a test "
+                                     "image to join training")
     tensorboard: bool = opt(False, "TensorBoard event files per fold in the run folder's "
                             "tensorboard/foldK (loss, accuracy, LR, images/s, val metrics)")
     mlflow: str = opt("", "track the run in MLflow: a tracking URI (http://host:5000, "

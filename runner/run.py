@@ -26,6 +26,7 @@ from oof.datasets import ImageDataset, load_dataset
 from oof.errors import BusyError, ConfigError, DataError
 from oof.folds import Folds, ensure_folds
 from oof.images import cached_images
+from oof.pseudo import PseudoSource, check_source, load_pseudo_source
 from oof.rundir import Run, RunDir, load_run
 from recipe import plan_sizes
 from recipe.losses import parse_class_weights
@@ -170,6 +171,8 @@ class PreparedRun:
     folds: Folds
     run: RunDir
     meta: dict[str, Any]
+    pseudo: PseudoSource | None = None  # --pseudo-labels: per-fold test probabilities
+    pseudo_test_rows: np.ndarray | None = None  # the source's rows -> the dataset's test rows
 
     @property
     def train_seed(self) -> int:
@@ -191,6 +194,7 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
+    pseudo = load_pseudo_source(cfg.pseudo_labels) if cfg.pseudo_labels else None
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
     sizes = [s.size for s in plan_sizes(cfg, spec.input_size)]  # refuses a bad size plan
@@ -201,6 +205,9 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
                          make_groups=lambda: duplicate_groups(dataset, root))
     if cfg.fold is not None and not 0 <= cfg.fold < folds.k:
         raise ConfigError(f"--fold {cfg.fold}: folds are numbered 0..{folds.k - 1}")
+    pseudo_rows = (check_source(pseudo, dataset.classes, folds.fingerprint,
+                                np.asarray(dataset.test["id"], dtype=str))
+                   if pseudo is not None else None)
     run = RunDir(root / cfg.resolved_run_name(spec.input_size))
     _check_same_config(run, cfg, folds)
     meta = {
@@ -213,10 +220,12 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
         "data": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root),
                  "n_train": len(dataset.train), "n_test": len(dataset.test)},
     }
+    if pseudo is not None:  # where the pseudo-labels came from: stack.py checks it
+        meta["pseudo_labels"] = pseudo.describe(cfg.pseudo_threshold)
     if not run.path.exists() or run.read_meta().get("status") != "complete":
         run.write_meta(meta)
         save_config(cfg, run.path / "config.yaml")
-    return PreparedRun(cfg, dataset, root, spec, backend, folds, run, meta)
+    return PreparedRun(cfg, dataset, root, spec, backend, folds, run, meta, pseudo, pseudo_rows)
 
 
 def train_locked(prep: PreparedRun, todo: list[int],
