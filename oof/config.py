@@ -184,6 +184,12 @@ class RunConfig(DatasetConfig):
     callbacks: list = opt([], "extra Keras callbacks: [{name: EarlyStopping, patience: 3}]",
                           yaml_only=True)
     progress: bool = opt(True, "show a progress bar per epoch")
+    extra_train: str | None = opt(
+        None, "an external labelled dataset (any layout) whose images join every fold's "
+        "TRAINING side, never a held-out one; its classes must be this dataset's, or mapped "
+        "with --extra-train-classes")
+    extra_train_classes: str = opt(
+        "", "map the external set's class names: THEIRS=OURS,... (unlisted names must match)")
     pseudo_labels: str | None = opt(
         None, "stack folder (stack.py's output) whose leak-free per-fold test predictions label "
         "confident test images for each fold's TRAINING side: fold k's come only from models "

@@ -80,14 +80,21 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
         y_train = np.concatenate([y_train, labels])
         log.info("fold %d: %d pseudo-labelled test images join its training side", k, len(rows))
 
+    if prep.extra_paths:  # --extra-train: every fold's training side, never a held-out one
+        extra = cached_images(prep.extra_paths, spec.input_size, prep.root / "cache", cfg.resize)
+        x_train = JoinedRows([x_train, RowView(extra, np.arange(len(extra)))])
+        y_train = np.concatenate([y_train, prep.extra_y])
+
     def train_at(size: int) -> Any:  # progressive resizing: the same rows at another size
         def rows_of(paths: Any, rows: np.ndarray) -> RowView:
             return RowView(cached_images(list(paths), size, prep.root / "cache", cfg.resize),
                            rows)
-        view = rows_of(prep.dataset.train["path"], images.order[tr])
-        if not len(pseudo_rows):
-            return view
-        return JoinedRows([view, rows_of(prep.dataset.test["path"], pseudo_rows)])
+        parts = [rows_of(prep.dataset.train["path"], images.order[tr])]
+        if len(pseudo_rows):
+            parts.append(rows_of(prep.dataset.test["path"], pseudo_rows))
+        if prep.extra_paths:
+            parts.append(rows_of(prep.extra_paths, np.arange(len(prep.extra_paths))))
+        return parts[0] if len(parts) == 1 else JoinedRows(parts)
 
     job = FoldJob(
         spec=spec, cfg=cfg, fold=k, classes=prep.dataset.classes,
