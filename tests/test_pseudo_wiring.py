@@ -60,7 +60,7 @@ def test_student_is_not_stacked_with_its_teachers_unless_allowed(tmp_path: Path)
 def test_run_folds_trains_on_its_folds_pseudo_labels(demo_subset: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     base = ["--data", str(demo_subset), "--out", str(out), *FAST]
-    assert run_script(base, tmp_path).returncode == 0
+    assert run_script(base, tmp_path, timeout=600).returncode == 0
     stack = subprocess.run([sys.executable, str(ROOT / "stack.py"), "--data", str(demo_subset),
                             "--out", str(out), "--method", "mean", "--compare", "false"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -72,7 +72,7 @@ def test_run_folds_trains_on_its_folds_pseudo_labels(demo_subset: Path, tmp_path
     assert not (out / demo_subset.name / "student").exists()
 
     proc = run_script([*base, "--run-name", "student", "--pseudo-labels", str(source_dir),
-                       "--pseudo-threshold", "0.15"], tmp_path)
+                       "--pseudo-threshold", "0.15"], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / demo_subset.name / "student" / "meta.json").read_text())
     pseudo = meta["pseudo_labels"]
