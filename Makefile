@@ -10,7 +10,7 @@ RUNS ?= runs
 $(BIN)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[torch,keras,serve,logs,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[torch,keras,serve,logs,ray,dev]"
 	touch $@
 
 setup: $(BIN)/.installed

@@ -19,17 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from oof.atomic import disk_full_error, is_disk_full
-from oof.config import RunConfig, config_dict, save_config
+from oof.config import RunConfig, config_dict, field_default, save_config
 from oof.datasets import ImageDataset, load_dataset
 from oof.errors import BusyError, ConfigError, DataError
 from oof.folds import Folds, ensure_folds
 from oof.images import cached_images
-from oof.metrics import scores
-from oof.rundir import FoldPart, Run, RunDir, load_run
+from oof.pseudo import PseudoSource, check_source, load_pseudo_source
+from oof.rundir import Run, RunDir, load_run
 from recipe import plan_sizes
 from recipe.losses import parse_class_weights
+from runner.tasks import FoldImages, load_fold_images, train_one_fold
+from runner.tasks import fold_rows as _fold_rows
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def duplicate_groups(dataset: ImageDataset, root: Path) -> np.ndarray:
     return groups
 
 
-def decode_first(dataset: ImageDataset, size: int, root: Path) -> None:
+def decode_first(dataset: ImageDataset, size: int, root: Path, resize: str = "squash") -> None:
     """Decode (and cache) every image before anything else is written to the run root.
 
     A corrupt, truncated, empty or text "image" is then refused while the run root holds no
@@ -92,7 +95,7 @@ def decode_first(dataset: ImageDataset, size: int, root: Path) -> None:
     errors = []
     for what, paths in (("test", dataset.test["path"]), ("train", dataset.train["path"])):
         try:
-            cached_images(list(paths), size, cache)
+            cached_images(list(paths), size, cache, resize)
         except DataError as exc:  # report both sets' bad files in one message
             errors.append(f"{what} set: {exc}")
     if errors:
@@ -146,8 +149,10 @@ def _check_same_config(run: RunDir, cfg: RunConfig, folds: Folds) -> None:
     if not stored:
         return
     now = config_dict(cfg)
-    diff = [f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in now
-            if k not in RESUMABLE_KEYS and stored.get(k) != now.get(k)]
+    # a key added since the run started (``resize``) reads as its default, which it then was
+    was = {k: stored.get(k, field_default(RunConfig, k)) for k in now}
+    diff = [f"{k}: {was[k]!r} -> {now.get(k)!r}" for k in now
+            if k not in RESUMABLE_KEYS and was[k] != now.get(k)]
     if diff:
         raise ConfigError(
             f"{run.path} was started with other settings ({'; '.join(diff)}). "
@@ -155,22 +160,93 @@ def _check_same_config(run: RunDir, cfg: RunConfig, folds: Folds) -> None:
         )
 
 
-def run_folds(cfg: RunConfig) -> RunSummary:
-    """Train ``cfg.backbone`` on each stored fold not yet done, then assemble the run."""
+@dataclass
+class PreparedRun:
+    """A run folder ready for its fold jobs: dataset, folds, backbone and the meta written."""
+
+    cfg: RunConfig
+    dataset: ImageDataset
+    root: Path
+    spec: Any
+    backend: Any
+    folds: Folds
+    run: RunDir
+    meta: dict[str, Any]
+    pseudo: PseudoSource | None = None  # --pseudo-labels: per-fold test probabilities
+    pseudo_test_rows: np.ndarray | None = None  # the source's rows -> the dataset's test rows
+    extra_paths: list[str] | None = None  # --extra-train images, joining every training side
+    extra_y: np.ndarray | None = None
+
+    @property
+    def train_seed(self) -> int:
+        return int(self.meta["train_seed"])
+
+    def todo(self) -> list[int]:
+        """Folds asked for (``--fold`` or all) that are not done yet."""
+        asked = [self.cfg.fold] if self.cfg.fold is not None else range(self.folds.k)
+        return [k for k in asked if not self.run.is_done(k)]
+
+
+def extra_training_set(cfg: RunConfig, dataset: ImageDataset
+                       ) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """The ``--extra-train`` images, their labels as this dataset's class indices, and what the
+    run records about them; unknown or unmapped class names are refused, naming them."""
+    flag = f"--extra-train {cfg.extra_train}"
+    try:
+        extra = load_dataset(cfg.extra_train)
+    except DataError as exc:
+        raise DataError(f"{flag}: {exc}") from exc
+    mapping: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in cfg.extra_train_classes.split(","))):
+        theirs, sep, ours = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--extra-train-classes {cfg.extra_train_classes}: '{item}' is "
+                              "not THEIRS=OURS")
+        mapping[theirs.strip()] = ours.strip()
+    index = dataset.class_index
+    labels = [mapping.get(str(c), str(c)) for c in extra.train["label"]]
+    unknown = sorted({lab for lab in labels if lab not in index})
+    if unknown:
+        raise ConfigError(f"{flag}: classes {unknown} are not among this dataset's "
+                          f"{dataset.classes}; map them with --extra-train-classes THEIRS=OURS")
+    counts = pd.Series(labels).value_counts().sort_index()
+    info = {"path": str(extra.root), "layout": extra.layout, "n": len(labels),
+            "per_class": {str(k): int(v) for k, v in counts.items()}, "mapping": mapping}
+    return ([str(p) for p in extra.train["path"]],
+            np.array([index[lab] for lab in labels], dtype=np.int64), info)
+
+
+def prepare_run(cfg: RunConfig) -> PreparedRun:
+    """Everything before the first fold: validate and decode the data, folds, run folder, meta.
+
+    Idempotent (a second call reuses the image cache, folds.csv and meta), so every fold job of
+    an executor may call it, on any worker.
+    """
     import backbones
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
+    pseudo = load_pseudo_source(cfg.pseudo_labels) if cfg.pseudo_labels else None
+    extra_paths, extra_y, extra_info = (extra_training_set(cfg, dataset) if cfg.extra_train
+                                        else (None, None, None))
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
     sizes = [s.size for s in plan_sizes(cfg, spec.input_size)]  # refuses a bad size plan
     for size in dict.fromkeys([spec.input_size, *sizes]):
-        decode_first(dataset, size, root)
+        decode_first(dataset, size, root, cfg.resize)
+        if extra_paths:  # validated and cached before the run folder is written
+            try:
+                cached_images(extra_paths, size, root / "cache", cfg.resize)
+            except DataError as exc:
+                raise DataError(f"--extra-train {cfg.extra_train}: {exc}") from exc
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
                          cfg.folds, cfg.seed, cfg.folds_group,
                          make_groups=lambda: duplicate_groups(dataset, root))
     if cfg.fold is not None and not 0 <= cfg.fold < folds.k:
         raise ConfigError(f"--fold {cfg.fold}: folds are numbered 0..{folds.k - 1}")
+    pseudo_rows = (check_source(pseudo, dataset.classes, folds.fingerprint,
+                                np.asarray(dataset.test["id"], dtype=str))
+                   if pseudo is not None else None)
     run = RunDir(root / cfg.resolved_run_name(spec.input_size))
     _check_same_config(run, cfg, folds)
     meta = {
@@ -183,21 +259,40 @@ def run_folds(cfg: RunConfig) -> RunSummary:
         "data": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root),
                  "n_train": len(dataset.train), "n_test": len(dataset.test)},
     }
+    if pseudo is not None:  # where the pseudo-labels came from: stack.py checks it
+        meta["pseudo_labels"] = pseudo.describe(cfg.pseudo_threshold)
+    if extra_info is not None:
+        meta["extra_train"] = extra_info
     if not run.path.exists() or run.read_meta().get("status") != "complete":
         run.write_meta(meta)
         save_config(cfg, run.path / "config.yaml")
+    return PreparedRun(cfg, dataset, root, spec, backend, folds, run, meta, pseudo, pseudo_rows,
+                       extra_paths, extra_y)
 
-    todo = [k for k in ([cfg.fold] if cfg.fold is not None else range(folds.k))
-            if not run.is_done(k)]
-    if todo:
-        with fold_locks(run, todo):
-            todo = [k for k in todo if not run.is_done(k)]  # done meanwhile by another process
-            try:
-                _train_folds(cfg, dataset, folds, run, spec, backend, todo, meta["train_seed"])
-            except Exception as exc:  # a full disk met outside oof.atomic (a framework's writer)
-                if is_disk_full(exc):
-                    raise disk_full_error(exc, getattr(exc, "filename", None)) from exc
-                raise
+
+def train_locked(prep: PreparedRun, todo: list[int],
+                 images: FoldImages | None = None) -> list[int]:
+    """Train folds ``todo`` under their fold locks; returns the folds trained here.
+
+    Both executors come through here: the local one with every fold to do, a Ray worker with
+    one. A fold finished meanwhile by another process is skipped.
+    """
+    if not todo:
+        return []
+    with fold_locks(prep.run, todo):
+        todo = [k for k in todo if not prep.run.is_done(k)]  # done meanwhile by another process
+        try:
+            _train_folds(prep, todo, images)
+        except Exception as exc:  # a full disk met outside oof.atomic (a framework's writer)
+            if is_disk_full(exc):
+                raise disk_full_error(exc, getattr(exc, "filename", None)) from exc
+            raise
+    return todo
+
+
+def finish_run(prep: PreparedRun) -> RunSummary:
+    """The per-fold table, and the assembled run once every fold is done."""
+    run, folds, dataset = prep.run, prep.folds, prep.dataset
     summary = RunSummary(run_dir=run.path)
     for k in run.done_folds():
         info = run.read_fold_info(k)
@@ -206,68 +301,33 @@ def run_folds(cfg: RunConfig) -> RunSummary:
     if len(run.done_folds()) == folds.k:
         test_ids = np.asarray(dataset.test["id"], dtype=object)
         if run.read_meta().get("status") != "complete":
-            summary.run = run.assemble(run.path.name, dataset.classes, folds, test_ids, meta)
+            summary.run = run.assemble(run.path.name, dataset.classes, folds, test_ids, prep.meta)
             shutil.rmtree(run.path / "work", ignore_errors=True)
         else:
             summary.run = load_run(run.path)
         summary.complete = True
         summary.oof_scores = summary.run.scores()
-    if cfg.mlflow:
+    if prep.cfg.mlflow:
         from runner.tracking import track_run
 
-        summary.mlflow_run_id = track_run(cfg.mlflow, run, summary.complete)
+        summary.mlflow_run_id = track_run(prep.cfg.mlflow, run, summary.complete)
     return summary
 
 
-def _train_folds(cfg: RunConfig, dataset: ImageDataset, folds: Folds, run: RunDir,
-                 spec: Any, backend: Any, todo: list[int], train_seed: int) -> None:
-    from backbones.base import FoldJob
+def run_folds(cfg: RunConfig) -> RunSummary:
+    """Train ``cfg.backbone`` on each stored fold not yet done, then assemble the run."""
+    prep = prepare_run(cfg)
+    train_locked(prep, prep.todo())
+    return finish_run(prep)
 
-    cache = Path(cfg.out) / dataset.name / "cache"
+
+def _train_folds(prep: PreparedRun, todo: list[int], images: FoldImages | None = None) -> None:
     t0 = time.perf_counter()
     # Decoding validates every image, train and test, before the first epoch.
-    x_all = cached_images(list(dataset.train["path"]), spec.input_size, cache)
-    x_test = cached_images(list(dataset.test["path"]), spec.input_size, cache)
+    images = images or load_fold_images(prep)
     log.info("images ready in %.1fs", time.perf_counter() - t0)
-    train_paths = list(dataset.train["path"])
-    order, y_all = _fold_rows(dataset, folds)
     for k in todo:
-        tr, va = folds.split(k)
-        f0 = time.perf_counter()
-        log.info("fold %d/%d: %d train, %d held out, %d test", k + 1, folds.k, len(tr), len(va),
-                 len(x_test))
-        job = FoldJob(
-            spec=spec, cfg=cfg, fold=k, classes=dataset.classes,
-            x_train=np.asarray(x_all[order[tr]]),
-            y_train=y_all[tr], x_val=np.asarray(x_all[order[va]]), y_val=y_all[va],
-            x_test=x_test, checkpoint_path=run.checkpoint_dir() / f"fold{k}{_ckpt_suffix(spec)}",
-            work_dir=run.work_dir(k), history_path=run.history_path(k), seed=train_seed + k,
-            train_images_at=lambda size, rows=order[tr]: np.asarray(
-                cached_images(train_paths, size, cache)[rows]),
-            tensorboard_dir=run.path / "tensorboard" / f"fold{k}" if cfg.tensorboard else None,
-        )
-        result = backend.train_fold(job)
-        fold_scores = scores(y_all[va], result.val_proba)
-        info = {**result.info, **fold_scores, "seconds": time.perf_counter() - f0,
-                "n_train": int(len(tr)), "n_val": int(len(va)),
-                "epochs_run": result.info.get("epochs_run", len(result.history))}
-        run.write_fold(FoldPart(k, folds.ids[va], result.val_proba, result.test_proba,
-                                result.history, info), dataset.classes)
-        shutil.rmtree(run.work_dir(k), ignore_errors=True)
-        log.info("fold %d done: accuracy %.4f, log loss %.4f, %.1fs", k, fold_scores["accuracy"],
-                 fold_scores["log_loss"], info["seconds"])
-
-
-def _ckpt_suffix(spec: Any) -> str:
-    return ".safetensors" if spec.framework == "torch" else ".weights.h5"
-
-
-def _fold_rows(dataset: ImageDataset, folds: Folds) -> tuple[np.ndarray, np.ndarray]:
-    """Dataset row of each folds.csv row, and its integer label."""
-    row_of = {i: n for n, i in enumerate(dataset.train["id"])}
-    order = np.array([row_of[i] for i in folds.ids.astype(str)])
-    index = dataset.class_index
-    return order, np.array([index[lab] for lab in folds.labels.astype(str)], dtype=np.int64)
+        train_one_fold(prep, images, k)
 
 
 @dataclass
@@ -294,7 +354,8 @@ def lr_find(cfg: RunConfig) -> LRFindSummary:
     parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
-    x_all = cached_images(list(dataset.train["path"]), spec.input_size, root / "cache")
+    x_all = cached_images(list(dataset.train["path"]), spec.input_size, root / "cache",
+                          cfg.resize)
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
                          cfg.folds, cfg.seed, cfg.folds_group,
                          make_groups=lambda: duplicate_groups(dataset, root))

@@ -1,0 +1,434 @@
+"""Executors: run a plan's job graph (prepare each run, its folds, assemble it, then the stack).
+
+One scheduler, two ways to run a job, both through ``runner.ray_worker.FoldWorker``:
+
+- ``local`` (default): one worker process per framework on this machine, one job at a time;
+- ``ray``: Ray actors, one per device share (``--cpus-per-job``, ``--gpus-per-job``) per
+  framework, on a local Ray instance or a running cluster (``--address``); jobs start as
+  workers free up and finish in any order (``ray.wait``), like AutoGluon's parallel fold
+  fitting strategy.
+
+Either way torch and TensorFlow never share a process, every fold part is written by the worker
+that trained it through ``RunDir`` (atomic; fold locks), so a Ray run and a local run give the
+same files and a rerun redoes nothing finished. A job whose worker died (killed, out of memory,
+node lost) runs again, up to ``--retries`` times; a job that fails by raising (bad input) fails
+once, with its own message, and the jobs that needed it are skipped while the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oof.config import RunConfig, config_dict
+from oof.errors import ConfigError, FoldstackError
+from runner.plan import ExecutorConfig, Plan, stack_config
+from runner.progress import Job, JobTable
+
+log = logging.getLogger(__name__)
+
+
+class PlanError(FoldstackError):
+    """Jobs of a plan failed; the message lists each with its own error."""
+
+
+@dataclass
+class Outcome:
+    """How a job ended: ``ok`` (with its output), ``died`` (worker lost: retry) or ``error``."""
+
+    kind: str
+    output: Any = None
+    message: str = ""
+
+
+def describe_error(exc: BaseException) -> str:
+    """A user error is its message; anything else keeps its type (and traceback, if remote)."""
+    if isinstance(exc, FoldstackError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------------------ the job graph
+
+def family_of(cfg: RunConfig) -> str:
+    """The worker pool of a run: its backbone family (checked here, before any worker starts)."""
+    from backbones import split_name
+
+    return split_name(cfg.backbone)[0]
+
+
+def run_label(cfg: RunConfig) -> str:
+    """The run's folder name when known without the backbone (else a stand-in until prepared)."""
+    return cfg.resolved_run_name(cfg.img_size) if cfg.img_size or cfg.run_name else (
+        cfg.backbone.replace("/", "-"))
+
+
+@dataclass
+class Graph:
+    """The plan's jobs and what each needs: folds need their run prepared, a run's assembly
+    needs its folds, the stack needs every run."""
+
+    plan: Plan
+    jobs: list[Job] = field(default_factory=list)
+    values: list[dict[str, Any]] = field(default_factory=list)  # each run's config as a dict
+    runs: list[dict[str, Any] | None] = field(default_factory=list)  # finish outputs
+    prepared: set[int] = field(default_factory=set)
+    stack_result: Any = None
+
+    @classmethod
+    def of(cls, plan: Plan) -> Graph:
+        g = cls(plan)
+        for i, cfg in enumerate(plan.runs):
+            family = family_of(cfg)
+            label = run_label(cfg)
+            g.values.append(config_dict(cfg))
+            g.runs.append(None)
+            g.jobs.append(Job(f"{label}/prepare", "prepare", run=i, family=family))
+            g.jobs.append(Job(f"{label}/assemble", "finish", run=i, family=family))
+        if plan.stack is not None:
+            g.jobs.append(Job("stack", "stack"))
+        return g
+
+    def of_run(self, i: int) -> list[Job]:
+        return [j for j in self.jobs if j.run == i]
+
+    def needs(self, job: Job) -> list[Job]:
+        if job.kind == "fold":
+            return [j for j in self.of_run(job.run) if j.kind == "prepare"]
+        if job.kind == "finish":
+            return [j for j in self.of_run(job.run) if j.kind in ("prepare", "fold")]
+        if job.kind == "stack":
+            return [j for j in self.jobs if j.kind == "finish"]
+        return []
+
+    def ready(self, busy_roots: set[tuple[str, str]]) -> list[Job]:
+        """Jobs whose needs are done; a run root prepares one run at a time (one image cache
+        build, one folds.csv), the others wait for it."""
+        out = []
+        for j in self.jobs:
+            if j.state not in ("waiting", "retrying"):
+                continue
+            if not all(n.state == "done" for n in self.needs(j)):
+                continue
+            if j.kind == "prepare" and self.root(j.run) in busy_roots:
+                continue
+            out.append(j)
+        return out
+
+    def root(self, i: int) -> tuple[str, str]:
+        cfg = self.plan.runs[i]
+        return (str(Path(cfg.data).resolve()) if cfg.data != "demo" else "demo", cfg.out)
+
+    def prepared_run(self, job: Job, output: dict[str, Any]) -> list[Job]:
+        """After a run is prepared: name its jobs after the run folder, add its fold jobs."""
+        name = output["run"]
+        for j in self.of_run(job.run):
+            j.name = f"{name}/{j.name.rsplit('/', 1)[1]}"
+        folds = [Job(f"{name}/fold{k}", "fold", run=job.run, fold=k, family=job.family)
+                 for k in output["todo"]]
+        at = self.jobs.index(job) + 1
+        self.jobs[at:at] = folds
+        self.prepared.add(job.run)
+        return folds
+
+    def skip_after(self, failed: Job, table: JobTable) -> None:
+        """Jobs that needed ``failed`` (directly or not) will not run."""
+        changed = True
+        while changed:
+            changed = False
+            for j in self.jobs:
+                if j.state == "waiting" and any(n.state in ("failed", "skipped")
+                                                for n in self.needs(j)):
+                    table.set(j, "skipped", result=f"needs {failed.name}, which failed")
+                    changed = True
+
+
+# ------------------------------------------------------------------------------ worker pools
+
+def _call_in_worker(family: str, method: str, args: tuple) -> Any:
+    """Runs in a local worker process: one FoldWorker per process, kept between jobs."""
+    global _WORKER
+    from runner.ray_worker import FoldWorker
+
+    if _WORKER is None:
+        _WORKER = FoldWorker(family)
+    return getattr(_WORKER, method)(*args)
+
+
+_WORKER: Any = None
+
+
+class LocalPool:
+    """One spawned worker process per framework, one job at a time across them."""
+
+    def __init__(self, ex: ExecutorConfig) -> None:
+        self.ex = ex
+        self.pools: dict[str, ProcessPoolExecutor] = {}
+        self.running: dict[Future, Job] = {}
+
+    def slots_free(self, family: str, wanted: set[str]) -> bool:
+        return not self.running
+
+    def _pool(self, family: str) -> ProcessPoolExecutor:
+        if family not in self.pools:
+            self.pools[family] = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return self.pools[family]
+
+    def start(self, job: Job, method: str, args: tuple) -> str:
+        pool = self._pool(job.family or "")
+        where = pool.submit(_call_in_worker, job.family, "where", ()).result()
+        self.running[pool.submit(_call_in_worker, job.family, method, args)] = job
+        return f"{where['host']}:{where['pid']}"
+
+    def wait(self, timeout: float) -> Iterator[tuple[Job, Outcome]]:
+        done, _ = wait_futures(list(self.running), timeout=timeout, return_when=FIRST_COMPLETED)
+        for fut in done:
+            job = self.running.pop(fut)
+            try:
+                yield job, Outcome("ok", fut.result())
+            except BrokenProcessPool as exc:  # the worker process died: a new one next time
+                self.pools.pop(job.family or "", None)
+                yield job, Outcome("died", message=f"worker died ({exc})")
+            except Exception as exc:  # noqa: BLE001 - the job's own error, reported as its result
+                if not isinstance(exc, FoldstackError):
+                    log.error("%s failed", job.name, exc_info=exc)
+                yield job, Outcome("error", message=describe_error(exc))
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown(wait=True)
+
+
+class RayPool:
+    """Ray actors: per framework, as many as the cluster has device shares for."""
+
+    def __init__(self, ex: ExecutorConfig) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray: pip install -e .[ray]") from None
+        self.ray, self.ex = ray, ex
+        env = {k: v for k, v in os.environ.items() if k.startswith("FOLDSTACK_")}
+        repo = str(Path(__file__).resolve().parents[1])  # this checkout, ahead of any install
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "include_dashboard": False,
+                                  "logging_level": logging.WARNING}
+        if ex.address:
+            kwargs["address"] = ex.address
+        else:
+            kwargs["object_store_memory"] = ex.object_store_mb * 2**20
+        ray.init(**kwargs)
+        res = ray.cluster_resources()
+        self.slots = int(res.get("CPU", 0) // ex.cpus_per_job)
+        if ex.gpus_per_job:
+            self.slots = min(self.slots, int(res.get("GPU", 0) // ex.gpus_per_job))
+        if self.slots < 1:
+            ray.shutdown()
+            raise ConfigError(
+                f"the Ray cluster has {res.get('CPU', 0):g} CPU(s) and {res.get('GPU', 0):g} "
+                f"GPU(s): not one job of --cpus-per-job {ex.cpus_per_job:g} --gpus-per-job "
+                f"{ex.gpus_per_job:g} fits")
+        log.info("Ray: %g CPUs, %g GPUs: %d fold worker(s) of %g CPU, %g GPU", res.get("CPU", 0),
+                 res.get("GPU", 0), self.slots, ex.cpus_per_job, ex.gpus_per_job)
+        from runner.ray_worker import FoldWorker
+
+        self.actor_cls = ray.remote(FoldWorker).options(
+            num_cpus=ex.cpus_per_job, num_gpus=ex.gpus_per_job, max_restarts=-1,
+            max_task_retries=0, max_concurrency=1)
+        self.actors: dict[str, list[Any]] = {}  # family -> actor handles
+        self.busy: dict[Any, Any] = {}  # ObjectRef -> (job, actor)
+
+    def _idle(self, family: str) -> Any:
+        running = {id(a) for _, a in self.busy.values()}
+        return next((a for a in self.actors.get(family, []) if id(a) not in running), None)
+
+    def _count(self) -> int:
+        return sum(len(v) for v in self.actors.values())
+
+    def slots_free(self, family: str, wanted: set[str]) -> bool:
+        """An idle worker of ``family``, or a share to start one. ``wanted``: the frameworks
+        with jobs ready to start; their idle workers are kept (starting one costs seconds)."""
+        if self._idle(family) is not None or self._count() < self.slots:
+            return True
+        # all shares taken: free one held by an idle worker that no ready job wants
+        for other, actors in self.actors.items():
+            idle = self._idle(other) if other not in wanted else None
+            if idle is not None:
+                actors.remove(idle)
+                self.ray.kill(idle)
+                return True
+        return False
+
+    def start(self, job: Job, method: str, args: tuple) -> str:
+        family = job.family or ""
+        actor = self._idle(family)
+        if actor is None:
+            actor = self.actor_cls.remote(family)
+            self.actors.setdefault(family, []).append(actor)
+        where = self._where(actor)
+        ref = getattr(actor, method).remote(*args)
+        self.busy[ref] = (job, actor)
+        return f"{where['host']}:{where['pid']}"
+
+    def _where(self, actor: Any, timeout: float = 300.0) -> dict[str, Any]:
+        """The actor's host and pid, once it is up (a restarting actor answers 'unavailable')."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                return self.ray.get(actor.where.remote())
+            except self.ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.5)
+
+    def wait(self, timeout: float) -> Iterator[tuple[Job, Outcome]]:
+        ray = self.ray
+        done, _ = ray.wait(list(self.busy), num_returns=1, timeout=timeout)
+        for ref in done:
+            job, _actor = self.busy.pop(ref)
+            try:
+                yield job, Outcome("ok", ray.get(ref))
+            except ray.exceptions.RayTaskError as exc:  # the job raised: its own error, once
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                message = (str(cause) if isinstance(cause, FoldstackError) else str(exc))
+                yield job, Outcome("error", message=message)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError) as exc:
+                yield job, Outcome("died", message=f"worker died: {type(exc).__name__}")
+
+    def close(self) -> None:
+        for actors in self.actors.values():
+            for a in actors:
+                self.ray.kill(a)
+        self.ray.shutdown()
+
+
+# ------------------------------------------------------------------------------ the scheduler
+
+@dataclass
+class PlanResult:
+    """What ``run_plan`` returns: the job table, each run's OOF scores, the stack's result."""
+
+    jobs: list[dict[str, Any]]
+    table: str
+    runs: list[dict[str, Any] | None]
+    stack: Any = None
+    status_dir: Path | None = None
+
+
+def status_dir_of(plan: Plan) -> Path:
+    return Path(plan.runs[0].out) / "plans" / plan.name
+
+
+def run_plan(plan: Plan, ex: ExecutorConfig) -> PlanResult:
+    """Run every job of ``plan`` on the executor ``ex`` names; raise PlanError if any failed."""
+    graph = Graph.of(plan)
+    table = JobTable(graph.jobs, status_dir_of(plan))
+    table.save()
+    pool: LocalPool | RayPool = RayPool(ex) if ex.executor == "ray" else LocalPool(ex)
+    try:
+        _schedule(graph, table, pool, ex)
+    finally:
+        pool.close()
+    failed = [j for j in graph.jobs if j.state == "failed"]
+    log.info("jobs:\n%s", table.table())
+    if failed:
+        lines = "\n".join(f"{j.name}: {j.result}" for j in failed)
+        skipped = [j.name for j in graph.jobs if j.state == "skipped"]
+        raise PlanError(f"{len(failed)} of {len(graph.jobs)} job(s) of plan {plan.path} failed:"
+                        f"\n{lines}" + (f"\nnot run: {', '.join(skipped)}" if skipped else "")
+                        + f"\n(job table: {table.status_dir / 'status.md'})")
+    return PlanResult(table.rows(), table.table(), graph.runs, graph.stack_result,
+                      table.status_dir)
+
+
+def _schedule(graph: Graph, table: JobTable, pool: LocalPool | RayPool,
+              ex: ExecutorConfig) -> None:
+    running: dict[int, Job] = {}
+    while True:
+        busy_roots = {graph.root(j.run) for j in running.values() if j.kind == "prepare"}
+        ready = graph.ready(busy_roots)
+        wanted = {j.family for j in ready if j.family}
+        for job in ready:
+            if job.kind == "stack":  # level 2 runs here: it never needs torch or TensorFlow
+                _run_stack(graph, table, job)
+                continue
+            if not pool.slots_free(job.family or "", wanted):
+                continue
+            args: tuple = (graph.values[job.run],)
+            if job.kind == "fold":
+                args = (*args, job.fold)
+            worker = pool.start(job, job.kind, args)
+            table.set(job, "running", worker=worker, result="")
+            running[id(job)] = job
+            if job.kind == "prepare":
+                busy_roots.add(graph.root(job.run))
+        if not running:
+            if table.finished() or not graph.ready(set()):
+                return
+            continue
+        for job, outcome in pool.wait(timeout=1.0):
+            running.pop(id(job), None)
+            _finished(graph, table, job, outcome, ex)
+
+
+def _finished(graph: Graph, table: JobTable, job: Job, outcome: Outcome,
+              ex: ExecutorConfig) -> None:
+    if outcome.kind == "ok":
+        out = outcome.output
+        if job.kind == "prepare":
+            graph.prepared_run(job, out)
+            result = f"{len(out['todo'])} of {out['k']} folds to train"
+        elif job.kind == "fold":
+            result = (f"accuracy {out['accuracy']:.4f}, log loss {out['log_loss']:.4f}"
+                      + ("" if out["trained"] else " (done before)"))
+        else:
+            graph.runs[job.run] = out
+            s = out["oof_scores"]
+            result = (f"OOF accuracy {s['accuracy']:.4f}, log loss {s['log_loss']:.4f}"
+                      if out["complete"] else "incomplete")
+        table.set(job, "done", result=result, output=out)
+        table.save()  # the renamed and added jobs
+    elif outcome.kind == "died" and job.attempts <= ex.retries:
+        table.set(job, "retrying", result=f"{outcome.message}; attempt {job.attempts + 1} next")
+    else:
+        if outcome.kind == "died":
+            outcome.message += f" ({job.attempts} attempts)"
+        table.set(job, "failed", result=outcome.message)
+        graph.skip_after(job, table)
+
+
+def _run_stack(graph: Graph, table: JobTable, job: Job) -> None:
+    from ensemble.stack import stack_runs
+
+    plan = graph.plan
+    run_dirs = [r["run_dir"] for r in graph.runs if r]
+    table.set(job, "running", worker=f"driver:{os.getpid()}", result="")
+    try:
+        result = stack_runs(stack_config(plan.stack or {}, plan.runs[0], run_dirs, plan.path))
+    except FoldstackError as exc:
+        table.set(job, "failed", result=describe_error(exc))
+        return
+    graph.stack_result = result
+    table.set(job, "done", result=f"chosen {result.chosen}", output=None)
+
+
+def single_run_plan(cfg: RunConfig) -> Plan:
+    """A plan of one run (``run_folds.py --executor ray`` without ``--plan``)."""
+    if cfg.fold is not None:
+        raise ConfigError("--fold with --executor ray: the executor runs the folds; leave "
+                          "--fold out (or use the default local executor)")
+    return Plan(Path(f"{run_label(cfg)}.yaml"), [cfg], None, ["command line"])
+
+
+__all__ = ["ExecutorConfig", "PlanError", "PlanResult", "run_plan", "single_run_plan"]
