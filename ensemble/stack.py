@@ -19,6 +19,7 @@ import numpy as np
 
 from ensemble.evaluate import Level2, cross_val_level2, describe, full_proba, level1_matrix
 from ensemble.pseudo import write_stack_pseudo_source
+from ensemble.saved import save_stacker
 from ensemble.stackers import STACKERS, make_stacker
 from ensemble.submission import build_submission, submission_ids
 from oof.atomic import write_json, write_text
@@ -323,6 +324,8 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", _markdown(report, rows))
     save_config(cfg, out_dir / "config.yaml")
+    # the fitted final stacker, for serving (ensemble.saved; loaded by serve.bundle)
+    save_stacker(out_dir, final, chosen, runs, ref.classes, folds.fingerprint, level2.scores)
     run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg, level)
     return StackResult(rows, TABLE_COLUMNS, chosen, out_dir, sub_path, run.path, test_acc, report)
 

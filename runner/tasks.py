@@ -56,7 +56,7 @@ def load_fold_images(prep: PreparedRun) -> FoldImages:
 
 
 def ckpt_suffix(spec: Any) -> str:
-    return ".pt" if spec.framework == "torch" else ".weights.h5"
+    return ".safetensors" if spec.framework == "torch" else ".weights.h5"
 
 
 def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, Any]:
