@@ -10,7 +10,7 @@ RUNS ?= runs
 $(BIN)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[torch,keras,ray,logs,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[torch,keras,serve,logs,ray,dev]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -24,10 +24,11 @@ demo: setup
 	$(BIN)/python stack.py --out $(RUNS)
 	$(BIN)/python -m oof.analyze --out $(RUNS)
 
-# Headless Chromium renders the analysis report in the tests (Debian's package).
+# Headless Chromium renders the analysis report and drives the upload page in the tests
+# (Debian's chromium and chromium-driver; selenium talks to the driver).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: setup browser
 	$(BIN)/python -m pytest -q -ra

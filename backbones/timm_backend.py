@@ -8,6 +8,7 @@ the decoded-image cache and are normalised on the device, so the loop never touc
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -450,9 +451,15 @@ def make_loader(images: np.ndarray, labels: np.ndarray, cfg: RunConfig, seed: in
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Weights with their metadata inside (like timm's CheckpointSaver), written atomically."""
+    """Weights with their metadata inside (like timm's CheckpointSaver), written atomically.
+
+    safetensors, not ``torch.save``: a server loads these files, and a pickle can run code on
+    load; the metadata travels as JSON in the safetensors header (``read_checkpoint_meta``).
+    """
+    from safetensors.torch import save_model
+
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+        save_model(model, str(tmp), metadata={"foldstack": json.dumps(meta, default=str)})
 
 
 def seed_everything(seed: int) -> None:
@@ -680,3 +687,55 @@ def lr_range_test(job: FoldJob, lrs: np.ndarray) -> list[float]:
                 return losses + [math.inf] * (len(lrs) - len(losses))
         epoch += 1
     return losses
+
+
+# --------------------------------------------------------------------------------- serving
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The metadata ``save_checkpoint`` put in a fold checkpoint's safetensors header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return json.loads((fh.metadata() or {}).get("foldstack", "{}"))
+
+
+class TimmPredictor:
+    """One fold model, loaded once, predicting uint8 RGB images as the run predicted its rows.
+
+    The run's own preprocessing (the spec's mean/std) and TTA views go through the same
+    ``Trainer.predict`` that made the OOF and test rows, so a served fold reproduces them.
+    """
+
+    def __init__(self, trainer: Trainer, views: list[TTAView], meta: dict[str, Any]) -> None:
+        self.trainer, self.views, self.meta = trainer, views, meta
+        self.input_size = trainer.spec.input_size
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        return self.trainer.predict(images, self.views)
+
+
+def load_predictor(run_meta: dict[str, Any], checkpoint: Path, threads: int | None = None,
+                   device: str = "cpu") -> TimmPredictor:
+    """Load fold model ``checkpoint`` (safetensors) of the run described by ``run_meta``.
+
+    ``threads`` caps torch's intra-op pool, so a Keras model in the same process keeps its cores.
+    """
+    from safetensors.torch import load_model
+
+    from oof.config import make_config
+
+    if threads:
+        torch.set_num_threads(threads)
+    meta = read_checkpoint_meta(checkpoint)
+    spec = BackboneSpec(**{**run_meta["backbone"], "pretrained": ""})
+    model = create_model(spec, len(run_meta["classes"]))
+    load_model(model, str(checkpoint), strict=True, device="cpu")
+    cfg = make_config(RunConfig, {"backbone": spec.name, "ema": False, "device": device})
+    trainer = Trainer(model, spec, cfg, pick_device(cfg), 1)
+    trainer.predict_model.eval()
+    c = run_meta["config"]
+    seed = int(run_meta["train_seed"]) + int(meta.get("fold", 0))
+    views = tta_views(c["tta"], c["tta_scales"], c["tta_augment"], c["augment"],
+                      spec.input_size, seed)
+    return TimmPredictor(trainer, views, meta)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from ensemble.evaluate import Level2, cross_val_level2, describe, full_proba, level1_matrix
+from ensemble.pseudo import write_stack_pseudo_source
+from ensemble.saved import save_stacker
 from ensemble.stackers import STACKERS, make_stacker
 from ensemble.submission import build_submission, submission_ids
 from oof.atomic import write_json, write_text
@@ -58,6 +60,9 @@ class StackConfig(DatasetConfig):
     ensemble_size: PositiveInt = opt(25, "greedy: steps of ensemble selection (with replacement)")
     inputs: str = opt("log", "logreg: features are log-probabilities or probabilities",
                       ("log", "proba"))
+    allow_pseudo_mix: bool = opt(
+        False, "stack a pseudo-labelled run with the runs whose test predictions labelled its "
+        "training images (refused by default: their errors on those images are correlated)")
     threads: PositiveInt = opt(1, "lightgbm threads")
     seed: NonNegativeInt = opt(0, "seed of the stackers' inner CV splits")
 
@@ -217,6 +222,25 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_pseudo_mix(runs: list[Run], allowed: bool) -> None:
+    """Refuse a pseudo-labelled run next to a run whose predictions labelled its images."""
+    names = {r.name for r in runs}
+    clashes = []
+    for r in runs:
+        source = (r.meta.get("pseudo_labels") or {})
+        shared = sorted(names & set(source.get("source_runs", [])))
+        if shared:
+            clashes.append(f"{r.name} was trained on pseudo-labels from {source.get('source')} "
+                           f"made by {shared}")
+    if clashes and not allowed:
+        raise RunMismatchError(
+            "these runs should not be stacked together:\n  " + "\n  ".join(clashes)
+            + "\n  (their errors on the pseudo-labelled test images are correlated; leave one "
+            "side out with --runs, or pass --allow-pseudo-mix)")
+    for line in clashes:
+        log.warning("stacking anyway (--allow-pseudo-mix): %s", line)
+
+
 def stack_runs(cfg: StackConfig) -> StackResult:
     """Check, score (level-2 CV), choose, fit on all rows, write the submission and report."""
     from oof.datasets import load_dataset
@@ -232,6 +256,7 @@ def stack_runs(cfg: StackConfig) -> StackResult:
                                explicit=bool(cfg.runs))
     ref = runs[0]
     names = [r.name for r in runs]
+    check_pseudo_mix(runs, cfg.allow_pseudo_mix)
     if ref.classes != [str(c) for c in dataset.classes]:
         raise RunMismatchError(f"{ref.name} ({ref.path}): class order {ref.classes} != the "
                                f"dataset's {dataset.classes} ({dataset.root})")
@@ -292,9 +317,15 @@ def stack_runs(cfg: StackConfig) -> StackResult:
         "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 2),
         "config": config_dict(cfg), "table": rows,
     }
+    # fold k's test predictions from fold-k models and a stacker fitted without fold k: the
+    # leak-free source of run_folds.py --pseudo-labels
+    write_stack_pseudo_source(out_dir, runs, make_stacker(chosen, **stacker_params(chosen, cfg)),
+                              chosen)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", _markdown(report, rows))
     save_config(cfg, out_dir / "config.yaml")
+    # the fitted final stacker, for serving (ensemble.saved; loaded by serve.bundle)
+    save_stacker(out_dir, final, chosen, runs, ref.classes, folds.fingerprint, level2.scores)
     run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg, level)
     return StackResult(rows, TABLE_COLUMNS, chosen, out_dir, sub_path, run.path, test_acc, report)
 

@@ -184,6 +184,18 @@ class RunConfig(DatasetConfig):
     callbacks: list = opt([], "extra Keras callbacks: [{name: EarlyStopping, patience: 3}]",
                           yaml_only=True)
     progress: bool = opt(True, "show a progress bar per epoch")
+    extra_train: str | None = opt(
+        None, "an external labelled dataset (any layout) whose images join every fold's "
+        "TRAINING side, never a held-out one; its classes must be this dataset's, or mapped "
+        "with --extra-train-classes")
+    extra_train_classes: str = opt(
+        "", "map the external set's class names: THEIRS=OURS,... (unlisted names must match)")
+    pseudo_labels: str | None = opt(
+        None, "stack folder (stack.py's output) whose leak-free per-fold test predictions label "
+        "confident test images for each fold's TRAINING side: fold k's come only from models "
+        "that never saw fold k")
+    pseudo_threshold: Fraction = opt(0.95, "pseudo-labels: least ensemble confidence of a test "
+                                     "image to join training")
     tensorboard: bool = opt(False, "TensorBoard event files per fold in the run folder's "
                             "tensorboard/foldK (loss, accuracy, LR, images/s, val metrics)")
     mlflow: str = opt("", "track the run in MLflow: a tracking URI (http://host:5000, "
@@ -263,10 +275,22 @@ def validation_message(exc: pydantic.ValidationError, source: str,
     """One line per bad key: where it came from (``--epochs`` or the YAML file), its value and
     what was expected."""
     lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "config"
+    errors = exc.errors()
+    by_field: dict[str, list[Any]] = {}
+    for err in errors:  # a union (``img_size: 224 | [128, 224]``) reports once per member
+        by_field.setdefault(str(err["loc"][0]) if err["loc"] else "", []).append(err)
+    chosen = []
+    for errs in by_field.values():
+        indexed = [e for e in errs if any(isinstance(p, int) for p in e["loc"])]
+        members = [e for e in errs if any(isinstance(p, str) and "[" in p for p in e["loc"])]
+        chosen += (indexed[:1] if indexed else errs[:1]) if members else errs
+    for err in chosen:
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or "(" in p))]
+        key = ".".join(str(p) for p in loc) or "config"
         top = str(err["loc"][0]) if err["loc"] else ""
-        where = (f"--{top.replace('_', '-')} {err.get('input')!r}" if top in flags
+        given = err.get("input")  # a flag's text as typed; a YAML value as its Python repr
+        where = (f"--{top.replace('_', '-')} {given if isinstance(given, str) else repr(given)}"
+                 if top in flags
                  else f"{source}: {key}={err.get('input')!r}")
         lines.append(f"{where}: {err['msg']}")
     return "\n".join(lines)

@@ -337,5 +337,54 @@ class RowView:
         return f"RowView({len(self.rows)} of {len(self.base)} rows, shape={self.shape})"
 
 
+class JoinedRows:
+    """Row views one after the other, as one array-like: a fold's training rows followed by
+    extra rows (pseudo-labelled test images) without copying either into one array."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        shapes = {tuple(p.shape[1:]) for p in parts if len(p)}
+        if len(shapes) > 1:
+            raise ValueError(f"cannot join rows of shapes {sorted(shapes)}")
+        self.parts = [p for p in parts if len(p)] or parts[:1]
+        self.starts = np.cumsum([0, *(len(p) for p in self.parts)])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (int(self.starts[-1]), *self.parts[0].shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + len(self) if key < 0 else int(key)
+            if not 0 <= i < len(self):
+                raise IndexError(f"row {key} out of range for {len(self)} rows")
+            part = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return np.asarray(self.parts[part][i - int(self.starts[part])])[rest]
+        idx = np.arange(len(self))[key]
+        part = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        for p in np.unique(part):
+            mask = part == p
+            out[mask] = self.parts[p][idx[mask] - self.starts[p]]
+        return out[(slice(None), *rest)]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.concatenate([np.asarray(p) for p in self.parts])
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 def _reopen(filename: str, rows: np.ndarray) -> RowView:
     return RowView(np.load(filename, mmap_mode="r"), rows)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from oof.atomic import disk_full_error, is_disk_full
 from oof.config import RunConfig, config_dict, field_default, save_config
@@ -26,6 +27,7 @@ from oof.datasets import ImageDataset, load_dataset
 from oof.errors import BusyError, ConfigError, DataError
 from oof.folds import Folds, ensure_folds
 from oof.images import cached_images
+from oof.pseudo import PseudoSource, check_source, load_pseudo_source
 from oof.rundir import Run, RunDir, load_run
 from recipe import plan_sizes
 from recipe.losses import parse_class_weights
@@ -170,6 +172,10 @@ class PreparedRun:
     folds: Folds
     run: RunDir
     meta: dict[str, Any]
+    pseudo: PseudoSource | None = None  # --pseudo-labels: per-fold test probabilities
+    pseudo_test_rows: np.ndarray | None = None  # the source's rows -> the dataset's test rows
+    extra_paths: list[str] | None = None  # --extra-train images, joining every training side
+    extra_y: np.ndarray | None = None
 
     @property
     def train_seed(self) -> int:
@@ -179,6 +185,35 @@ class PreparedRun:
         """Folds asked for (``--fold`` or all) that are not done yet."""
         asked = [self.cfg.fold] if self.cfg.fold is not None else range(self.folds.k)
         return [k for k in asked if not self.run.is_done(k)]
+
+
+def extra_training_set(cfg: RunConfig, dataset: ImageDataset
+                       ) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """The ``--extra-train`` images, their labels as this dataset's class indices, and what the
+    run records about them; unknown or unmapped class names are refused, naming them."""
+    flag = f"--extra-train {cfg.extra_train}"
+    try:
+        extra = load_dataset(cfg.extra_train)
+    except DataError as exc:
+        raise DataError(f"{flag}: {exc}") from exc
+    mapping: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in cfg.extra_train_classes.split(","))):
+        theirs, sep, ours = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--extra-train-classes {cfg.extra_train_classes}: '{item}' is "
+                              "not THEIRS=OURS")
+        mapping[theirs.strip()] = ours.strip()
+    index = dataset.class_index
+    labels = [mapping.get(str(c), str(c)) for c in extra.train["label"]]
+    unknown = sorted({lab for lab in labels if lab not in index})
+    if unknown:
+        raise ConfigError(f"{flag}: classes {unknown} are not among this dataset's "
+                          f"{dataset.classes}; map them with --extra-train-classes THEIRS=OURS")
+    counts = pd.Series(labels).value_counts().sort_index()
+    info = {"path": str(extra.root), "layout": extra.layout, "n": len(labels),
+            "per_class": {str(k): int(v) for k, v in counts.items()}, "mapping": mapping}
+    return ([str(p) for p in extra.train["path"]],
+            np.array([index[lab] for lab in labels], dtype=np.int64), info)
 
 
 def prepare_run(cfg: RunConfig) -> PreparedRun:
@@ -191,16 +226,27 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
 
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
+    pseudo = load_pseudo_source(cfg.pseudo_labels) if cfg.pseudo_labels else None
+    extra_paths, extra_y, extra_info = (extra_training_set(cfg, dataset) if cfg.extra_train
+                                        else (None, None, None))
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
     sizes = [s.size for s in plan_sizes(cfg, spec.input_size)]  # refuses a bad size plan
     for size in dict.fromkeys([spec.input_size, *sizes]):
         decode_first(dataset, size, root, cfg.resize)
+        if extra_paths:  # validated and cached before the run folder is written
+            try:
+                cached_images(extra_paths, size, root / "cache", cfg.resize)
+            except DataError as exc:
+                raise DataError(f"--extra-train {cfg.extra_train}: {exc}") from exc
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
                          cfg.folds, cfg.seed, cfg.folds_group,
                          make_groups=lambda: duplicate_groups(dataset, root))
     if cfg.fold is not None and not 0 <= cfg.fold < folds.k:
         raise ConfigError(f"--fold {cfg.fold}: folds are numbered 0..{folds.k - 1}")
+    pseudo_rows = (check_source(pseudo, dataset.classes, folds.fingerprint,
+                                np.asarray(dataset.test["id"], dtype=str))
+                   if pseudo is not None else None)
     run = RunDir(root / cfg.resolved_run_name(spec.input_size))
     _check_same_config(run, cfg, folds)
     meta = {
@@ -213,10 +259,15 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
         "data": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root),
                  "n_train": len(dataset.train), "n_test": len(dataset.test)},
     }
+    if pseudo is not None:  # where the pseudo-labels came from: stack.py checks it
+        meta["pseudo_labels"] = pseudo.describe(cfg.pseudo_threshold)
+    if extra_info is not None:
+        meta["extra_train"] = extra_info
     if not run.path.exists() or run.read_meta().get("status") != "complete":
         run.write_meta(meta)
         save_config(cfg, run.path / "config.yaml")
-    return PreparedRun(cfg, dataset, root, spec, backend, folds, run, meta)
+    return PreparedRun(cfg, dataset, root, spec, backend, folds, run, meta, pseudo, pseudo_rows,
+                       extra_paths, extra_y)
 
 
 def train_locked(prep: PreparedRun, todo: list[int],

@@ -17,7 +17,7 @@ import numpy as np
 
 from oof.datasets import ImageDataset
 from oof.folds import Folds
-from oof.images import RowView, cached_images
+from oof.images import JoinedRows, RowView, cached_images
 from oof.metrics import scores
 from oof.rundir import FoldPart
 
@@ -56,7 +56,7 @@ def load_fold_images(prep: PreparedRun) -> FoldImages:
 
 
 def ckpt_suffix(spec: Any) -> str:
-    return ".pt" if spec.framework == "torch" else ".weights.h5"
+    return ".safetensors" if spec.framework == "torch" else ".weights.h5"
 
 
 def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, Any]:
@@ -68,26 +68,48 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
 
     cfg, folds, run, spec = prep.cfg, prep.folds, prep.run, prep.spec
     tr, va = folds.split(k)
-    train_paths, cache = list(prep.dataset.train["path"]), prep.root / "cache"
     f0 = time.perf_counter()
     log.info("fold %d/%d: %d train, %d held out, %d test", k + 1, folds.k, len(tr), len(va),
              len(images.test))
+    x_train, y_train = RowView(images.train, images.order[tr]), images.y[tr]
+    pseudo_rows = np.zeros(0, dtype=np.int64)
+    if prep.pseudo is not None:  # fold k's own leak-free pseudo-labels join its training side
+        rows, labels, _ = prep.pseudo.select(k, cfg.pseudo_threshold)
+        pseudo_rows = prep.pseudo_test_rows[rows]
+        x_train = JoinedRows([x_train, RowView(images.test, pseudo_rows)])
+        y_train = np.concatenate([y_train, labels])
+        log.info("fold %d: %d pseudo-labelled test images join its training side", k, len(rows))
+
+    if prep.extra_paths:  # --extra-train: every fold's training side, never a held-out one
+        extra = cached_images(prep.extra_paths, spec.input_size, prep.root / "cache", cfg.resize)
+        x_train = JoinedRows([x_train, RowView(extra, np.arange(len(extra)))])
+        y_train = np.concatenate([y_train, prep.extra_y])
+
+    def train_at(size: int) -> Any:  # progressive resizing: the same rows at another size
+        def rows_of(paths: Any, rows: np.ndarray) -> RowView:
+            return RowView(cached_images(list(paths), size, prep.root / "cache", cfg.resize),
+                           rows)
+        parts = [rows_of(prep.dataset.train["path"], images.order[tr])]
+        if len(pseudo_rows):
+            parts.append(rows_of(prep.dataset.test["path"], pseudo_rows))
+        if prep.extra_paths:
+            parts.append(rows_of(prep.extra_paths, np.arange(len(prep.extra_paths))))
+        return parts[0] if len(parts) == 1 else JoinedRows(parts)
+
     job = FoldJob(
         spec=spec, cfg=cfg, fold=k, classes=prep.dataset.classes,
-        x_train=RowView(images.train, images.order[tr]), y_train=images.y[tr],
+        x_train=x_train, y_train=y_train,
         x_val=RowView(images.train, images.order[va]), y_val=images.y[va],
         x_test=RowView(images.test, np.arange(len(images.test))),
         checkpoint_path=run.checkpoint_dir() / f"fold{k}{ckpt_suffix(spec)}",
         work_dir=run.work_dir(k), history_path=run.history_path(k), seed=prep.train_seed + k,
-        # progressive resizing: the fold's rows of the cache at another size, also a view
-        train_images_at=lambda size, rows=images.order[tr]: RowView(
-            cached_images(train_paths, size, cache, cfg.resize), rows),
+        train_images_at=train_at,
         tensorboard_dir=run.path / "tensorboard" / f"fold{k}" if cfg.tensorboard else None,
     )
     result = prep.backend.train_fold(job)
     fold_scores = scores(images.y[va], result.val_proba)
     info = {**result.info, **fold_scores, "seconds": time.perf_counter() - f0,
-            "n_train": int(len(tr)), "n_val": int(len(va)),
+            "n_train": int(len(y_train)), "n_val": int(len(va)), "n_pseudo": int(len(pseudo_rows)),
             "epochs_run": result.info.get("epochs_run", len(result.history))}
     run.write_fold(FoldPart(k, folds.ids[va], result.val_proba, result.test_proba,
                             result.history, info), prep.dataset.classes)

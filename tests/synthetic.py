@@ -35,7 +35,8 @@ def synthetic_proba(y: np.ndarray, n_classes: int, skill: float, rng: np.random.
 
 
 def synthetic_run(root: Path, name: str, folds: Folds, skill: float, seed: int,
-                  n_test: int = 50, temperature: float = 1.0) -> Run:
+                  n_test: int = 50, temperature: float = 1.0,
+                  meta_extra: dict | None = None) -> Run:
     """Write a complete level-1 run named ``name`` under ``root``; return it loaded."""
     rng = np.random.default_rng(seed)
     classes = sorted(set(folds.labels.astype(str)))
@@ -45,7 +46,7 @@ def synthetic_run(root: Path, name: str, folds: Folds, skill: float, seed: int,
     per_fold = np.stack([synthetic_proba(y_test, len(classes), skill, rng, temperature)
                          for _ in range(folds.k)])
     meta = {"level": 1, "backbone": {"name": f"synthetic/{name}"}, "config": {},
-            "y_test_truth": y_test.tolist()}
+            "y_test_truth": y_test.tolist(), **(meta_extra or {})}
     return write_run(root / name, name, classes, folds, oof,
                      np.array([f"test_{i:04d}.png" for i in range(n_test)], dtype=object),
                      per_fold, meta)

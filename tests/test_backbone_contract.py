@@ -36,7 +36,7 @@ import numpy as np
 import backbones
 from backbones.base import FoldJob, FoldResult
 from oof.config import RunConfig
-from runner.run import _ckpt_suffix
+from runner.tasks import ckpt_suffix as _ckpt_suffix
 
 name, size, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 cfg = RunConfig(backbone=name, img_size=size, epochs=1, batch_size=8, progress=False,

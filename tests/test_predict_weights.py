@@ -30,10 +30,12 @@ spec = resolve_spec("resnet10t", cfg)
 rng = np.random.default_rng(0)
 x = rng.integers(0, 255, (64, 16, 16, 3), dtype=np.uint8); y = np.arange(64) % 3
 job = FoldJob(spec, cfg, 0, ["a", "b", "c"], x[:48], y[:48], x[48:], y[48:], x[:5],
-              out / "fold0.pt", out / "work", out / "hist.csv", seed=1)
+              out / "fold0.safetensors", out / "work", out / "hist.csv", seed=1)
 res = train_fold(job)
-ckpt = torch.load(out / "fold0.pt", weights_only=False)
-model = create_model(spec, 3); model.load_state_dict(ckpt["state_dict"])
+from safetensors.torch import load_model
+from backbones.timm_backend import read_checkpoint_meta
+model = create_model(spec, 3); load_model(model, str(out / "fold0.safetensors"))
+ckpt = {"meta": read_checkpoint_meta(out / "fold0.safetensors")}
 trainer = Trainer(model, spec, cfg, pick_device(cfg), 1)
 again = trainer.predict(x[48:])
 val_losses = [h["val_loss"] for h in res.history]

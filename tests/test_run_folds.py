@@ -70,7 +70,7 @@ def test_complete_run_directory(finished: tuple[Path, subprocess.CompletedProces
                  "history.csv", "config.yaml"):
         assert (run_dir / name).is_file(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "fold0.pt", "fold1.pt", "fold2.pt"]
+        "fold0.safetensors", "fold1.safetensors", "fold2.safetensors"]
     assert not (run_dir / "work").exists()  # scratch space removed once done
 
     meta = json.loads((run_dir / "meta.json").read_text())
@@ -266,7 +266,7 @@ def test_killed_between_folds_resumes_without_redoing(
     assert len(oof) == 300 and oof["id"].is_unique
     assert not oof.filter(like="__").isna().any().any()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "fold0.pt", "fold1.pt", "fold2.pt"]
+        "fold0.safetensors", "fold1.safetensors", "fold2.safetensors"]
 
 
 @pytest.mark.slow
