@@ -81,8 +81,12 @@ def duplicate_groups(dataset: ImageDataset, root: Path) -> np.ndarray:
     return groups
 
 
-def decode_first(dataset: ImageDataset, size: int, root: Path, resize: str = "squash") -> None:
+def decode_first(dataset: ImageDataset, size: int, root: Path, resize: str = "squash",
+                 with_test: bool = True) -> None:
     """Decode (and cache) every image before anything else is written to the run root.
+
+    ``with_test=False`` decodes the training set only (a progressive-resizing stage size: only
+    the last size predicts the test set).
 
     A corrupt, truncated, empty or text "image" is then refused while the run root holds no
     folds.csv or meta.json from this call; a cache file made for the test set is removed again
@@ -93,7 +97,8 @@ def decode_first(dataset: ImageDataset, size: int, root: Path, resize: str = "sq
     had_cache = cache.is_dir()
     before = set(cache.iterdir()) if had_cache else set()
     errors = []
-    for what, paths in (("test", dataset.test["path"]), ("train", dataset.train["path"])):
+    sets = (("test", dataset.test["path"]),) if with_test else ()
+    for what, paths in (*sets, ("train", dataset.train["path"])):
         try:
             cached_images(list(paths), size, cache, resize)
         except DataError as exc:  # report both sets' bad files in one message
@@ -232,8 +237,8 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     root = run_root_for(cfg, dataset)
     spec, backend = backbones.resolve(cfg)
     sizes = [s.size for s in plan_sizes(cfg, spec.input_size)]  # refuses a bad size plan
-    for size in dict.fromkeys([spec.input_size, *sizes]):
-        decode_first(dataset, size, root, cfg.resize)
+    for size in dict.fromkeys([spec.input_size, *sizes]):  # the predicting size first
+        decode_first(dataset, size, root, cfg.resize, with_test=size == spec.input_size)
         if extra_paths:  # validated and cached before the run folder is written
             try:
                 cached_images(extra_paths, size, root / "cache", cfg.resize)
