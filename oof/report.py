@@ -9,7 +9,6 @@ are the only pixels read, through ``oof.images.read_rgb``.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
@@ -277,63 +276,55 @@ details{margin:6px 0}summary{cursor:pointer;color:#08519c}
 """
 
 
-def _esc(v: Any) -> str:
-    return html.escape(str(v))
-
-
 def _num(v: Any, fmt: str = "{:.4f}") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "\u2013"
     if isinstance(v, (float, np.floating)):
         return fmt.format(v)
-    return _esc(v)
+    return str(v)
 
 
-def _img(png: bytes, alt: str, cls: str = "fig") -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img class="{cls}" alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+def _data_uri(png: bytes | None) -> str | None:
+    return None if not png else "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _table(df: pd.DataFrame, fmt: dict[str, str] | None = None, left: tuple[str, ...] = (),
-           best: dict[str, str] | None = None, row_class: list[str] | None = None) -> str:
-    """HTML table; ``best`` marks the max/min of a column in bold."""
+           best: dict[str, str] | None = None, row_class: list[str] | None = None) -> dict:
+    """A table for the template's ``table`` macro; ``best`` marks a column's max/min in bold."""
     fmt = fmt or {}
     marks: dict[str, Any] = {}
     for col, how in (best or {}).items():
         vals = pd.to_numeric(df[col], errors="coerce")
         if vals.notna().any():
             marks[col] = vals.max() if how == "max" else vals.min()
-    head = "".join(f'<th class="{"l" if c in left else ""}">{_esc(c)}</th>' for c in df.columns)
-    body = []
+    rows = []
     for n, (_, row) in enumerate(df.iterrows()):
         cells = []
         for c in df.columns:
             cls = ["l"] if c in left else []
             if c in marks and row[c] == marks[c]:
                 cls.append("best")
-            cells.append(f'<td class="{" ".join(cls)}">{_num(row[c], fmt.get(c, "{:.4f}"))}</td>')
-        rc = f' class="{row_class[n]}"' if row_class and row_class[n] else ""
-        body.append(f"<tr{rc}>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            cells.append((_num(row[c], fmt.get(c, "{:.4f}")), " ".join(cls)))
+        rows.append({"cls": row_class[n] if row_class else "", "cells": cells})
+    return {"head": [(str(c), "l" if c in left else "") for c in df.columns], "rows": rows}
 
 
-def _heat_table(df: pd.DataFrame) -> str:
-    """Class x run table of values in [0, 1], cells shaded red (low) to green (high)."""
-    head = "<th class='l'>class</th>" + "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
+def _heat_table(df: pd.DataFrame) -> dict:
+    """Class x run values in [0, 1] for the ``heat`` macro: hue red (the table's worst value) to
+    green (1); None for a missing value."""
     vals = df.to_numpy(np.float64)
     lo = float(np.nanmin(vals)) if np.isfinite(vals).any() else 0.0
-    lo = min(lo, 0.999)  # red at the table's worst value, green at 1
+    lo = min(lo, 0.999)
     rows = []
     for cls, row in df.iterrows():
-        cells = []
+        cells: list[tuple[str, int | None]] = []
         for v in row:
             if v is None or np.isnan(v):
-                cells.append("<td>\u2013</td>")
-                continue
-            hue = int(120 * max(0.0, (float(v) - lo) / (1.0 - lo)))
-            cells.append(f'<td style="background:hsl({hue},70%,85%)">{v:.3f}</td>')
-        rows.append(f"<tr><td class='l'>{_esc(cls)}</td>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+                cells.append(("\u2013", None))
+            else:
+                cells.append((f"{v:.3f}", int(120 * max(0.0, (float(v) - lo) / (1.0 - lo)))))
+        rows.append((str(cls), cells))
+    return {"columns": [str(c) for c in df.columns], "rows": rows}
 
 
 def _summary_frame(a: Analysis) -> pd.DataFrame:
@@ -343,143 +334,65 @@ def _summary_frame(a: Analysis) -> pd.DataFrame:
     return pd.concat([s, pd.DataFrame([ens])], ignore_index=True)
 
 
-def build_html(a: Analysis, figures: dict[str, bytes | None], thumbs: dict[str, bytes],
-               title: str) -> str:
-    """The whole page as one string."""
-    names = ", ".join(_esc(n) for n in a.names)
-    o = a.oracle
-    s = _summary_frame(a)
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{_esc(title)}</h1>",
-        f"<p class='sub'>{len(a.runs)} runs ({names}) &middot; {a.n_rows} OOF rows &middot; "
-        f"{len(a.classes)} classes &middot; fold fingerprint <code>{_esc(a.fingerprint)}</code>"
-        f" &middot; generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
-        "<h2 id='summary'>Runs</h2>",
-        _table(s, fmt={"level": "{:.0f}"}, left=("run", "backbone"),
-               best={"accuracy": "max", "log_loss": "min", "ece": "min"},
-               row_class=[""] * len(a.runs) + ["ens"]),
-        "<p class='note'>Accuracy and log loss on the out-of-fold rows (log loss clipped at 1e-15)."
-        f" ECE: expected calibration error over {a.n_bins} equal-width confidence bins. "
-        "fold_acc_*: accuracy of each fold's held-out rows (std with ddof=0).</p>",
-        "<div class='cards'>",
-        f"<div class='card'>oracle accuracy<b>{_num(o['oracle_accuracy'])}</b>"
-        "some run is right</div>",
-        f"<div class='card'>best single run<b>{_num(o['best_single_accuracy'])}</b></div>",
-        f"<div class='card'>oracle gain<b>{_num(o['oracle_gain'])}</b>upper bound of any blend"
-        "</div>",
-        f"<div class='card'>all runs wrong<b>{o['rows_all_wrong']}</b>rows of {o['rows']}</div>",
-        f"<div class='card'>runs disagree on correctness<b>{o['rows_some_right']}</b>rows</div>",
-        "</div>",
-        "<h2 id='folds'>Spread over folds</h2>",
-        _img(figures["folds"] or b"", "accuracy per fold"),
-        "<details><summary>per-fold table</summary>",
-        _table(a.per_fold(), fmt={"fold": "{:.0f}", "n": "{:.0f}"}, left=("run",)),
-        "</details>",
-        "<h2 id='classes'>Per-class recall and precision</h2>",
-        "<p class='note'>Recall: share of a class's images predicted as that class. Precision: "
-        "share of the predictions of a class that are right (\u2013 when never predicted).</p>",
-        f"<details{' open' if len(a.classes) <= MD_CONFUSION_MAX else ''}><summary>recall"
-        f"</summary>{_heat_table(a.per_class('recall'))}</details>",
-        f"<details><summary>precision</summary>{_heat_table(a.per_class('precision'))}</details>",
-        "<h2 id='confusion'>Confusion matrices</h2>",
-        "<p class='note'>Rows: true class, columns: predicted class; numbers are counts, colour is "
-        "the share of the row.</p>",
-        _img(figures["confusion"] or b"", "confusion matrices"),
-        "<h2 id='between'>Between runs</h2>",
-        "<p class='note'>Low correlation and high disagreement at similar accuracy mean runs that "
-        "a blend can combine usefully. Right panel: cell (row a, column b) counts the rows run a "
-        "gets right and run b gets wrong.</p>",
-        _img(figures["pairwise"] or b"", "correlation, disagreement, one right other wrong"),
-        "<h2 id='calibration'>Calibration</h2>",
-        f"<p class='note'>Top-label confidence in {a.n_bins} equal-width bins on [0, 1]; bin b "
-        "holds confidences in (b/n, (b+1)/n]. Bars: accuracy in the bin; dots: mean confidence; "
-        "diagonal: perfect calibration; hatched: share of rows in the bin (scaled by 0.25). "
-        "ECE = sum of (rows in bin / rows) &times; |accuracy &minus; confidence|.</p>",
-        _img(figures["reliability"] or b"", "reliability diagrams"),
-        "<h2 id='hardest'>Hardest images</h2>",
-        _hardest_html(a, thumbs),
-        "<h2 id='duplicates'>Near-duplicates</h2>",
-        _duplicates_html(a, thumbs),
-        "<h2 id='curves'>Learning curves</h2>",
-    ]
-    no_hist = [r.name for r in a.runs if r.history is None]
-    if figures.get("curves"):
-        parts.append("<p class='note'>Solid: validation (the held-out fold); dashed: training."
-                     "</p>")
-        parts.append(_img(figures["curves"] or b"", "learning curves"))
-    if no_hist:
-        parts.append(f"<p class='note'>No history.csv for: {_esc(', '.join(no_hist))} "
-                     "(level-2 runs have no epochs).</p>")
-    parts.append("<h2 id='provenance'>Runs on disk</h2>")
-    prov = pd.DataFrame([{"run": r.name, "level": r.level, "path": r.path} for r in a.runs])
-    parts.append(_table(prov, fmt={"level": "{:.0f}"}, left=("run", "path")))
-    parts.append("<p class='note'>The same numbers are in report.json and report.md beside this "
-                 "file.</p></body></html>")
-    return "\n".join(parts)
+def _hardest(a: Analysis, thumbs: dict[str, bytes]) -> list[dict]:
+    return [{"src": _data_uri(thumbs.get(r.id)), "id": r.id, "true": r.true,
+             "predicted": r.predicted, "confidence": f"{r.confidence:.2f}",
+             "p_true": f"{r.p_true:.3f}", "runs_wrong": r.runs_wrong, "fold": r.fold}
+            for r in a.hardest.itertuples(index=False)]
 
 
-def _hardest_html(a: Analysis, thumbs: dict[str, bytes]) -> str:
-    if not len(a.hardest):
-        return "<p class='note'>The ensemble mean gets every row right.</p>"
-    intro = (f"<p class='note'>The {len(a.hardest)} rows the ensemble mean gets wrong with the "
-             "highest confidence: often label errors. conf: ensemble probability of the predicted "
-             "class; p(true): of the labelled class; wrong in: how many runs also miss it.</p>")
-    if not thumbs:
-        intro += ("<p class='note'>Image files not found (dataset moved, or only level-2 runs): "
-                  "the table below lists them.</p>")
-    figs = []
-    for row in a.hardest.itertuples(index=False):
-        png = thumbs.get(row.id)
-        pic = _img(png, row.id, cls="thumb") if png else "<div class='note'>(no image)</div>"
-        figs.append(
-            f"<figure>{pic}<figcaption><span class='t'>true: {_esc(row.true)}</span><br>"
-            f"<span class='p'>pred: {_esc(row.predicted)}</span> ({row.confidence:.2f})<br>"
-            f"p(true) {row.p_true:.3f} &middot; wrong in {row.runs_wrong}/{len(a.runs)}<br>"
-            f"<small>{_esc(row.id)} &middot; fold {row.fold}</small></figcaption></figure>")
-    return intro + f"<div class='thumbs'>{''.join(figs)}</div>"
-
-
-def _duplicates_html(a: Analysis, thumbs: dict[str, bytes]) -> str:
+def _duplicates(a: Analysis, thumbs: dict[str, bytes]) -> dict | None:
     d = a.duplicates
     if d is None:
-        return ("<p class='note'>Not checked (the dataset was not read: --duplicates false, or "
-                "its images were not found).</p>")
+        return None
     labels = a.image_labels
-    intro = (f"<p class='note'>Perceptual hashes (64-bit pHash) within {d.max_distance} bits: "
-             f"{len(d.groups)} groups of 2+ near-identical training images, "
-             f"{len(d.mixed_label_groups)} of them with more than one label (a likely labelling "
-             f"error), and {len(d.train_test_pairs)} train/test pairs (a test image the models "
-             "have as good as seen). <code>--folds-group phash</code> keeps each group in one "
-             "fold.</p>")
     mixed = {tuple(g) for g in d.mixed_label_groups}
-    rows = []
-    for group in d.groups[:MAX_DUPLICATE_GROUPS]:
-        figs = []
-        for image_id in group:
-            png = thumbs.get(image_id)
-            pic = _img(png, image_id, cls="thumb") if png else ""
-            figs.append(f"<figure>{pic}<figcaption><small>{_esc(image_id)}</small><br>"
-                        f"{_esc(labels.get(image_id, ''))}</figcaption></figure>")
-        flag = " <b>mixed labels</b>" if tuple(group) in mixed else ""
-        rows.append(f"<div class='dup'><p>{len(group)} images{flag}</p>"
-                    f"<div class='thumbs'>{''.join(figs)}</div></div>")
-    if len(d.groups) > MAX_DUPLICATE_GROUPS:
-        rows.append(f"<p class='note'>{len(d.groups) - MAX_DUPLICATE_GROUPS} more groups in "
-                    "report.json.</p>")
-    pairs = []
-    for train_id, test_id, dist in d.train_test_pairs[:MAX_DUPLICATE_GROUPS]:
-        figs = "".join(
-            f"<figure>{_img(thumbs[k], k, cls='thumb') if k in thumbs else ''}<figcaption>"
-            f"<small>{_esc(cap)}</small></figcaption></figure>"
-            for k, cap in ((train_id, f"train {train_id} ({labels.get(train_id, '')})"),
-                           (f"test:{test_id}", f"test {test_id}")))
-        pairs.append(f"<div class='dup'><p>distance {dist}</p><div class='thumbs'>{figs}"
-                     "</div></div>")
-    if pairs:
-        pairs.insert(0, "<h3>Train/test pairs</h3>")
-    return intro + "".join(rows) + "".join(pairs)
+
+    def image(key: str, small: str, label: str | None) -> dict:
+        return {"src": _data_uri(thumbs.get(key)), "id": key, "small": small, "label": label}
+
+    groups = [{"mixed": tuple(g) in mixed,
+               "images": [image(i, i, labels.get(i, "")) for i in g]}
+              for g in d.groups[:MAX_DUPLICATE_GROUPS]]
+    pairs = [{"distance": dist,
+              "images": [image(t, f"train {t} ({labels.get(t, '')})", None),
+                         image(f"test:{u}", f"test {u}", None)]}
+             for t, u, dist in d.train_test_pairs[:MAX_DUPLICATE_GROUPS]]
+    return {"max_distance": d.max_distance, "n_groups": len(d.groups),
+            "n_mixed": len(d.mixed_label_groups), "n_pairs": len(d.train_test_pairs),
+            "groups": groups, "more": max(0, len(d.groups) - MAX_DUPLICATE_GROUPS),
+            "pairs": pairs}
+
+
+def build_html(a: Analysis, figures: dict[str, bytes | None], thumbs: dict[str, bytes],
+               title: str) -> str:
+    """The whole page, rendered from ``templates/report.html.j2`` (Jinja2, autoescaped)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("oof", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True)
+    o = a.oracle
+    prov = pd.DataFrame([{"run": r.name, "level": r.level, "path": r.path} for r in a.runs])
+    return env.get_template("report.html.j2").render(
+        title=title, css=CSS, runs=a.names, n_rows=a.n_rows, n_classes=len(a.classes),
+        fingerprint=a.fingerprint, generated=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}",
+        n_bins=a.n_bins,
+        summary=_table(_summary_frame(a), fmt={"level": "{:.0f}"}, left=("run", "backbone"),
+                       best={"accuracy": "max", "log_loss": "min", "ece": "min"},
+                       row_class=[""] * len(a.runs) + ["ens"]),
+        oracle={"accuracy": _num(o["oracle_accuracy"]),
+                "best_single": _num(o["best_single_accuracy"]), "gain": _num(o["oracle_gain"]),
+                "all_wrong": o["rows_all_wrong"], "rows": o["rows"],
+                "some_right": o["rows_some_right"]},
+        figures={k: _data_uri(v) for k, v in figures.items()},
+        per_fold=_table(a.per_fold(), fmt={"fold": "{:.0f}", "n": "{:.0f}"}, left=("run",)),
+        recall=_heat_table(a.per_class("recall")),
+        precision=_heat_table(a.per_class("precision")),
+        recall_open=len(a.classes) <= MD_CONFUSION_MAX,
+        hardest=_hardest(a, thumbs), have_thumbs=bool(thumbs), dup=_duplicates(a, thumbs),
+        no_history=[r.name for r in a.runs if r.history is None],
+        provenance=_table(prov, fmt={"level": "{:.0f}"}, left=("run", "path")))
 
 
 # ---------------------------------------------------------------- Markdown

@@ -301,3 +301,17 @@ def test_report_lists_planted_near_duplicates_with_thumbnails(tmp_path: Path) ->
     assert "1 groups in train" not in html  # the terminal line is printed, not in the page
     md = (out / "report.md").read_text()
     assert "im00.png, copy.png (mixed labels)" in md and "test t0.jpg" in md
+
+
+def test_report_page_escapes_what_it_shows(tiny, tmp_path: Path) -> None:
+    """The page comes from a Jinja2 template with autoescape: a title (or run, class, file name)
+    holding markup is shown as text, never run by the browser."""
+    from oof.report import write_report
+
+    hostile = "<script>alert('x')</script> & co"
+    paths = write_report(analyze(tiny, find_images=False), tmp_path / "r", title=hostile,
+                         with_thumbnails=False)
+    page = paths["html"].read_text()
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; co" in page
+    assert page.count("<table>") >= 4 and page.count("<h2 id=") == 10
