@@ -385,6 +385,10 @@ def _corpus(sample: bytes) -> dict[str, tuple[str, str, dict, int, str]]:
                                "bomb"),
         "too large": ("post", "/predict", one("big.png", b"\x89PNG" + os.urandom(1_500_000)),
                       413, "too large"),
+        # past waitress's own body limit (2x the app's + 1 MB): refused before the app reads it
+        "far too large": ("post", "/predict", one("bigger.png",
+                                                  b"\x89PNG" + os.urandom(3_300_000)),
+                          413, "too large"),
         "too many files": ("post", "/predict",
                            {"files": [("file", (f"{i}.png", sample)) for i in range(9)]}, 413,
                            "too many files"),
