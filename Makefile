@@ -30,8 +30,11 @@ browser:
 	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# Two pytest workers (one per core; each capped at one BLAS/TF thread in tests/conftest.py), each
+# taking whole modules so a module's shared fixture (a trained stack, a Ray cluster) is built once.
+PYTEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadscope --durations=25
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,6 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: each worker, and every run_folds.py or
+    # serve.py it starts, computes on one thread, so two workers never fight over two cores
+    # (torch and TensorFlow size their pools from these before their first op).
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                 "TF_NUM_INTRAOP_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def foldstack_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
