@@ -12,7 +12,10 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,8 +344,9 @@ class Trainer:
 
         self.train_mode()
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
-                   disable=not self.cfg.progress, unit="batch")
+        batches = loader if getattr(loader, "num_workers", 1) else prefetched(loader)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=not self.cfg.progress, total=len(loader), unit="batch")
         cfg = self.cfg
         eye = np.eye(self.model.num_classes, dtype=np.float32)
         for b, (images, labels) in enumerate(bar):
@@ -434,6 +438,54 @@ class Trainer:
 def _scaled_factor(scale: float, total: int, warmup: int, schedule: str, step: int) -> float:
     """``lr_factor`` times a parameter group's layer-decay scale (picklable for LambdaLR)."""
     return scale * lr_factor(step, total, warmup, schedule)
+
+
+def prefetched(batches: Any, depth: int = 2) -> Iterator[Any]:
+    """``batches`` made by a background thread, ``depth`` ahead of the training step.
+
+    Without loader workers (the CPU default: a worker process would take a core from the compute
+    threads) the augmentation would run between steps on the main thread. torch releases the GIL
+    while it computes, so a thread overlaps the two. Determinism is kept: every augmented image
+    is a function of (seed, epoch, row), not of which thread made it or when. An error in the
+    thread is raised here; leaving the loop early stops the thread.
+    """
+    done = object()
+    out: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(_Failed(exc))
+
+    thread = threading.Thread(target=produce, name="foldstack-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not done:
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass
+class _Failed:
+    exc: BaseException
 
 
 def make_loader(images: np.ndarray, labels: np.ndarray, cfg: RunConfig, seed: int,

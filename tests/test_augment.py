@@ -116,3 +116,35 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike() -> None:
     assert soft_cut[0, 3] == pytest.approx(pasted, abs=0.02)  # label weight = pasted area
     same, hard = mix_batch(x, y, 0.4, 1.0, 0.0, batch_rng(1, 2, 5))  # prob 0: untouched
     assert same is x and np.array_equal(hard, y)
+
+
+def test_transforms_of_one_pipeline_draw_independently(image: np.ndarray) -> None:
+    """Two flips at p=0.5 cancel only when both fire: a quarter of the time if they draw
+    independently. Seeding every transform alike (``Compose.set_random_seed``) makes them fire
+    together, so the pair never changed an image."""
+    import albumentations as A
+
+    from backbones.augment import SeededAugment
+
+    aug = SeededAugment(A.Compose([A.HorizontalFlip(p=0.5), A.HorizontalFlip(p=0.5)]), seed=0)
+    flipped = np.mean([not np.array_equal(aug(image, 0, i), image) for i in range(200)])
+    assert 0.35 < flipped < 0.65
+
+
+def test_prefetched_batches_keep_order_raise_errors_and_stop_early() -> None:
+    import threading
+
+    from backbones.timm_backend import prefetched
+
+    assert list(prefetched(iter(range(50)))) == list(range(50))
+
+    def failing():  # noqa: ANN202
+        yield 1
+        raise ValueError("bad image row 7")
+
+    with pytest.raises(ValueError, match="row 7"):
+        list(prefetched(failing()))
+    gen = prefetched(iter(range(1000)), depth=2)
+    assert next(gen) == 0
+    gen.close()  # the consumer leaves early: the thread must not stay behind
+    assert not [t for t in threading.enumerate() if t.name == "foldstack-prefetch"]
