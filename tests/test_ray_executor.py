@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,19 +51,21 @@ def free_port() -> int:
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     """A head node and a worker node on 127.0.0.1, one CPU each: two fold workers at once."""
     tmp = tmp_path_factory.mktemp("ray")
+    # Ray's sockets live under the temp dir and AF_UNIX paths stop at 107 bytes: pytest's own
+    # folders (deeper still under xdist: popen-gw0/) leave a second node's "plasma_store.1" past it.
+    sockets = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     (tmp / "token").write_text(secrets.token_hex(32))
     env = ray_env(tmp)
     port = free_port()
     common = ["--num-cpus", "1", "--object-store-memory", str(80 * 2**20), "--block",
               "--disable-usage-stats"]
     procs = [start_node(["--head", "--port", str(port), "--include-dashboard", "false",
-                         "--temp-dir", str(tmp / "r"), *common], tmp / "head.log", env)]
+                         "--temp-dir", str(sockets), *common], tmp / "head.log", env)]
     address = f"127.0.0.1:{port}"
     try:
-        _wait_for(lambda: "Ray runtime started" in (tmp / "head.log").read_text(), 90, "head")
+        _wait_for(tmp / "head.log", 90)
         procs.append(start_node(["--address", address, *common], tmp / "worker.log", env))
-        _wait_for(lambda: "Ray runtime started" in (tmp / "worker.log").read_text(), 90,
-                  "worker")
+        _wait_for(tmp / "worker.log", 90)
         yield address, env
     finally:
         for p in reversed(procs):  # --block: SIGTERM stops the node's own processes
@@ -71,6 +75,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 def start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -79,13 +84,14 @@ def start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Po
                                 env=env, stdout=fh, stderr=subprocess.STDOUT)
 
 
-def _wait_for(ok, timeout: float, what: str) -> None:
+def _wait_for(log: Path, timeout: float) -> None:
+    """Wait for ``ray start`` to report its node up; on a timeout, show why from its log."""
     end = time.time() + timeout
     while time.time() < end:
-        if ok():
+        if "Ray runtime started" in log.read_text():
             return
         time.sleep(0.5)
-    raise AssertionError(f"Ray {what} did not start in {timeout}s")
+    raise AssertionError(f"{log.name}: Ray did not start in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
