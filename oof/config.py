@@ -80,7 +80,8 @@ class DatasetConfig:
     """Where the data and the run root are: shared by every script, so flags mean one thing."""
 
     config: str | None = opt(None, "YAML file of defaults; flags given here override it")
-    data: Name = opt("demo", "dataset folder or CSV; 'demo' writes the bundled digits demo")
+    data: Name = opt("demo", "dataset folder or CSV; 'demo' writes the bundled digits "
+                         "demo, 'demo-fashion' the Fashion-MNIST one (Debian package)")
     layout: str = opt("auto", "dataset layout", ("auto", "competition", "imagefolder", "csv"))
     test: str | None = opt(None, "csv layout: test image folder or CSV (path[,id])")
     out: Name = opt("runs", "root of run folders; the dataset's run root is OUT/<dataset name>")

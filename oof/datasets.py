@@ -293,11 +293,12 @@ def detect_layout(data: Path) -> str:
 
 
 def load_dataset(data: str | Path, layout: str = "auto", test: str | None = None) -> ImageDataset:
-    """Load and validate a dataset; ``data='demo'`` writes and loads the bundled digits demo."""
-    if str(data) == "demo":
-        from oof.demo import ensure_demo
+    """Load and validate a dataset; ``data='demo'`` (digits) or ``'demo-fashion'`` writes and
+    loads a bundled demo (``oof.demo.DEMO_DATA``)."""
+    from oof.demo import DEMO_DATA, resolve_demo
 
-        data = ensure_demo()
+    if str(data) in DEMO_DATA:
+        data = resolve_demo(str(data)) or data
     if layout not in LAYOUTS:
         raise DataError(f"--layout {layout!r}: choose one of {LAYOUTS}")
     path = Path(data).expanduser().resolve()

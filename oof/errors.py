@@ -27,3 +27,7 @@ class BusyError(FoldstackError, RuntimeError):
 
 class DiskFullError(FoldstackError, OSError):
     """The disk (or a file size limit) ran out while writing; nothing half-written was kept."""
+
+
+class FetchError(DataError):
+    """Data that comes from a package registry (the Fashion-MNIST demo) could not be fetched."""

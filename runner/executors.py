@@ -126,7 +126,10 @@ class Graph:
 
     def root(self, i: int) -> tuple[str, str]:
         cfg = self.plan.runs[i]
-        return (str(Path(cfg.data).resolve()) if cfg.data != "demo" else "demo", cfg.out)
+        from oof.demo import DEMO_DATA
+
+        data = cfg.data if cfg.data in DEMO_DATA else str(Path(cfg.data).resolve())
+        return (data, cfg.out)
 
     def prepared_run(self, job: Job, output: dict[str, Any]) -> list[Job]:
         """After a run is prepared: name its jobs after the run folder, add its fold jobs."""

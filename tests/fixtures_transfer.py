@@ -13,12 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from oof.errors import FetchError
+
 
 def _fetched(build: Callable[[], Path], what: str) -> Path:
     """Build from the registry, or skip (not fail) when the registry/client is unreachable."""
     try:
         return build()
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as err:
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError,
+            FetchError) as err:
         pytest.skip(f"{what} could not be fetched from its package registry: {err}")
 
 
@@ -41,3 +44,13 @@ def fashion_dir() -> Path:
     from bench.devdata import build_fashion
 
     return _fetched(lambda: build_fashion(250, 100), "dataset-fashion-mnist (apt)")
+
+
+@pytest.fixture(scope="session")
+def fashion_idx() -> Path:
+    """The Debian package's Fashion-MNIST idx files, fetched once into the dev cache."""
+    from bench.devdata import cache_dir
+    from oof.demo import fashion_sources
+
+    return _fetched(lambda: fashion_sources(cache_dir() / "fashion-mnist-deb"),
+                    "dataset-fashion-mnist (apt)")
