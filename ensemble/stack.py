@@ -35,7 +35,7 @@ from oof.config import (
 )
 from oof.errors import ConfigError, DataError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
-from oof.metrics import METRICS
+from oof.metrics import METRICS, accuracy, log_loss
 from oof.rundir import META_FILE, Run, check_compatible, find_runs, load_run
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 METHODS = tuple(STACKERS)  # simplest first: the order of the table and of ties in `auto`
 TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "macro_f1", "top3", "seconds",
                  "chosen", "note"]
+# Where the dataset ships held-out test labels (the demos): each model's CV (OOF) score beside its
+# score on those labels. A run's test prediction is the mean of its fold models, a level-2
+# method's the mean of its fold stackers; the submission row is the final stacker's.
+HELD_OUT_COLUMNS = ["model", "level", "oof_accuracy", "oof_log_loss", "held_out_accuracy",
+                    "held_out_log_loss"]
 
 
 @config_dataclass
@@ -79,12 +84,17 @@ class StackResult:
     level2_run: Path
     test_accuracy: float | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    held_out: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
         """The lines a script prints under the table."""
         row = next(r for r in self.rows if r["chosen"])
         lines = [f"chosen: {self.chosen} (level-2 CV accuracy {row['accuracy']:.4f}, "
                  f"log loss {row['log_loss']:.4f}) -> {self.submission}"]
+        if self.held_out:
+            lines += ["", f"held-out test labels ({self.report.get('held_out_rows')} images) "
+                      "against the CV (OOF) scores:",
+                      format_table(self.held_out, HELD_OUT_COLUMNS)]
         if self.test_accuracy is not None:
             lines.append(f"submission accuracy on the held-out test labels: "
                          f"{self.test_accuracy:.4f}")
@@ -212,6 +222,9 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f"(K={report['folds']['k']}); the stacker scoring fold k was fitted on the other "
              "folds' rows only. With `auto`, picking the best of several scores makes the "
              "chosen score slightly optimistic.", "", format_table(rows, TABLE_COLUMNS), ""]
+    if report.get("held_out"):
+        lines += [f"Held-out test labels ({report['held_out_rows']} images) against the CV "
+                  "(OOF) scores:", "", format_table(report["held_out"], HELD_OUT_COLUMNS), ""]
     if report.get("test_accuracy") is not None:
         lines += [f"Submission accuracy on held-out test labels: {report['test_accuracy']:.4f}",
                   ""]
@@ -220,6 +233,31 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
               f"parameters {report['final']['params']}.", "",
               f"Submission: `{report['submission']}` ({report['submission_ids']})", ""]
     return "\n".join(lines)
+
+
+def held_out_rows(truth: Any, test_ids: np.ndarray, classes: list[str],
+                  models: list[tuple[str, int, dict[str, float], np.ndarray]],
+                  source: str = "test_labels.csv") -> list[dict[str, Any]]:
+    """One row per model: its OOF scores and its test probabilities (rows in ``test_ids`` order)
+    scored on the held-out labels ``truth`` (``Id``, ``Category``: every test id, once)."""
+    pos = {str(i): n for n, i in enumerate(test_ids)}
+    ids, labels = [str(i) for i in truth["Id"]], [str(c) for c in truth["Category"]]
+    if sorted(ids) != sorted(pos):
+        raise DataError(f"{source}: its {len(ids)} ids are not the runs' {len(pos)} test ids")
+    index = {c: k for k, c in enumerate(classes)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise DataError(f"{source}: labels outside the class set {classes}: {unknown[:5]}")
+    rows_of = np.array([pos[i] for i in ids])
+    y = np.array([index[c] for c in labels])
+    out = []
+    for name, level, oof_scores, proba in models:
+        p = np.asarray(proba)[rows_of]
+        out.append({"model": name, "level": level, "oof_accuracy": oof_scores["accuracy"],
+                    "oof_log_loss": oof_scores["log_loss"],
+                    "held_out_accuracy": accuracy(y, p),
+                    "held_out_log_loss": log_loss(y, p)})
+    return out
 
 
 def check_pseudo_mix(runs: list[Run], allowed: bool) -> None:
@@ -304,6 +342,11 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     sub_path = out_dir / "submission.csv"
     sub.write(sub_path, out_dir / "submission_proba.csv")
     test_acc = _held_out_accuracy(sub_path, dataset.root)
+    held_out, n_truth = _held_out_table(dataset.root, ref, [
+        *((r.name, run_level(r), r.scores(), r.test) for r in runs),
+        *((f"stack-{m}", level, res.scores, res.test_per_fold.mean(axis=0))
+          for m, res in results.items()),
+        (f"submission (stack-{chosen})", level, results[chosen].scores, test_proba)])
     report = {
         "dataset": dataset.name, "run_root": str(run_root), "level": level, "runs": inputs,
         "folds": {"k": folds.k, "seed": folds.seed, "fingerprint": folds.fingerprint},
@@ -314,7 +357,9 @@ def stack_runs(cfg: StackConfig) -> StackResult:
                    else "--method"),
         "final": {"method": chosen, "params": final.get_params(), **describe(final, names)},
         "level2_run": str(out_dir), "submission": str(sub_path), "submission_ids": id_source,
-        "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 2),
+        "test_accuracy": test_acc, "held_out": held_out,
+        "held_out_rows": n_truth,
+        "seconds": round(time.perf_counter() - started, 2),
         "config": config_dict(cfg), "table": rows,
     }
     # fold k's test predictions from fold-k models and a stacker fitted without fold k: the
@@ -327,7 +372,8 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     # the fitted final stacker, for serving (ensemble.saved; loaded by serve.bundle)
     save_stacker(out_dir, final, chosen, runs, ref.classes, folds.fingerprint, level2.scores)
     run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg, level)
-    return StackResult(rows, TABLE_COLUMNS, chosen, out_dir, sub_path, run.path, test_acc, report)
+    return StackResult(rows, TABLE_COLUMNS, chosen, out_dir, sub_path, run.path, test_acc, report,
+                       held_out)
 
 
 def begin_output(out_dir: Path) -> None:
@@ -351,6 +397,23 @@ def _write_level2(out_dir: Path, method: str, ref: Run, folds: Folds, level2: Le
             "level2_seconds": round(level2.seconds, 3)}
     return write_run(out_dir, out_dir.name, ref.classes, folds, level2.oof, ref.test_ids,
                      level2.test_per_fold, meta)
+
+
+def _held_out_table(data_root: Path, ref: Run,
+                    models: list[tuple[str, int, dict[str, float], np.ndarray]],
+                    ) -> tuple[list[dict[str, Any]], int | None]:
+    """``held_out_rows`` where the dataset ships held-out labels (the demos), else nothing."""
+    from oof.demo import TEST_LABELS, held_out_labels
+
+    try:
+        truth = held_out_labels(data_root)
+        if truth is None:
+            return [], None
+        return held_out_rows(truth, ref.test_ids, ref.classes, models,
+                             str(data_root / TEST_LABELS)), len(truth)
+    except (FoldstackError, KeyError, ValueError) as exc:
+        log.warning("could not score the runs against %s's held-out labels: %s", data_root, exc)
+        return [], None
 
 
 def _held_out_accuracy(submission: Path, data_root: Path) -> float | None:

@@ -210,15 +210,16 @@ def held_out_labels(data: Path) -> pd.DataFrame | None:
 
 
 def score_submission(submission: str | os.PathLike[str], data: Path | None = None) -> float:
-    """Accuracy of a submission on the demo's held-out test labels."""
+    """Accuracy of a submission on the demo's held-out test labels (rows matched by id)."""
     data = Path(data) if data else demo_path()
     truth = held_out_labels(data)
     if truth is None:
         raise DataError(f"{data}: no {TEST_LABELS} to score a submission against")
     sub = pd.read_csv(submission, dtype=str)
-    if list(sub["Id"]) != list(truth["Id"]):
+    if len(sub) != len(truth) or set(sub["Id"]) != set(truth["Id"]):
         raise DataError(f"{submission}: ids differ from the demo's test set")
-    return float((sub["Category"].values == truth["Category"].values).mean())
+    pred = sub.set_index("Id")["Category"].reindex(truth["Id"])
+    return float((pred.values == truth["Category"].values).mean())
 
 
 __all__ = ["DEMO_DATA", "DEMO_NAME", "FASHION_CLASSES", "FASHION_NAME", "cache_root",

@@ -291,6 +291,53 @@ def test_tiny_end_to_end_train_stack_submit(demo_subset: Path, tmp_path: Path) -
     assert list(sub["Id"]) == list(sample["Id"])
     assert res.test_accuracy is not None and 0.0 <= res.test_accuracy <= 1.0
     assert load_run(res.level2_run).meta["level"] == 2
+    # The held-out table: each real run's fold-mean test matrix scored on test_labels.csv,
+    # recomputed here from the saved files; the submission row is the scorer's accuracy.
+    truth = pd.read_csv(demo_subset / "test_labels.csv", dtype=str)
+    table = {r["model"]: r for r in res.held_out}
+    assert len(res.held_out) == 2 + 7 + 1 and res.report["held_out_rows"] == len(truth) == 40
+    for name in ("r10a", "r10b"):
+        run = load_run(out / demo_subset.name / name)
+        pos = {i: n for n, i in enumerate(run.test_ids)}
+        p = run.test[[pos[i] for i in truth["Id"]]]
+        y = np.array([run.classes.index(c) for c in truth["Category"]])
+        assert table[name]["held_out_accuracy"] == pytest.approx((p.argmax(1) == y).mean())
+        assert table[name]["held_out_log_loss"] == pytest.approx(
+            -np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1)).mean())
+        assert table[name]["oof_accuracy"] == pytest.approx(run.scores()["accuracy"])
+    assert table[f"submission (stack-{res.chosen})"]["held_out_accuracy"] == pytest.approx(
+        res.test_accuracy)
+    assert "held-out test labels (40 images)" in res.summary()
+    assert "held_out_accuracy" in (res.out_dir / "report.md").read_text()
+
+
+def test_held_out_table_scores_every_model_on_the_test_labels(project: Project) -> None:
+    """Known test labels (in shuffled order): each row's held-out scores by hand; ids that do
+    not match the runs' test set give a warning and no table, not a failed stack."""
+    truth = project.runs[0].meta["y_test_truth"]
+    classes = project.runs[0].classes
+    order = np.random.default_rng(3).permutation(N_TEST)
+    labels = pd.DataFrame({"Id": [f"test_{i:04d}.png" for i in order],
+                           "Category": [classes[truth[i]] for i in order]})
+    labels.to_csv(project.data / "test_labels.csv", index=False)
+    res = stack_runs(project.cfg(method="logreg"))
+    rows = {r["model"]: r for r in res.held_out}
+    assert list(rows)[:3] == ["good", "noise", "weak"]
+    assert list(rows)[-1] == "submission (stack-logreg)"
+    for run in project.runs:
+        hand = (run.test.argmax(1) == np.array(truth)).mean()
+        assert rows[run.name]["held_out_accuracy"] == pytest.approx(hand)
+        assert rows[run.name]["oof_log_loss"] == pytest.approx(run.scores()["log_loss"])
+    assert rows["good"]["held_out_accuracy"] > 0.6 > rows["noise"]["held_out_accuracy"]
+    level2 = load_run(res.level2_run)
+    assert rows["stack-logreg"]["held_out_accuracy"] == pytest.approx(
+        (level2.test.argmax(1) == np.array(truth)).mean())
+    assert rows["submission (stack-logreg)"]["held_out_accuracy"] == pytest.approx(
+        res.test_accuracy)
+
+    labels.iloc[:-1].to_csv(project.data / "test_labels.csv", index=False)
+    again = stack_runs(project.cfg(method="mean", compare=False, name="again"))
+    assert again.held_out == [] and "held-out" not in again.summary()
 
 
 def test_resolved_config_is_written_and_reusable(project: Project) -> None:
