@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench browser clean
+.PHONY: setup demo demo-digits test lint bench browser clean
 
 $(BIN)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,22 @@ $(BIN)/.installed: setup.cfg constraints.txt
 
 setup: $(BIN)/.installed
 
-# The main job on the bundled digits: three heterogeneous backbones over the same 5 folds, then
-# level 2 (honest CV table, submission, accuracy on the demo's held-out test labels).
+# The main job: three heterogeneous backbones (timm and Keras) over the same 3 stored folds of
+# the Fashion-MNIST demo (fetched once from Debian's dataset-fashion-mnist into the foldstack
+# cache), then level 2 (honest CV table, the method chosen by CV accuracy, every run and method
+# scored on the 2,000 held-out test labels) and the OOF analysis report.
 demo: setup
-	$(BIN)/python run_folds.py --config configs/demo_resnet10t.yaml --out $(RUNS)
-	$(BIN)/python run_folds.py --config configs/demo_resnet18.yaml --out $(RUNS)
-	$(BIN)/python run_folds.py --config configs/demo_mobilenetv3.yaml --out $(RUNS)
+	$(BIN)/python run_folds.py --config configs/demo/resnet10t_28px.yaml --out $(RUNS)
+	$(BIN)/python run_folds.py --config configs/demo/resnet10t_20px.yaml --out $(RUNS)
+	$(BIN)/python run_folds.py --config configs/demo/mobilenetv3_36px.yaml --out $(RUNS)
+	$(BIN)/python stack.py --data demo-fashion --out $(RUNS) --metric accuracy
+	$(BIN)/python -m oof.analyze --data demo-fashion --out $(RUNS)
+
+# The same on the bundled digits (offline; saturated, so the stack shows only in the log loss).
+demo-digits: setup
+	$(BIN)/python run_folds.py --config configs/digits/resnet10t.yaml --out $(RUNS)
+	$(BIN)/python run_folds.py --config configs/digits/resnet18.yaml --out $(RUNS)
+	$(BIN)/python run_folds.py --config configs/digits/mobilenetv3.yaml --out $(RUNS)
 	$(BIN)/python stack.py --out $(RUNS)
 	$(BIN)/python -m oof.analyze --out $(RUNS)
 

@@ -73,3 +73,14 @@ def test_a_failed_fetch_says_what_to_do(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(FetchError, match="dataset-fashion-mnist.*apt-get update"):
         ensure_fashion_demo(tmp_path / "demo-fashion", sources=tmp_path / "idx")
     assert not (tmp_path / "demo-fashion").exists() and not (tmp_path / "idx").exists()
+
+
+def test_data_name_demo_fashion_builds_the_demo_in_the_cache(
+        fashion_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """``--data demo-fashion`` resolves like ``--data demo``: built once into $FOLDSTACK_CACHE."""
+    monkeypatch.setenv("FOLDSTACK_CACHE", str(tmp_path))
+    (tmp_path / "debian-fashion-mnist").symlink_to(fashion_idx)  # no second download
+    ds = load_dataset("demo-fashion")
+    assert ds.root == tmp_path / "demo-fashion" and ds.name == "demo-fashion"
+    assert (len(ds.train), len(ds.test)) == (4500, 2000)
+    assert ds.train["label"].value_counts().nunique() == 1  # stratified: 450 per class
