@@ -17,13 +17,13 @@ setup: $(BIN)/.installed
 
 # The main job: three heterogeneous backbones (timm and Keras) over the same 3 stored folds of
 # the Fashion-MNIST demo (fetched once from Debian's dataset-fashion-mnist into the foldstack
-# cache), then level 2 (honest CV table, the method chosen by CV accuracy, every run and method
+# cache), then level 2 (honest CV table, the method chosen by CV log loss, every run and method
 # scored on the 2,000 held-out test labels) and the OOF analysis report.
 demo: setup
 	$(BIN)/python run_folds.py --config configs/demo/resnet10t_28px.yaml --out $(RUNS)
 	$(BIN)/python run_folds.py --config configs/demo/resnet10t_20px.yaml --out $(RUNS)
 	$(BIN)/python run_folds.py --config configs/demo/mobilenetv3_36px.yaml --out $(RUNS)
-	$(BIN)/python stack.py --data demo-fashion --out $(RUNS) --metric accuracy
+	$(BIN)/python stack.py --data demo-fashion --out $(RUNS)
 	$(BIN)/python -m oof.analyze --data demo-fashion --out $(RUNS)
 
 # The same on the bundled digits (offline; saturated, so the stack shows only in the log loss).
