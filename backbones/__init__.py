@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,28 @@ from oof.errors import ConfigError
 
 if TYPE_CHECKING:
     from oof.config import RunConfig
+
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd")
+
+
+def keep_triton_out_without_gpu() -> bool:
+    """Keep triton from loading on a machine with no GPU driver; True if it was kept out.
+
+    Importing timm imports torchvision, whose ops import ``torch._dynamo``, which loads triton's
+    500 MB ``libtriton.so`` only to learn whether triton exists. Triton compiles GPU kernels and
+    nothing on a CPU uses it; torch's CPU wheels ship without it and dynamo takes that path. On
+    the 2-core CI machine that load aborted a test worker (SIGABRT inside the dlopen). Set
+    ``FOLDSTACK_LOAD_TRITON=1`` to load it regardless.
+    """
+    if "triton" in sys.modules or os.environ.get("FOLDSTACK_LOAD_TRITON") == "1":
+        return False
+    if any(os.path.exists(path) for path in GPU_DEVICE_FILES):
+        return False
+    sys.modules["triton"] = None  # type: ignore[assignment]  # `import triton` -> ImportError
+    return True
+
+
+keep_triton_out_without_gpu()  # before any backend imports torch, timm or torchvision
 
 FAMILIES: dict[str, str] = {
     "timm": "backbones.timm_backend",

@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import backbones  # noqa: F401  (before any test imports timm: no GPU, no triton; see there)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one pytest worker per core: each worker, and every run_folds.py or
     # serve.py it starts, computes on one thread, so two workers never fight over two cores

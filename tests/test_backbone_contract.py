@@ -104,3 +104,37 @@ def test_backbone_contract(tmp_path: Path, name: str, size: int, framework: str,
     assert not [p for p in checkpoint.parent.iterdir() if p.name.endswith(".tmp")]
     assert (tmp_path / "fold0_history.csv").is_file()
     assert foreign not in r["modules"], f"{name} loaded {foreign}"
+
+
+def test_triton_kept_out_without_a_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No GPU driver: ``import triton`` fails fast instead of loading libtriton; with one, or
+    with FOLDSTACK_LOAD_TRITON=1, nothing is touched."""
+    import backbones
+
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    monkeypatch.setattr(backbones, "GPU_DEVICE_FILES", (str(tmp_path / "no-such-device"),))
+    assert backbones.keep_triton_out_without_gpu()
+    with pytest.raises(ImportError):
+        import triton  # noqa: F401
+    monkeypatch.delitem(sys.modules, "triton")
+    monkeypatch.setenv("FOLDSTACK_LOAD_TRITON", "1")
+    assert not backbones.keep_triton_out_without_gpu()
+    assert "triton" not in sys.modules
+    monkeypatch.delenv("FOLDSTACK_LOAD_TRITON")
+    (tmp_path / "nvidiactl").touch()
+    monkeypatch.setattr(backbones, "GPU_DEVICE_FILES", (str(tmp_path / "nvidiactl"),))
+    assert not backbones.keep_triton_out_without_gpu()
+    assert "triton" not in sys.modules
+
+
+@pytest.mark.skipif(any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia",
+                                                    "/dev/kfd")), reason="a GPU driver is here")
+def test_timm_backend_on_cpu_never_loads_triton() -> None:
+    """The timm backend (timm -> torchvision -> torch._dynamo) runs with triton absent."""
+    code = ("import sys, backbones.timm_backend as tb, torch.utils._triton as t;"
+            "m = tb.create_model; print(sys.modules.get('triton'), t.has_triton_package())")
+    env = {k: v for k, v in os.environ.items() if k != "FOLDSTACK_LOAD_TRITON"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["None", "False"]
