@@ -47,7 +47,7 @@ TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "macro_f1", "top3", "
 # score on those labels. A run's test prediction is the mean of its fold models, a level-2
 # method's the mean of its fold stackers; the submission row is the final stacker's.
 HELD_OUT_COLUMNS = ["model", "level", "oof_accuracy", "oof_log_loss", "held_out_accuracy",
-                    "held_out_log_loss"]
+                    "held_out_log_loss", "gain_vs_best_run", "mcnemar_p"]
 
 
 @config_dataclass
@@ -250,14 +250,34 @@ def held_out_rows(truth: Any, test_ids: np.ndarray, classes: list[str],
         raise DataError(f"{source}: labels outside the class set {classes}: {unknown[:5]}")
     rows_of = np.array([pos[i] for i in ids])
     y = np.array([index[c] for c in labels])
-    out = []
+    out, right = [], []
     for name, level, oof_scores, proba in models:
         p = np.asarray(proba)[rows_of]
+        right.append(p.argmax(axis=1) == y)
         out.append({"model": name, "level": level, "oof_accuracy": oof_scores["accuracy"],
                     "oof_log_loss": oof_scores["log_loss"],
                     "held_out_accuracy": accuracy(y, p),
                     "held_out_log_loss": log_loss(y, p)})
+    singles = [k for k, row in enumerate(out) if row["level"] == 1]
+    if singles:  # every model against the best level-1 run, on the same images
+        best = max(singles, key=lambda k: out[k]["held_out_accuracy"])
+        for k, row in enumerate(out):
+            if k != best:
+                row["gain_vs_best_run"] = row["held_out_accuracy"] - out[best]["held_out_accuracy"]
+                row["mcnemar_p"] = mcnemar_p(right[k], right[best])
     return out
+
+
+def mcnemar_p(a_right: np.ndarray, b_right: np.ndarray) -> float:
+    """Exact two-sided McNemar test of two classifiers on the same images: the p-value of the
+    images only one of them gets right splitting this unevenly if both were equally accurate."""
+    from scipy.stats import binomtest
+
+    only_a = int(np.sum(a_right & ~b_right))
+    only_b = int(np.sum(b_right & ~a_right))
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
 def check_pseudo_mix(runs: list[Run], allowed: bool) -> None:

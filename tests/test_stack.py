@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -329,6 +330,18 @@ def test_held_out_table_scores_every_model_on_the_test_labels(project: Project) 
         assert rows[run.name]["held_out_accuracy"] == pytest.approx(hand)
         assert rows[run.name]["oof_log_loss"] == pytest.approx(run.scores()["log_loss"])
     assert rows["good"]["held_out_accuracy"] > 0.6 > rows["noise"]["held_out_accuracy"]
+    # each model against the best single run ("good") on the same images: gain and McNemar
+    assert "gain_vs_best_run" not in rows["good"]
+    right = {run.name: run.test.argmax(1) == np.array(truth) for run in project.runs}
+    assert rows["noise"]["gain_vs_best_run"] == pytest.approx(
+        right["noise"].mean() - right["good"].mean())
+    only_noise = int((right["noise"] & ~right["good"]).sum())
+    only_good = int((right["good"] & ~right["noise"]).sum())
+    assert rows["noise"]["mcnemar_p"] == pytest.approx(
+        min(1.0, 2 * sum(math.comb(only_noise + only_good, i)
+                         for i in range(min(only_noise, only_good) + 1))
+            / 2 ** (only_noise + only_good)))
+    assert rows["noise"]["mcnemar_p"] < 0.01
     level2 = load_run(res.level2_run)
     assert rows["stack-logreg"]["held_out_accuracy"] == pytest.approx(
         (level2.test.argmax(1) == np.array(truth)).mean())
