@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,17 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-15
 LOG_FLOOR = 1e-6  # log-probability features are clipped here: a 1e-30 is no surer than 1e-6
+# Row-wise passes go through the rows in blocks of this many: a block's temporaries (a few MB)
+# are reused from malloc's heap and stay in cache. Whole-column temporaries of a 1.5M-row OOF
+# (60-600 MB each) were mapped and zero-filled afresh by every numpy operation, which made the
+# cost per row grow with the number of rows.
+ROW_BLOCK = 16_384
+
+
+def _row_blocks(n: int) -> Iterator[slice]:
+    """Consecutive slices covering ``range(n)``, ``ROW_BLOCK`` rows each (the last shorter)."""
+    size = ROW_BLOCK
+    return (slice(a, min(n, a + size)) for a in range(0, n, size))
 
 
 def _blocks(X: np.ndarray, n_classes: int, who: str) -> np.ndarray:
@@ -68,7 +80,7 @@ class _Stacker(ClassifierMixin, BaseEstimator):
     def _fit_start(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
-        if self.__sklearn_tags__().input_tags.positive_only and (X < 0).any():
+        if self.__sklearn_tags__().input_tags.positive_only and len(X) and X.min() < 0:
             raise ValueError(f"Negative values in data passed to {type(self).__name__}: "
                              "expected probabilities")
         self.classes_, y_idx = np.unique(y, return_inverse=True)
@@ -89,7 +101,10 @@ class _WeightedBlend(_Stacker):
     def predict_proba(self, X: Any) -> np.ndarray:
         X = self._check_X(X)
         P = _blocks(X, len(self.classes_), type(self).__name__)
-        return _normalise(np.einsum("nrc,r->nc", P, self.weights_))
+        out = np.empty((len(X), len(self.classes_)))
+        for rows in _row_blocks(len(X)):
+            out[rows] = _normalise(np.einsum("nrc,r->nc", P[rows], self.weights_))
+        return out
 
 
 class MeanBlend(_WeightedBlend):
@@ -180,8 +195,10 @@ class GeometricMean(_Stacker):
     def predict_proba(self, X: Any) -> np.ndarray:
         X = self._check_X(X)
         P = _blocks(X, len(self.classes_), "GeometricMean")
-        logp = np.log(np.clip(P, LOG_FLOOR, None)).mean(axis=1)
-        return _softmax(logp)
+        out = np.empty((len(X), len(self.classes_)))
+        for rows in _row_blocks(len(X)):
+            out[rows] = _softmax(np.log(np.clip(P[rows], LOG_FLOOR, None)).mean(axis=1))
+        return out
 
 
 class RankMean(_Stacker):
@@ -220,13 +237,16 @@ class RankMean(_Stacker):
 
     def predict_proba(self, X: Any) -> np.ndarray:
         X = self._check_X(X)
-        q = self.quantiles_.shape[1]
-        ranks = np.empty_like(X, dtype=np.float64)
-        grid = np.linspace(0.0, 1.0, q)
-        for j in range(X.shape[1]):  # piecewise-linear CDF of column j: O(n log q)
-            ranks[:, j] = np.interp(X[:, j], self.quantiles_[j], grid)
-        R = _blocks(ranks, len(self.classes_), "RankMean").mean(axis=1)
-        return _normalise(R + EPS)
+        C = len(self.classes_)
+        _blocks(X, C, "RankMean")
+        grid = np.linspace(0.0, 1.0, self.quantiles_.shape[1])
+        out = np.empty((len(X), C))
+        for rows in _row_blocks(len(X)):
+            ranks = np.empty((rows.stop - rows.start, X.shape[1]))
+            for j in range(X.shape[1]):  # piecewise-linear CDF of column j: O(n log q)
+                ranks[:, j] = np.interp(X[rows, j], self.quantiles_[j], grid)
+            out[rows] = _normalise(_blocks(ranks, C, "RankMean").mean(axis=1) + EPS)
+        return out
 
 
 class GreedyEnsemble(_WeightedBlend):
@@ -266,11 +286,17 @@ class GreedyEnsemble(_WeightedBlend):
         losses: list[float] = []
         accs: list[float] = []
         for _ in range(int(self.ensemble_size)):
-            q = (s_true[:, None] + p_true) / np.maximum(s_sum[:, None] + p_sum, EPS)
-            ll = -np.log(np.clip(q, EPS, 1.0)).mean(axis=0)  # (R,)
+            ll = np.zeros(n_runs)  # log loss of the blend with each run added
+            for b in _row_blocks(n):
+                q = (s_true[b, None] + p_true[b]) / np.maximum(s_sum[b, None] + p_sum[b], EPS)
+                ll -= np.log(np.clip(q, EPS, 1.0)).sum(axis=0)
+            ll /= n
             if S is not None:
-                acc = np.array([((S + P[:, r]).argmax(axis=1) == yi).mean()
-                                for r in range(n_runs)])
+                hits = np.zeros(n_runs)
+                for b in _row_blocks(n):
+                    for r in range(n_runs):
+                        hits[r] += ((S[b] + P[b, r]).argmax(axis=1) == yi[b]).sum()
+                acc = hits / n
                 best = int(np.lexsort((ll, -acc))[0])
                 S += P[:, best]
                 accs.append(float(acc[best]))
@@ -326,18 +352,22 @@ class _PooledLogit:
         from scipy.optimize import minimize
 
         n, R, C = Z.shape
-        Y = np.zeros((n, C))
-        Y[np.arange(n), y] = 1.0
         lam = 1.0 / (self.C * n)
 
         def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            s = np.einsum("nrc,r->nc", Z, theta[:R]) + theta[R:]
-            s -= s.max(axis=1, keepdims=True)
-            lse = np.log(np.exp(s).sum(axis=1))
-            f = float((lse - s[np.arange(n), y]).mean()) + 0.5 * lam * float(theta[:R] @ theta[:R])
-            G = (np.exp(s - lse[:, None]) - Y) / n
-            grad = np.concatenate([np.einsum("nrc,nc->r", Z, G) + lam * theta[:R], G.sum(axis=0)])
-            return f, grad
+            f, grad = 0.0, np.zeros(R + C)
+            for b in _row_blocks(n):
+                s = np.einsum("nrc,r->nc", Z[b], theta[:R]) + theta[R:]
+                s -= s.max(axis=1, keepdims=True)
+                lse = np.log(np.exp(s).sum(axis=1))
+                f += float((lse - s[np.arange(len(s)), y[b]]).sum())
+                G = np.exp(s - lse[:, None])  # softmax minus the one-hot label:
+                G[np.arange(len(G)), y[b]] -= 1.0
+                grad[:R] += np.einsum("nrc,nc->r", Z[b], G)
+                grad[R:] += G.sum(axis=0)
+            grad /= n
+            grad[:R] += lam * theta[:R]
+            return f / n + 0.5 * lam * float(theta[:R] @ theta[:R]), grad
 
         start = self.theta if self.theta is not None else np.concatenate(
             [np.full(R, 1.0 / R), np.zeros(C)])
@@ -382,7 +412,11 @@ class LogRegStacker(_Stacker):
         return tags
 
     def _features(self, X: np.ndarray) -> np.ndarray:
-        F = np.log(np.clip(X, LOG_FLOOR, None)) if self.inputs == "log" else X
+        if self.inputs == "log":
+            F = np.maximum(X, LOG_FLOOR)  # one temporary, logged in place
+            np.log(F, out=F)
+        else:
+            F = X
         if self.pooling == "run":
             return _blocks(F, len(self.classes_), "LogRegStacker(pooling='run')")
         return (F - self.center_) / self.scale_

@@ -15,35 +15,38 @@ TOP_K = 3
 METRICS: dict[str, bool] = {"log_loss": False, "accuracy": True, "macro_f1": True, "top3": True}
 
 
-def _ok(proba: np.ndarray) -> np.ndarray:
-    return ~np.isnan(proba).any(axis=1)
+def _scored(y: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows without NaN (no copy when that is all of them: OOF can have millions)."""
+    y = np.asarray(y)
+    ok = ~np.isnan(proba).any(axis=1)
+    return (y, proba) if ok.all() else (y[ok], proba[ok])
 
 
 def accuracy(y: np.ndarray, proba: np.ndarray) -> float:
     """Share of rows whose arg-max class is the label (rows with NaN are skipped)."""
-    ok = _ok(proba)
-    if not ok.any():
+    y, proba = _scored(y, proba)
+    if not len(y):
         return float("nan")
-    return float((proba[ok].argmax(axis=1) == np.asarray(y)[ok]).mean())
+    return float((proba.argmax(axis=1) == y).mean())
 
 
 def log_loss(y: np.ndarray, proba: np.ndarray) -> float:
     """Multiclass log loss of the true class, probabilities clipped at 1e-15 as Kaggle does."""
-    ok = _ok(proba)
-    if not ok.any():
+    y, proba = _scored(y, proba)
+    if not len(y):
         return float("nan")
-    p = np.clip(proba[ok][np.arange(ok.sum()), np.asarray(y)[ok]], EPS, 1.0)
+    p = np.clip(proba[np.arange(len(y)), y], EPS, 1.0)
     return float(-np.log(p).mean())
 
 
 def macro_f1(y: np.ndarray, proba: np.ndarray) -> float:
     """Mean over classes of F1 of the arg-max; a class never predicted nor present is left out
     (as scikit-learn's ``f1_score(average='macro')`` over the labels present in either)."""
-    ok = _ok(proba)
-    if not ok.any():
+    true, proba = _scored(y, proba)
+    if not len(true):
         return float("nan")
     c = proba.shape[1]
-    true, pred = np.asarray(y)[ok], proba[ok].argmax(axis=1)
+    pred = proba.argmax(axis=1)
     tp = np.bincount(true[true == pred], minlength=c).astype(np.float64)
     n_true, n_pred = np.bincount(true, minlength=c), np.bincount(pred, minlength=c)
     seen = (n_true + n_pred) > 0
@@ -52,11 +55,10 @@ def macro_f1(y: np.ndarray, proba: np.ndarray) -> float:
 
 def top_k_accuracy(y: np.ndarray, proba: np.ndarray, k: int = TOP_K) -> float:
     """Share of rows whose label is among the k most probable classes (ties count against)."""
-    ok = _ok(proba)
-    if not ok.any():
+    y, p = _scored(y, proba)
+    if not len(y):
         return float("nan")
-    p = proba[ok]
-    p_true = p[np.arange(len(p)), np.asarray(y)[ok]]
+    p_true = p[np.arange(len(p)), y]
     return float(((p > p_true[:, None]).sum(axis=1) < k).mean())
 
 

@@ -214,3 +214,23 @@ def test_rank_mean_ignores_calibration_and_follows_order() -> None:
     rank = cross_val_level2("rank", RankMean(), X, y, folds, 4).scores
     best = max((X[:, 4 * r:4 * r + 4].argmax(1) == y).mean() for r in range(2))
     assert rank["accuracy"] >= best - 0.01
+
+
+@pytest.mark.parametrize("method", ["mean", "geo", "rank", "blend", "greedy", "logreg",
+                                    "lightgbm"])
+def test_row_blocks_change_nothing(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row-wise passes run in blocks of ROW_BLOCK rows (bounded temporaries at 1.5M rows):
+    blocks of 7 rows, with a short last block, give the same level-2 OOF and test predictions
+    as one block holding every row."""
+    import ensemble.stackers as stackers
+
+    X, y, folds = _level1(n=403, skills=(0.6, 0.3, 0.0), temperatures=(1, 2, 1))
+    X_test = X[::5]
+    monkeypatch.setattr(stackers, "ROW_BLOCK", 10**9)
+    whole = cross_val_level2(method, make_stacker(method), X, y, folds, 4, X_test=X_test)
+    monkeypatch.setattr(stackers, "ROW_BLOCK", 7)
+    blocked = cross_val_level2(method, make_stacker(method), X, y, folds, 4, X_test=X_test)
+    assert not np.isnan(blocked.oof).any()
+    np.testing.assert_allclose(blocked.oof, whole.oof, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(blocked.test_per_fold, whole.test_per_fold, rtol=0, atol=1e-9)
+    assert blocked.scores["accuracy"] > 0.5  # 4 classes: far above chance
