@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def timm_overhead(backbone: str, img_size: int, batch_size: int, rounds: int) -> dict:
+def timm_overhead(backbone: str, img_size: int, batch_size: int, rounds: int,
+                  augment: str = "light") -> dict:
     """Median over ``rounds`` of (fold loop images/s) / (bare loop images/s).
 
     Each round times a bare epoch, a fold-loop epoch and a bare epoch again; the fold epoch is
@@ -44,7 +45,7 @@ def timm_overhead(backbone: str, img_size: int, batch_size: int, rounds: int) ->
     from oof.images import cached_images
 
     cfg = RunConfig(backbone=backbone, img_size=img_size, batch_size=batch_size, epochs=10,
-                    progress=True)
+                    progress=True, augment=augment)
     data = load_dataset("demo")
     x = np.asarray(cached_images(list(data.train["path"]), img_size, cache_root() / "bench"))
     y = np.array(data.labels_as_int())
@@ -105,6 +106,8 @@ def main() -> int:
                         help="one line per size: 32 px is the worst case (cheap compute per image)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--augment", default="light",
+                        help="the fold loop's --augment (default: the default preset, light)")
     args = parser.parse_args()
     if args.framework == "all":  # one process per framework
         rc = 0
@@ -115,8 +118,9 @@ def main() -> int:
     if args.framework == "keras":
         return subprocess.call([sys.executable, str(ROOT / "bench" / "overhead_keras.py")])
     for size in args.img_size:
-        res = timm_overhead(args.backbone, size, args.batch_size, args.rounds)
-        print(f"timm {res['model']} {size}px batch {res['batch_size']}, {res['images']} images, "
+        res = timm_overhead(args.backbone, size, args.batch_size, args.rounds, args.augment)
+        print(f"timm {res['model']} {size}px batch {res['batch_size']}, augment {args.augment}, "
+              f"{res['images']} images, "
               f"{res['threads']} threads, {res['rounds']} rounds, load {res['load_1min']}:")
         print(f"  fold loop  {res['fold_loop_img_s']:8.1f} images/s (median)")
         print(f"  bare loop  {res['bare_loop_img_s']:8.1f} images/s (median)")

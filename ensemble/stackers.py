@@ -161,7 +161,7 @@ class OptimizedBlend(_WeightedBlend):
 
         def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
             m = np.maximum(q @ w, EPS)
-            return float(-np.log(m).mean()), -(q / m[:, None]).mean(axis=0)
+            return float(-np.log(m).mean()), -(q.T @ (1.0 / m)) / n  # no (n, R) temporary
 
         res = minimize(loss, np.full(n_runs, 1.0 / n_runs), jac=True, method="SLSQP",
                        bounds=[(0.0, 1.0)] * n_runs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +246,8 @@ import atexit, runpy, sys
 def report():
     bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorflow', 'keras'))
     print('HEAVY_MODULES=' + ','.join(bad), file=sys.stderr)
+    import numpy
+    print('HUGEPAGE_ADVICE=%s' % numpy._core.multiarray._get_madvise_hugepage(), file=sys.stderr)
 atexit.register(report)
 sys.argv = ['stack.py'] + sys.argv[1:]
 runpy.run_path('stack.py', run_name='__main__')
@@ -252,14 +255,17 @@ runpy.run_path('stack.py', run_name='__main__')
 
 
 def test_stack_script_never_imports_torch_or_tensorflow(project: Project) -> None:
+    """Nor does it let numpy advise 2 MB pages (kernel compaction stalls at 1.5M rows)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, "--data", str(project.data), "--out", str(project.out),
          "--compare", "false", "--method", "greedy"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
     )
     assert out.returncode == 0, out.stderr
     assert "| stack-greedy" in out.stdout and "chosen: greedy" in out.stdout
     assert "HEAVY_MODULES=\n" in out.stderr, out.stderr
+    assert "HUGEPAGE_ADVICE=False" in out.stderr, out.stderr
 
 
 def test_stack_script_reports_errors_without_traceback(project: Project) -> None:
