@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 EPS = 1e-15
 LOG_FLOOR = 1e-6  # log-probability features are clipped here: a 1e-30 is no surer than 1e-6
 # Row-wise passes go through the rows in blocks of this many: a block's temporaries (a few MB)
-# are reused from malloc's heap and stay in cache. Whole-column temporaries of a 1.5M-row OOF
-# (60-600 MB each) were mapped and zero-filled afresh by every numpy operation, which made the
-# cost per row grow with the number of rows.
+# are reused from malloc's heap and stay in cache, where whole-column temporaries of a 1.5M-row
+# OOF (60-600 MB each) were mapped and zeroed afresh by every numpy operation. Memory above the
+# data stays bounded by the CV's two row buffers (bench/stack_scale.py).
 ROW_BLOCK = 16_384
 
 
