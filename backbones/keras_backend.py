@@ -407,7 +407,7 @@ def application_of(model: keras.Model) -> keras.Model:
 class EpochBatches(keras.callbacks.Callback):
     """Batch ``b`` of epoch ``e``: rows ``epoch_order(n, seed, e)[b*batch:(b+1)*batch]``.
 
-    The augmentation of each row is seeded by (seed, epoch, row) too, so the pixels a fold
+    The augmentation of a batch is seeded by (seed, epoch, its rows) too, so the pixels a fold
     trains on depend on nothing but the seed: not on tf.data's threads, not on how many epochs
     this process has run (a fold resumed by BackupAndRestore replays the same batches). Keras
     calls ``on_epoch_begin`` before it opens the epoch's iterator, which is when the epoch
@@ -440,7 +440,7 @@ class EpochBatches(keras.callbacks.Callback):
         rows = np.sort(self._order[1][int(b) * self.batch:(int(b) + 1) * self.batch])
         x = self.images[rows]  # sorted rows: a memory-mapped cache reads forward
         if self.augment is not None:
-            x = np.stack([self.augment(im, epoch, int(r)) for im, r in zip(x, rows)])
+            x = self.augment.batch(x, epoch, rows)
         y = self.eye[self.labels[rows]]
         if self.mixing is not None:
             x, y = mix_batch(x, y, *self.mixing, batch_rng(self.seed, epoch, int(b)))
@@ -775,10 +775,16 @@ def _compile_phase(model: keras.Model, job: FoldJob, steps_per_epoch: int, phase
     """Freeze or unfreeze the application, then compile with the phase's optimiser.
 
     A frozen Keras BatchNormalization runs in inference mode (the transfer-learning guide's
-    recipe), so the head phase keeps the pretrained statistics as they are.
+    recipe), so the head phase keeps the pretrained statistics as they are, and so does every
+    phase with ``freeze_bn`` (its BatchNorm layers alone stay frozen when the rest unfreezes).
     """
     cfg = job.cfg
-    application_of(model).trainable = phase.train_backbone
+    application = application_of(model)
+    application.trainable = phase.train_backbone
+    if phase.train_backbone:  # set both ways: Keras does not pass an unchanged flag down
+        for layer in _iter_layers(application):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = not phase.freeze_bn
     scales = layer_lr_scales(model, phase.layer_decay) if phase.layer_decay else None
     optimizer, _ = make_optimizer(cfg, steps_per_epoch, phase, scales)
     model.compile(

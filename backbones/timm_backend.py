@@ -200,7 +200,8 @@ class ArrayDataset(torch.utils.data.Dataset):
     """uint8 HWC images in memory (or memory-mapped) with a seeded albumentations transform.
 
     Item ``epoch * len(self) + i`` is image ``i`` as augmented in epoch ``epoch`` (see
-    ``EpochSampler``): the draw depends on nothing else, so workers and order do not matter.
+    ``EpochSampler``), in the batch of rows it comes with: the draw depends on nothing else, so
+    workers and order do not matter.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray,
@@ -211,11 +212,25 @@ class ArrayDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, key: int) -> tuple[torch.Tensor, int]:
-        epoch, i = divmod(int(key), len(self.images))
-        img = np.array(self.images[i])  # a writable copy: the cache is a read-only memmap
+        images, labels = self.__getitems__([key])
+        return images[0], int(labels[0])
+
+    def __getitems__(self, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch in one call (torch's batched fetch): one gather from the cache, one
+        seeding of the augmentation (``SeededAugment.batch``), no per-image collation.
+        ``EpochSampler`` never mixes epochs in a batch."""
+        epoch = int(keys[0]) // len(self.images)
+        rows = np.asarray(keys, dtype=np.int64) - epoch * len(self.images)
+        x = self.images[rows]  # fancy indexing: a writable copy of the read-only memmap rows
         if self.augment is not None:
-            img = self.augment(img, epoch, i)
-        return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[i])
+            x = self.augment.batch(x, epoch, rows)
+        return (torch.from_numpy(np.ascontiguousarray(x)),
+                torch.from_numpy(np.asarray(self.labels)[rows].astype(np.int64)))
+
+
+def collated(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataLoader's collate step: ``ArrayDataset.__getitems__`` made the batch already."""
+    return batch
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -311,6 +326,9 @@ class Trainer:
         head = {id(p) for p in self.model.get_classifier().parameters()}
         for p in self.model.parameters():
             p.requires_grad_(phase.train_backbone or id(p) in head)
+        for bn in self.backbone_batchnorms() if phase.freeze_bn else ():
+            for p in bn.parameters():
+                p.requires_grad_(False)
         self.optimizer = create_optimizer_v2(
             self.model, opt=cfg.optimizer, lr=phase.lr, weight_decay=cfg.weight_decay,
             momentum=0.9, layer_decay=phase.layer_decay)
@@ -320,14 +338,23 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, curves)
         self.phase = phase
 
+    def backbone_batchnorms(self) -> list[nn.Module]:
+        """The backbone's BatchNorm layers (a hidden head layer's own BatchNorm excluded)."""
+        head = set(self.model.get_classifier().modules())
+        return [m for m in self.model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in head]
+
     def train_mode(self) -> None:
         """Training mode, but a frozen backbone (head phase) stays in inference mode: its
-        BatchNorm statistics and dropout are part of what the head learns on."""
+        BatchNorm statistics and dropout are part of what the head learns on; frozen
+        BatchNorm layers (``freeze_bn``) stay in inference mode in every phase."""
         if self.phase is not None and not self.phase.train_backbone:
             self.model.eval()
             self.model.get_classifier().train()
-        else:
-            self.model.train()
+            return
+        self.model.train()
+        for bn in self.backbone_batchnorms() if self.phase and self.phase.freeze_bn else ():
+            bn.eval()
 
     def to_input(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """NHWC uint8 -> normalised NCHW float on the device."""
@@ -446,8 +473,8 @@ def prefetched(batches: Any, depth: int = 2) -> Iterator[Any]:
     Without loader workers (the CPU default: a worker process would take a core from the compute
     threads) the augmentation would run between steps on the main thread. torch releases the GIL
     while it computes, so a thread overlaps the two. Determinism is kept: every augmented image
-    is a function of (seed, epoch, row), not of which thread made it or when. An error in the
-    thread is raised here; leaving the loop early stops the thread.
+    is a function of (seed, epoch, its batch's rows), not of which thread made it or when. An
+    error in the thread is raised here; leaving the loop early stops the thread.
     """
     done = object()
     out: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -497,7 +524,7 @@ def make_loader(images: np.ndarray, labels: np.ndarray, cfg: RunConfig, seed: in
     return torch.utils.data.DataLoader(
         ArrayDataset(images, labels, build_seeded_augment(cfg.augment, images.shape[1], seed)),
         batch_size=cfg.batch_size, sampler=EpochSampler(len(images), seed),
-        drop_last=len(images) > cfg.batch_size, num_workers=workers,
+        collate_fn=collated, drop_last=len(images) > cfg.batch_size, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
     )
 

@@ -6,7 +6,7 @@ hold. All columns use the SAME stored folds (``<out>/<dataset>/folds.csv``) and 
 ImageNet weights (EfficientNet-Lite0, see bench/convert_lite0.py).
 
 Sizes chosen for a 2-core CPU (whole bench well under an hour): photos 128 px, K=3, 6 epochs;
-Fashion-MNIST 64 px, 10 classes x 250 images, K=3, 4 epochs.
+Fashion-MNIST 64 px, 10 classes x 250 images, K=3, 6 epochs.
 
 Usage: nice -n 10 python -m bench.transfer [--only photos|fashion] [--out DIR]
 """
@@ -93,7 +93,7 @@ def fine_tune(data: Path, out: Path, weights: Path, name: str, extra: list[str],
 
     argv = ["--data", str(data), "--out", str(out), "--backbone", f"timm/{BACKBONE}",
             "--pretrained", str(weights), "--img-size", str(img_size), "--folds", str(folds),
-            "--epochs", str(epochs), "--run-name", name, *extra]
+            "--epochs", str(epochs), "--run-name", name, "--progress", "false", *extra]
     t0 = time.perf_counter()
     summary = run_folds(parse_config(RunConfig, argv, "run_folds.py", ""))
     return summary.oof_scores, Path(summary.run_dir).parent, time.perf_counter() - t0
@@ -101,10 +101,11 @@ def fine_tune(data: Path, out: Path, weights: Path, name: str, extra: list[str],
 
 SETS = {
     "photos": dict(build=lambda: build_photos(40, 3), img_size=128, folds=3, epochs=6),
-    "fashion": dict(build=lambda: build_fashion(250, 100), img_size=64, folds=3, epochs=4),
+    "fashion": dict(build=lambda: build_fashion(250, 100), img_size=64, folds=3, epochs=6),
 }
 COLUMNS = {
-    "full FT from step 0": ["--head-epochs", "0", "--layer-decay", "1.0"],
+    "full FT from step 0": ["--head-epochs", "0", "--layer-decay", "1.0", "--freeze-bn", "false"],
+    "default, BN trained": ["--freeze-bn", "false"],
     "default recipe": [],
 }
 

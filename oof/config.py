@@ -112,7 +112,7 @@ class RunConfig(DatasetConfig):
     resize: str = opt("squash", "how an image becomes a square in the decoded cache: squash the "
                       "whole frame, or keep the aspect ratio and crop the centre or pad",
                       ("squash", "crop", "pad"))
-    batch_size: PositiveInt = opt(64, "images per training step")
+    batch_size: PositiveInt = opt(32, "images per training step")
     epochs: PositiveInt = opt(10, "training epochs per fold")
     lr: PositiveFloat = opt(2e-3, "peak learning rate")
     head_pool: str = opt("avg", "head: global pooling of the last feature map",
@@ -130,6 +130,10 @@ class RunConfig(DatasetConfig):
     layer_decay: Fraction | None = opt(
         None, "fine-tuning: LR multiplier per layer group from the head down, after the head "
         "epochs; 1 = one LR (default: 0.8 with pretrained weights, else 1)")
+    freeze_bn: bool | None = opt(
+        None, "fine-tuning: the backbone's BatchNorm layers stay frozen in every phase "
+        "(pretrained statistics, scale and shift; inference mode), as the Keras transfer-"
+        "learning guide does (default: true with pretrained weights, false from scratch)")
     weight_decay: NonNegativeFloat = opt(0.05, "decoupled weight decay (AdamW)")
     optimizer: str = opt("adamw", "optimizer (timm's create_optimizer_v2 / keras.optimizers); "
                          "sgd is Nesterov momentum 0.9",

@@ -1,4 +1,4 @@
-"""Augmentation presets and custom pipelines: shared by both frameworks, seeded per sample."""
+"""Augmentation presets and custom pipelines: shared by both frameworks, seeded draws."""
 
 from __future__ import annotations
 
@@ -148,3 +148,22 @@ def test_prefetched_batches_keep_order_raise_errors_and_stop_early() -> None:
     assert next(gen) == 0
     gen.close()  # the consumer leaves early: the thread must not stay behind
     assert not [t for t in threading.enumerate() if t.name == "foldstack-prefetch"]
+
+
+def test_a_training_batch_is_a_function_of_its_rows_not_their_order(image: np.ndarray) -> None:
+    """Training seeds once per batch (``SeededAugment.batch``): the same rows in any order get
+    the same pixels each, another epoch or another batch gets other pixels."""
+    aug = build_seeded_augment("light", 48, seed=3)
+    rng = np.random.default_rng(0)
+    images = np.stack([np.roll(image, k, axis=1) for k in range(6)])
+    rows = np.array([40, 7, 19, 3, 88, 51])
+    first = aug.batch(images, 2, rows)
+    perm = rng.permutation(6)
+    shuffled = build_seeded_augment("light", 48, seed=3).batch(images[perm], 2, rows[perm])
+    assert np.array_equal(shuffled, first[perm])
+    assert first.shape == images.shape and first.dtype == np.uint8
+    assert sum(not np.array_equal(a, b) for a, b in zip(first, images)) >= 3
+    same = aug.batch(np.stack([image] * 6), 2, rows)  # one image six times: six draws
+    assert len({a.tobytes() for a in same}) >= 4
+    assert not np.array_equal(aug.batch(images, 3, rows), first)
+    assert aug.batch(images[:0], 2, rows[:0]).shape == (0, 48, 48, 3)

@@ -90,7 +90,7 @@ def test_keras_schedule_follows_the_recipe_curve() -> None:
 
 
 TIMM_PHASES = r"""
-import json, sys
+import dataclasses, json, sys
 from pathlib import Path
 import numpy as np
 import torch, timm
@@ -135,7 +135,16 @@ out["scales"] = scales
 trainer.train_epoch(loader, 1)
 after_full = body()
 out["backbone_trained"] = not torch.equal(before["conv1.0.weight"], after_full["conv1.0.weight"])
-out["bn_stats_moved"] = not torch.equal(before["bn1.running_mean"], after_full["bn1.running_mean"])
+bn_keys = [k for k in before if k.startswith(("bn1.", "layer1.0.bn1."))
+           and not k.endswith("num_batches_tracked")]
+out["bn_frozen"] = all(torch.equal(before[k], after_full[k]) for k in bn_keys) and len(bn_keys) == 8
+out["bn_eval_in_train_mode"] = not trainer.model.bn1.training and trainer.model.layer1.training
+# --freeze-bn false: BatchNorm statistics and affine weights train with the rest
+trainer.start_phase(plan_phases(dataclasses.replace(cfg, freeze_bn=False))[1])
+trainer.train_epoch(loader, 2)
+after_free = body()
+out["bn_stats_moved"] = not torch.equal(before["bn1.running_mean"], after_free["bn1.running_mean"])
+out["bn_weight_moved"] = not torch.equal(before["bn1.weight"], after_free["bn1.weight"])
 names = ("adamw", "sgd", "adam", "nadam", "rmsprop", "lamb", "lion", "adamax")
 out["optimizers"] = {}
 for name in names:
@@ -156,8 +165,11 @@ def test_timm_head_phase_freezes_backbone_and_full_phase_decays_by_layer(tmp_pat
     assert out["phase"] == "head"
     # the head phase leaves every backbone tensor, BatchNorm statistics included, as loaded
     assert out["backbone_unchanged"] and out["matches_file"] and out["head_changed"]
-    # then every layer trains, the deepest with the smallest LR scale (0.8 per layer group)
-    assert out["backbone_trained"] and out["bn_stats_moved"]
+    # then every layer trains, the deepest with the smallest LR scale (0.8 per layer group),
+    # but BatchNorm stays frozen (statistics, scale and shift; inference mode) by default...
+    assert out["backbone_trained"] and out["bn_frozen"] and out["bn_eval_in_train_mode"]
+    # ... and trains with the rest when asked to
+    assert out["bn_stats_moved"] and out["bn_weight_moved"]
     scales = out["scales"]
     assert len(scales) >= 4 and scales[-1] == 1.0 and scales[0] < 0.8 ** 3, scales
     # every optimizer name of the shared vocabulary is one of timm's
@@ -212,7 +224,7 @@ def test_timm_models_are_built_at_the_run_image_size_with_the_configured_head() 
 
 
 KERAS_PHASES = r"""
-import json, sys
+import dataclasses, json, sys
 from pathlib import Path
 import numpy as np
 import keras
@@ -253,6 +265,16 @@ out["optimizer"] = type(model.optimizer).__name__
 model.fit(ds, initial_epoch=1, epochs=2, callbacks=[batches], verbose=0)
 out["backbone_trained"] = not all(np.array_equal(a, b) for a, b in
                                   zip(before, application.get_weights()))
+bns = [ly for ly in kb._iter_layers(application) if isinstance(ly, keras.layers.BatchNormalization)]
+bn_before = [w.copy() for ly in bns for w in ly.get_weights()]
+model.fit(ds, initial_epoch=1, epochs=2, callbacks=[batches], verbose=0)
+# BatchNorm frozen by default with pretrained weights: statistics, scale and shift as loaded
+out["bn_frozen"] = len(bns) > 10 and all(
+    np.array_equal(a, b) for a, b in zip(bn_before, [w for ly in bns for w in ly.get_weights()]))
+kb._compile_phase(model, job, steps, plan_phases(dataclasses.replace(cfg, freeze_bn=False))[1])
+model.fit(ds, initial_epoch=1, epochs=2, callbacks=[batches], verbose=0)
+out["bn_trained"] = not all(
+    np.array_equal(a, b) for a, b in zip(bn_before, [w for ly in bns for w in ly.get_weights()]))
 print("PHASES" + json.dumps(out))
 """
 
@@ -273,5 +295,6 @@ def test_keras_head_phase_freezes_application_and_full_phase_decays_by_layer(
     assert out["zero_head"] and out["uniform"]  # the new head starts at uniform predictions
     assert out["backbone_unchanged"] and out["head_changed"]
     assert out["backbone_trained"] and out["optimizer"] == "LayerScaledAdamW"
+    assert out["bn_frozen"] and out["bn_trained"]  # --freeze-bn: the default, and false
     scales = out["scales"]
     assert len(scales) >= 8 and scales[-1] == 1.0 and scales[0] < 0.8 ** 10, scales
