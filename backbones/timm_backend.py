@@ -206,7 +206,8 @@ class ArrayDataset(torch.utils.data.Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray,
                  augment: SeededAugment | None) -> None:
-        self.images, self.labels, self.augment = images, labels, augment
+        self.images, self.augment = images, augment
+        self.labels = np.asarray(labels, dtype=np.int64)  # once, not per batch
 
     def __len__(self) -> int:
         return len(self.images)
@@ -225,7 +226,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             x = self.augment.batch(x, epoch, rows)
         return (torch.from_numpy(np.ascontiguousarray(x)),
-                torch.from_numpy(np.asarray(self.labels)[rows].astype(np.int64)))
+                torch.from_numpy(self.labels[rows]))
 
 
 def collated(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
