@@ -167,3 +167,51 @@ def test_a_training_batch_is_a_function_of_its_rows_not_their_order(image: np.nd
     assert len({a.tobytes() for a in same}) >= 4
     assert not np.array_equal(aug.batch(images, 3, rows), first)
     assert aug.batch(images[:0], 2, rows[:0]).shape == (0, 48, 48, 3)
+
+
+@pytest.mark.parametrize(("preset", "mirror_rate"), [("light", 0.0), ("flip", 0.5)])
+def test_light_and_flip_draw_the_affine_their_arguments_describe(preset: str,
+                                                                 mirror_rate: float) -> None:
+    """The presets' ``AffineJitter``: 80 % of images get a scale in [0.9, 1.1], a rotation in
+    +-10 degrees about the centre and a shift of at most 8 % of the side; the rest are untouched
+    (or only mirrored, for flip)."""
+    jitter = build_augment(preset, 40)
+    m, fired, mirrored = jitter.matrices(4000, 40, 50, np.random.default_rng(0))
+    assert fired.mean() == pytest.approx(0.8, abs=0.03)
+    assert mirrored.mean() == pytest.approx(mirror_rate, abs=0.03)
+    linear = m[:, :, :2]
+    det = np.linalg.det(linear)
+    scale = np.sqrt(np.abs(det))
+    assert np.all(np.sign(det) == np.where(mirrored, -1, 1))
+    assert scale[fired].min() >= 0.9 - 1e-9 and scale[fired].max() <= 1.1 + 1e-9
+    assert scale[fired].std() > 0.04  # really drawn, not fixed
+    unmirrored = linear[:, :, 0] * np.where(mirrored, -1, 1)[:, None]  # R S, first column
+    angle = np.degrees(np.arctan2(-unmirrored[:, 1], unmirrored[:, 0]))
+    assert np.abs(angle[fired]).max() <= 10 + 1e-6 and np.abs(angle[fired]).max() > 9
+    centre = np.array([(50 - 1) / 2, (40 - 1) / 2, 1.0])
+    shift = m @ centre - centre[:2]
+    assert np.abs(shift[fired] / (50, 40)).max() <= 0.08 + 1e-9
+    assert np.abs(shift[fired] / (50, 40)).max() > 0.07
+    still = ~fired
+    assert np.allclose(np.abs(linear[still]), np.eye(2)) and np.allclose(shift[still], 0)
+
+
+def test_affine_jitter_moves_pixels_where_its_matrix_says(image: np.ndarray) -> None:
+    from backbones.augment import AffineJitter
+
+    mirror = AffineJitter(p=0.0, hflip=1.0).apply(image[None], np.random.default_rng(0))
+    assert np.array_equal(mirror[0], image[:, ::-1])
+    warped_mirror = AffineJitter(scale=(1, 1), translate=0, rotate=0, p=1.0, hflip=1.0)
+    assert np.array_equal(warped_mirror.apply(image[None], np.random.default_rng(0))[0],
+                          image[:, ::-1])
+    untouched = AffineJitter(p=0.0).apply(image[None], np.random.default_rng(0))
+    assert np.array_equal(untouched[0], image)
+    dots = np.zeros((16, 48, 48, 3), np.uint8)
+    dots[:, 20, 14] = 255  # one bright pixel at x=14, y=20
+    jitter = AffineJitter(scale=(0.9, 1.1), translate=0.15, rotate=20, p=1.0, hflip=0.5)
+    out = jitter.apply(dots, np.random.default_rng(3))
+    m, _, _ = jitter.matrices(16, 48, 48, np.random.default_rng(3))
+    for img, mat in zip(out, m):
+        x, y = mat @ (14, 20, 1)
+        peak_y, peak_x = np.unravel_index(img[..., 0].argmax(), img.shape[:2])
+        assert abs(peak_x - x) <= 1 and abs(peak_y - y) <= 1
