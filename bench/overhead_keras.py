@@ -41,13 +41,19 @@ def demo_images(img_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size: int = 32,
-            batch_size: int = 64, augment: str = "light", repeats: int = 3) -> dict[str, Any]:
+            batch_size: int = 64, augment: str = "light", rounds: int = 5) -> dict[str, Any]:
     """Images/s of ``fit`` (real pipeline) and of bare ``train_on_batch``, and their ratio.
 
-    ``steps`` training steps are timed on each side after one untimed warm-up pass that traces
-    the step; each side is timed ``repeats`` times and the best is kept, which filters out the
-    noise of a shared machine.
+    After one untimed pass that traces both steps, each of ``rounds`` times a bare run, a
+    ``fit`` run and a bare run again (``steps`` steps each, whole epochs); the ratio of a round
+    compares the fit run with the mean of the two bare runs around it, so a burst of background
+    load hits both sides alike, and the median round is reported (as bench/train_overhead.py
+    does for timm). Best-of-N per side, measured minutes apart, swung by +-0.04 between runs.
     """
+    import statistics
+
+    import tensorflow as tf
+
     from backbones import keras_backend as kb
     from backbones.base import FoldJob
     from oof.config import RunConfig
@@ -67,13 +73,6 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
     timed_steps = epochs * steps_per_epoch
     model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[batches])  # traces
     startup = time.perf_counter() - t0
-    fit_times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model.fit(dataset, epochs=epochs, verbose=0, shuffle=False, callbacks=[batches])
-        fit_times.append(time.perf_counter() - t)
-
-    import tensorflow as tf
 
     rng = np.random.default_rng(0)
     xb = tf.constant(rng.integers(0, 256, (batch_size, img_size, img_size, 3), dtype=np.uint8))
@@ -81,19 +80,32 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
                                                                           batch_size)])
     for _ in range(3):
         model.train_on_batch(xb, yb)  # warm-up (traces the single-batch path)
-    bare_times = []
-    for _ in range(repeats):
+    images = timed_steps * batch_size
+
+    def bare_run() -> float:
         t = time.perf_counter()
         for _ in range(timed_steps):
             model.train_on_batch(xb, yb)
-        bare_times.append(time.perf_counter() - t)
-    images = timed_steps * batch_size
-    fit_ips, bare_ips = images / min(fit_times), images / min(bare_times)
+        return images / (time.perf_counter() - t)
+
+    def fit_run() -> float:
+        t = time.perf_counter()
+        model.fit(dataset, epochs=epochs, verbose=0, shuffle=False, callbacks=[batches])
+        return images / (time.perf_counter() - t)
+
+    fit_ips, bare_ips, ratios = [], [], []
+    for _ in range(rounds):
+        before = bare_run()
+        fit_ips.append(fit_run())
+        bare_ips.append((before + bare_run()) / 2)
+        ratios.append(fit_ips[-1] / bare_ips[-1])
     return {
         "framework": "tensorflow", "backbone": backbone, "img_size": img_size,
         "batch_size": batch_size, "augment": augment, "device": device, "policy": policy,
         "steps": timed_steps, "steps_per_execution": model.steps_per_execution,
-        "fit_images_per_s": fit_ips, "bare_images_per_s": bare_ips, "ratio": fit_ips / bare_ips,
+        "fit_images_per_s": statistics.median(fit_ips),
+        "bare_images_per_s": statistics.median(bare_ips), "ratio": statistics.median(ratios),
+        "ratios": [round(v, 3) for v in ratios], "rounds": rounds,
         "startup_seconds": startup, "cpu_count": os.cpu_count(), "load_1min": os.getloadavg()[0],
         "versions": kb.versions(),
     }
@@ -106,15 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--augment", default="light", choices=("none", "light", "flip"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     r = measure(args.steps, args.backbone, args.img_size, args.batch_size, args.augment,
-                args.repeats)
+                args.rounds)
     print(f"{r['backbone']} {r['img_size']}px batch {r['batch_size']} ({r['device']}, "
           f"load {r['load_1min']:.1f} on {r['cpu_count']} cores): fit {r['fit_images_per_s']:.0f}"
           f" img/s, bare train_on_batch {r['bare_images_per_s']:.0f} img/s, ratio "
-          f"{r['ratio']:.2f}; start-up {r['startup_seconds']:.1f}s")
+          f"{r['ratio']:.3f} (median of rounds {r['ratios']}); start-up "
+          f"{r['startup_seconds']:.1f}s")
     print(json.dumps(r))  # last line: machine-readable for bench/train_overhead.py
     return 0
 

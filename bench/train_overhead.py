@@ -113,10 +113,13 @@ def main() -> int:
         rc = 0
         for fw in ("timm", "keras"):
             rc |= subprocess.call([sys.executable, __file__, "--framework", fw,
-                                   "--rounds", str(args.rounds)])
+                                   "--rounds", str(args.rounds), "--augment", args.augment,
+                                   "--batch-size", str(args.batch_size)])
         return rc
     if args.framework == "keras":
-        return subprocess.call([sys.executable, str(ROOT / "bench" / "overhead_keras.py")])
+        return subprocess.call([sys.executable, str(ROOT / "bench" / "overhead_keras.py"),
+                                "--rounds", str(args.rounds), "--augment", args.augment,
+                                "--batch-size", str(args.batch_size)])
     for size in args.img_size:
         res = timm_overhead(args.backbone, size, args.batch_size, args.rounds, args.augment)
         print(f"timm {res['model']} {size}px batch {res['batch_size']}, augment {args.augment}, "

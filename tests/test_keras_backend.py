@@ -92,7 +92,25 @@ first, again = mixer.load(np.int64(0)), mixer.load(np.int64(0))
 out["mixing"] = {"same": bool(np.array_equal(first[0], again[0])),
                  "soft": bool((first[1].max(axis=1) < 1).any()),
                  "sums": [round(float(v), 5) for v in first[1].sum(axis=1)]}
-out["steps_per_execution"] = [kb.steps_per_execution(n) for n in (1, 6, 7, 8, 100)]
+out["steps_per_execution"] = [kb.steps_per_execution(n) for n in (1, 3, 6, 7, 100)]
+# an epoch of 6 steps at 4 per call: the last call runs 2 steps, every batch is trained once
+import contextlib, io
+from keras import ops
+six_x = np.random.default_rng(1).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+six_cfg = RunConfig(backbone="keras/" + sys.argv[2], img_size=32, batch_size=8, augment="light")
+loaded = []
+six_load = kb.EpochBatches.load
+kb.EpochBatches.load = lambda self, b: (loaded.append((self.epoch, int(b))), six_load(self, b))[1]
+six_data, six_steps, six_batches = kb.make_train_dataset(six_x, np.arange(48) % 4, 4, six_cfg, 0)
+six_model = kb.build_model(kb.resolve_spec(sys.argv[2], six_cfg), 4)
+six_model.compile(optimizer="sgd", loss="categorical_crossentropy",
+                  steps_per_execution=kb.steps_per_execution(six_steps))
+shown = io.StringIO()
+with contextlib.redirect_stdout(shown):
+    six_model.fit(six_data, epochs=2, verbose=2, callbacks=[six_batches], shuffle=False)
+out["short_last_call"] = {"steps": six_steps, "per_call": six_model.steps_per_execution,
+                          "iterations": int(ops.convert_to_numpy(six_model.optimizer.iterations)),
+                          "loaded": loaded, "shown": shown.getvalue()}
 out["phase_keys"] = error(lambda: kb.resolve_spec(
     sys.argv[2], RunConfig(backbone="keras/" + sys.argv[2], head_epochs=5, epochs=2)))
 print("PROBE" + json.dumps(out))
@@ -285,9 +303,15 @@ def test_bad_fine_tuning_phase_keys_are_refused_before_any_work(probe: dict) -> 
     assert "--head-epochs 5: more than --epochs 2" in probe["phase_keys"]
 
 
-def test_steps_per_execution_divides_the_epoch(probe: dict) -> None:
-    """With 6 steps and 4 per call the progress bar showed 8/6 and the last call ran short."""
-    assert probe["steps_per_execution"] == [1, 3, 1, 4, 4]
+def test_an_epoch_that_is_not_a_multiple_of_steps_per_execution_trains_every_batch(
+        probe: dict) -> None:
+    """4 steps per call on a 6-step epoch: the second call runs 2 steps, each batch of each
+    epoch is loaded and trained once, and the progress line counts 6/6, not 8/6."""
+    assert probe["steps_per_execution"] == [1, 3, 4, 4, 4]
+    run = probe["short_last_call"]
+    assert (run["steps"], run["per_call"], run["iterations"]) == (6, 4, 12)
+    assert sorted(run["loaded"]) == [[e, b] for e in range(2) for b in range(6)]
+    assert run["shown"].count("6/6") == 2 and "8/6" not in run["shown"]
 
 
 def test_head_options_build_the_keras_head(probe: dict) -> None:

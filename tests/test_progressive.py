@@ -68,7 +68,9 @@ def test_progressive_resizing_trains_at_each_size(backbone: str, sizes: str, dem
     cached = sorted(p.name.split("_")[1] for p in (out / demo_subset.name / "cache").glob("*.npy"))
     assert f"{first}px" in cached and f"{last}px" in cached
     acc = json.loads((run_dir / "meta.json").read_text())["oof_metrics"]["accuracy"]
-    assert acc > 0.3, acc  # chance is 0.1: it learned, across the size change
+    # it learned, across the size change: chance is 0.1 (30 +- 5 right of 300 rows); two
+    # epochs from scratch land at 0.27-0.34 depending on the augmentation's draws
+    assert acc > 0.2, acc
 
 
 def test_bad_size_plan_is_refused_before_anything_is_written(demo_subset: Path,
