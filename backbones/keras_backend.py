@@ -480,7 +480,7 @@ def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
     each image's class weight (``t_i . w``, soft targets too) as its sample weight when given.
 
     A batch is gathered and augmented in one numpy call, so the per-image Python cost is the
-    albumentations transform alone and it runs ahead of the training step in tf.data's thread.
+    augmentation's transform alone and it runs ahead of the training step in tf.data's thread.
     The returned ``EpochBatches`` must be among ``fit``'s callbacks: it sets the epoch.
     """
     n = len(images)
