@@ -44,11 +44,9 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
             batch_size: int = 64, augment: str = "light", rounds: int = 5) -> dict[str, Any]:
     """Images/s of ``fit`` (real pipeline) and of bare ``train_on_batch``, and their ratio.
 
-    After one untimed pass that traces both steps, each of ``rounds`` times a bare run, a
-    ``fit`` run and a bare run again (``steps`` steps each, whole epochs); the ratio of a round
-    compares the fit run with the mean of the two bare runs around it, so a burst of background
-    load hits both sides alike, and the median round is reported (as bench/train_overhead.py
-    does for timm). Best-of-N per side, measured minutes apart, swung by +-0.04 between runs.
+    After one untimed pass that traces both steps, ``rounds`` rounds of bare / fit / bare runs
+    (``steps`` steps each, whole epochs; ``interleaved_rounds``, as for timm) and the median
+    round's ratio. Best-of-N per side, measured minutes apart, swung by +-0.04 between runs.
     """
     import statistics
 
@@ -56,6 +54,7 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
 
     from backbones import keras_backend as kb
     from backbones.base import FoldJob
+    from bench.train_overhead import interleaved_rounds
     from oof.config import RunConfig
 
     cfg = RunConfig(backbone=backbone, img_size=img_size, batch_size=batch_size,
@@ -93,12 +92,7 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
         model.fit(dataset, epochs=epochs, verbose=0, shuffle=False, callbacks=[batches])
         return images / (time.perf_counter() - t)
 
-    fit_ips, bare_ips, ratios = [], [], []
-    for _ in range(rounds):
-        before = bare_run()
-        fit_ips.append(fit_run())
-        bare_ips.append((before + bare_run()) / 2)
-        ratios.append(fit_ips[-1] / bare_ips[-1])
+    fit_ips, bare_ips, ratios = interleaved_rounds(bare_run, lambda _: fit_run(), rounds)
     return {
         "framework": "tensorflow", "backbone": backbone, "img_size": img_size,
         "batch_size": batch_size, "augment": augment, "device": device, "policy": policy,

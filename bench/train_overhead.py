@@ -19,20 +19,34 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def interleaved_rounds(bare_run: Callable[[], float], loop_run: Callable[[int], float],
+                       rounds: int) -> tuple[list[float], list[float], list[float]]:
+    """(loop images/s, bare images/s, ratios) per round, for both frameworks' benches.
+
+    Each round times a bare run, a loop run (given the round number) and a bare run again; the
+    loop run is compared with the mean of the two bare runs around it, so a burst of background
+    load hits both sides of a ratio alike (medians taken separately would mix rounds).
+    """
+    loop_ips, bare_ips, ratios = [], [], []
+    for r in range(rounds):
+        before = bare_run()
+        loop_ips.append(loop_run(r))
+        bare_ips.append((before + bare_run()) / 2)
+        ratios.append(loop_ips[-1] / bare_ips[-1])
+    return loop_ips, bare_ips, ratios
+
+
 def timm_overhead(backbone: str, img_size: int, batch_size: int, rounds: int,
                   augment: str = "light") -> dict:
-    """Median over ``rounds`` of (fold loop images/s) / (bare loop images/s).
-
-    Each round times a bare epoch, a fold-loop epoch and a bare epoch again; the fold epoch is
-    compared with the mean of the two bare epochs around it, so a burst of background load
-    hits both sides of a ratio alike (medians taken separately would mix rounds).
-    """
+    """Median over ``rounds`` of (fold loop images/s) / (bare loop images/s), one epoch each
+    (``interleaved_rounds``)."""
     import numpy as np
     import torch
 
@@ -82,12 +96,8 @@ def timm_overhead(backbone: str, img_size: int, batch_size: int, rounds: int,
 
     fold_epoch(0)  # warm-up both (allocator, first-call costs)
     bare_epoch()
-    fold_ips, bare_ips, ratios = [], [], []
-    for r in range(rounds):
-        before = bare_epoch()
-        fold_ips.append(fold_epoch(r + 1))
-        bare_ips.append((before + bare_epoch()) / 2)
-        ratios.append(fold_ips[-1] / bare_ips[-1])
+    fold_ips, bare_ips, ratios = interleaved_rounds(bare_epoch, lambda r: fold_epoch(r + 1),
+                                                    rounds)
     return {"framework": "timm", "model": backbone, "img_size": img_size,
             "batch_size": batch_size, "threads": torch.get_num_threads(), "images": n,
             "fold_loop_img_s": round(statistics.median(fold_ips), 1),

@@ -111,6 +111,7 @@ with contextlib.redirect_stdout(shown):
 out["short_last_call"] = {"steps": six_steps, "per_call": six_model.steps_per_execution,
                           "iterations": int(ops.convert_to_numpy(six_model.optimizer.iterations)),
                           "loaded": loaded, "shown": shown.getvalue()}
+kb.EpochBatches.load = six_load
 out["phase_keys"] = error(lambda: kb.resolve_spec(
     sys.argv[2], RunConfig(backbone="keras/" + sys.argv[2], head_epochs=5, epochs=2)))
 print("PROBE" + json.dumps(out))
