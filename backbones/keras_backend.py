@@ -68,7 +68,14 @@ from oof.atomic import atomic_path  # noqa: E402
 from oof.config import RunConfig  # noqa: E402
 from oof.errors import ConfigError  # noqa: E402
 from oof.metrics import accuracy, log_loss  # noqa: E402
-from recipe import lr_table, phase_lengths, plan_phases, plan_segments, plan_sizes  # noqa: E402
+from recipe import (  # noqa: E402
+    lr_table,
+    peak_lr,
+    phase_lengths,
+    plan_phases,
+    plan_segments,
+    plan_sizes,
+)
 from recipe.losses import class_weight_vector  # noqa: E402
 from recipe.phases import Phase  # noqa: E402
 
@@ -329,7 +336,7 @@ def make_optimizer(cfg: RunConfig, steps_per_epoch: int, phase: Phase | None = N
     order ``build`` receives them (layer-wise decay); ``fixed_lr``: a plain LR variable the
     caller sets (the LR range test).
     """
-    peak = cfg.lr if phase is None else phase.lr
+    peak = peak_lr(cfg) if phase is None else phase.lr
     epochs = cfg.epochs if phase is None else phase.epochs
     warmup_epochs = cfg.warmup_epochs if phase is None else phase.warmup_epochs
     schedule: WarmupSchedule | None = None
@@ -753,7 +760,7 @@ def _graph_key(job: FoldJob, bn: float, policy: str, steps_per_epoch: int) -> st
     return json.dumps({
         "steps_per_execution": steps_per_execution(steps_per_epoch),
         "spec": job.spec.to_dict(), "classes": len(job.classes), "bn": bn, "policy": policy,
-        "batch": min(cfg.batch_size, len(job.x_train)), "lr": cfg.lr,
+        "batch": min(cfg.batch_size, len(job.x_train)), "lr": peak_lr(cfg),
         "opt": cfg.optimizer, "wd": cfg.weight_decay, "ls": cfg.label_smoothing,
         "loss": cfg.loss, "gamma": cfg.focal_gamma, "class_weights": cfg.class_weights,
         "schedule": cfg.schedule, "plateau": uses_plateau(cfg), "ema": cfg.ema,

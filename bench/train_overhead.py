@@ -8,7 +8,8 @@ tf.data pipeline against ``train_on_batch`` on random tensors), run in its own p
 torch and TensorFlow never share one. Rounds alternate between the two loops so background load
 hits both alike; the median of the per-round ratios is reported, at each --img-size.
 
-    python bench/train_overhead.py [--framework timm|keras|all] [--rounds 5] [--img-size 32 64]
+    python bench/train_overhead.py [--framework timm|keras|all] [--rounds 5]
+        [--epochs-per-round 3] [--img-size 32 64]
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def interleaved_rounds(bare_run: Callable[[], float], loop_run: Callable[[int], 
 
 
 def timm_overhead(backbone: str, img_size: int, batch_size: int, rounds: int,
-                  augment: str = "light") -> dict:
-    """Median over ``rounds`` of (fold loop images/s) / (bare loop images/s), one epoch each
-    (``interleaved_rounds``)."""
+                  augment: str = "light", epochs_per_round: int = 3) -> dict:
+    """Median over ``rounds`` of (fold loop images/s) / (bare loop images/s), each side timed
+    over ``epochs_per_round`` epochs (``interleaved_rounds``): at 32 px one epoch of the demo
+    takes about 2 s, and single-epoch rounds swung from 0.87 to 1.06 around the same median."""
     import numpy as np
     import torch
 
@@ -57,8 +59,10 @@ def timm_overhead(backbone: str, img_size: int, batch_size: int, rounds: int,
     from oof.datasets import load_dataset
     from oof.demo import cache_root
     from oof.images import cached_images
+    from recipe import peak_lr
 
-    cfg = RunConfig(backbone=backbone, img_size=img_size, batch_size=batch_size, epochs=10,
+    cfg = RunConfig(backbone=backbone, img_size=img_size, batch_size=batch_size,
+                    epochs=1 + rounds * epochs_per_round,
                     progress=True, augment=augment)
     data = load_dataset("demo")
     x = np.asarray(cached_images(list(data.train["path"]), img_size, cache_root() / "bench"))
@@ -72,38 +76,40 @@ def timm_overhead(backbone: str, img_size: int, batch_size: int, rounds: int,
     trainer = build_trainer(job, len(loader))
 
     bare = create_model(spec, len(data.classes))
-    opt = torch.optim.AdamW(bare.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(bare.parameters(), lr=peak_lr(cfg))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     xb = torch.randn(batch_size, 3, img_size, img_size)
     yb = torch.randint(0, len(data.classes), (batch_size,))
 
-    def bare_epoch() -> float:
+    def bare_epochs() -> float:
         t = time.perf_counter()
         bare.train()
-        for _ in range(len(loader)):
+        for _ in range(len(loader) * epochs_per_round):
             loss = loss_fn(bare(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss.item()
-        return n / (time.perf_counter() - t)
+        return n * epochs_per_round / (time.perf_counter() - t)
 
-    def fold_epoch(epoch: int) -> float:
+    def fold_epochs(first: int, count: int) -> float:
         t = time.perf_counter()
-        loader.sampler.set_epoch(epoch)
-        trainer.train_epoch(loader, epoch)
-        return n / (time.perf_counter() - t)
+        for epoch in range(first, first + count):
+            loader.sampler.set_epoch(epoch)
+            trainer.train_epoch(loader, epoch)
+        return n * count / (time.perf_counter() - t)
 
-    fold_epoch(0)  # warm-up both (allocator, first-call costs)
-    bare_epoch()
-    fold_ips, bare_ips, ratios = interleaved_rounds(bare_epoch, lambda r: fold_epoch(r + 1),
-                                                    rounds)
+    fold_epochs(0, 1)  # warm-up both (allocator, first-call costs)
+    bare_epochs()
+    fold_ips, bare_ips, ratios = interleaved_rounds(
+        bare_epochs, lambda r: fold_epochs(1 + r * epochs_per_round, epochs_per_round), rounds)
     return {"framework": "timm", "model": backbone, "img_size": img_size,
             "batch_size": batch_size, "threads": torch.get_num_threads(), "images": n,
             "fold_loop_img_s": round(statistics.median(fold_ips), 1),
             "bare_loop_img_s": round(statistics.median(bare_ips), 1),
             "ratio": round(statistics.median(ratios), 3),
             "ratios": [round(v, 3) for v in ratios], "rounds": rounds,
+            "epochs_per_round": epochs_per_round,
             "load_1min": round(os.getloadavg()[0], 2)}
 
 
@@ -116,6 +122,8 @@ def main() -> int:
                         help="one line per size: 32 px is the worst case (cheap compute per image)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epochs-per-round", type=int, default=3,
+                        help="timm: epochs each side trains per round (longer rounds, less noise)")
     parser.add_argument("--augment", default="light",
                         help="the fold loop's --augment (default: the default preset, light)")
     args = parser.parse_args()
@@ -131,10 +139,11 @@ def main() -> int:
                                 "--rounds", str(args.rounds), "--augment", args.augment,
                                 "--batch-size", str(args.batch_size)])
     for size in args.img_size:
-        res = timm_overhead(args.backbone, size, args.batch_size, args.rounds, args.augment)
+        res = timm_overhead(args.backbone, size, args.batch_size, args.rounds, args.augment,
+                            args.epochs_per_round)
         print(f"timm {res['model']} {size}px batch {res['batch_size']}, augment {args.augment}, "
-              f"{res['images']} images, "
-              f"{res['threads']} threads, {res['rounds']} rounds, load {res['load_1min']}:")
+              f"{res['images']} images, {res['threads']} threads, {res['rounds']} rounds of "
+              f"{res['epochs_per_round']} epochs, load {res['load_1min']}:")
         print(f"  fold loop  {res['fold_loop_img_s']:8.1f} images/s (median)")
         print(f"  bare loop  {res['bare_loop_img_s']:8.1f} images/s (median)")
         print(f"  ratio      {res['ratio']:8.3f}  median of per-round ratios {res['ratios']} "

@@ -114,7 +114,8 @@ class RunConfig(DatasetConfig):
                       ("squash", "crop", "pad"))
     batch_size: PositiveInt = opt(32, "images per training step")
     epochs: PositiveInt = opt(10, "training epochs per fold")
-    lr: PositiveFloat = opt(2e-3, "peak learning rate")
+    lr: PositiveFloat | None = opt(
+        None, "peak learning rate (default: 1e-3 with pretrained weights, 2e-3 from scratch)")
     head_pool: str = opt("avg", "head: global pooling of the last feature map",
                          ("avg", "max", "avgmax", "catavgmax"))
     head_dropout: Smoothing = opt(0.2, "head: dropout before the classifier")

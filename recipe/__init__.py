@@ -10,6 +10,7 @@ from recipe.phases import (
     Phase,
     Segment,
     SizeStage,
+    peak_lr,
     plan_phases,
     plan_segments,
     plan_sizes,
@@ -19,4 +20,4 @@ from recipe.schedule import SCHEDULES, lr_factor, lr_table, phase_lengths
 
 __all__ = ["DEFAULT_HEAD_EPOCHS", "DEFAULT_LAYER_DECAY", "SCHEDULES", "Phase", "Segment",
            "SizeStage", "lr_factor", "plan_segments", "plan_sizes", "size_of",
-           "lr_table", "phase_lengths", "plan_phases"]
+           "lr_table", "peak_lr", "phase_lengths", "plan_phases"]

@@ -18,6 +18,8 @@ from oof.errors import ConfigError
 
 DEFAULT_HEAD_EPOCHS = 1  # per pretrained fold, out of ``epochs``
 DEFAULT_LAYER_DECAY = 0.8  # LR multiplier per layer group, from the head down
+DEFAULT_LR = 2e-3  # peak LR from scratch
+DEFAULT_FINETUNE_LR = 1e-3  # peak LR with pretrained weights (README: "Why these defaults")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,20 @@ class Phase:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def peak_lr(cfg: RunConfig) -> float:
+    """``--lr``, else its default: half the from-scratch peak when the weights are pretrained.
+
+    Measured with ``bench.transfer --train-seeds 42 1 2`` (the same folds, three seeds of
+    weights and batches): on Fashion-MNIST 1e-3 beat 2e-3 with every seed (mean accuracy 0.878
+    against 0.871, log loss 0.412 against 0.421); on the few hundred photos it tied (0.763
+    against 0.759, log loss 0.745 against 0.767). A far domain needs the gentler steps as much
+    as a small set does.
+    """
+    if cfg.lr is not None:
+        return cfg.lr
+    return DEFAULT_FINETUNE_LR if cfg.pretrained else DEFAULT_LR
 
 
 def plan_phases(cfg: RunConfig) -> list[Phase]:
@@ -57,12 +73,13 @@ def plan_phases(cfg: RunConfig) -> list[Phase]:
     decay = cfg.layer_decay if cfg.layer_decay is not None else (
         DEFAULT_LAYER_DECAY if pretrained else None)
     freeze_bn = cfg.freeze_bn if cfg.freeze_bn is not None else pretrained
+    lr = peak_lr(cfg)
     phases = []
     if head:
         # a new linear head on fixed features needs no warmup: nothing upstream can be hurt
-        phases.append(Phase("head", 0, head, cfg.head_lr or cfg.lr, 0.0, False, None, True))
+        phases.append(Phase("head", 0, head, cfg.head_lr or lr, 0.0, False, None, True))
     if cfg.epochs - head:
-        phases.append(Phase("full", head, cfg.epochs - head, cfg.lr, cfg.warmup_epochs, True,
+        phases.append(Phase("full", head, cfg.epochs - head, lr, cfg.warmup_epochs, True,
                             None if decay == 1 else decay, freeze_bn))
     return phases
 

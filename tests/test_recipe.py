@@ -18,18 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pretrained_default_is_head_then_full_with_layer_decay() -> None:
-    head, full = plan_phases(RunConfig(pretrained="w.safetensors", epochs=6, lr=1e-3))
+    head, full = plan_phases(RunConfig(pretrained="w.safetensors", epochs=6))
     assert (head.name, head.first_epoch, head.epochs, head.train_backbone) == ("head", 0, 1,
                                                                                False)
     assert head.warmup_epochs == 0 and head.layer_decay is None
     assert (full.name, full.first_epoch, full.epochs, full.train_backbone) == ("full", 1, 5, True)
-    assert full.layer_decay == 0.8 and full.lr == 1e-3
+    assert full.layer_decay == 0.8 and head.lr == full.lr == 1e-3  # the fine-tuning default
     assert [phase_of([head, full], e).name for e in range(6)] == ["head"] + ["full"] * 5
 
 
 def test_from_scratch_is_one_phase_and_keys_override() -> None:
     (only,) = plan_phases(RunConfig(epochs=4))
-    assert (only.name, only.epochs, only.layer_decay) == ("full", 4, None)
+    assert (only.name, only.epochs, only.layer_decay, only.lr) == ("full", 4, None, 2e-3)
+    assert plan_phases(RunConfig(epochs=4, pretrained="auto", lr=3e-3))[1].lr == 3e-3
     head, full = plan_phases(RunConfig(epochs=4, head_epochs=2, head_lr=0.01, layer_decay=1))
     assert head.lr == 0.01 and full.epochs == 2 and full.layer_decay is None
     (head_only,) = plan_phases(RunConfig(epochs=2, head_epochs=2, pretrained="auto"))
