@@ -379,7 +379,7 @@ def test_resume_guard_accepts_same_settings_and_omitted_fold_flags(tmp_path: Pat
     run.write_meta({"config": config_dict(first), "fold_fingerprint": folds.fingerprint})
     # other fold, progress bar, and folds/seed left to the stored folds.csv: same run
     _check_same_config(run, RunConfig(epochs=1, img_size=16, fold=2), folds)
-    with pytest.raises(ConfigError, match=r"lr: 0.002 -> 0.1.*--run-name NEW_NAME"):
+    with pytest.raises(ConfigError, match=r"lr: None -> 0.1.*--run-name NEW_NAME"):
         _check_same_config(run, RunConfig(epochs=1, img_size=16, lr=0.1), folds)
 
 
