@@ -9,6 +9,7 @@ Sizes chosen for a 2-core CPU (whole bench well under an hour): photos 128 px, K
 Fashion-MNIST 64 px, 10 classes x 250 images, K=3, 6 epochs.
 
 Usage: nice -n 10 python -m bench.transfer [--only photos|fashion] [--out DIR]
+           [--columns COLUMN ...] [--train-seeds 42 1 2]
 """
 
 from __future__ import annotations
@@ -104,9 +105,12 @@ SETS = {
     "fashion": dict(build=lambda: build_fashion(250, 100), img_size=64, folds=3, epochs=6),
 }
 COLUMNS = {
-    "full FT from step 0": ["--head-epochs", "0", "--layer-decay", "1.0", "--freeze-bn", "false"],
+    # the trainer before issue 9: every layer from step 0 at one LR, 2e-3, BatchNorm trained
+    "full FT from step 0": ["--head-epochs", "0", "--layer-decay", "1.0", "--freeze-bn", "false",
+                            "--lr", "2e-3"],
     "default, BN trained": ["--freeze-bn", "false"],
     "default recipe": [],
+    "default at --lr 2e-3": ["--lr", "2e-3"],  # the fine-tuning default before issue 9's seeds
 }
 
 
@@ -114,6 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", choices=sorted(SETS))
     ap.add_argument("--out", default="runs_transfer")
+    ap.add_argument("--columns", nargs="+", choices=sorted(COLUMNS), default=list(COLUMNS),
+                    metavar="COLUMN", help=f"fine-tuning columns (default all: {list(COLUMNS)})")
+    ap.add_argument("--train-seeds", nargs="+", type=int, default=[None],
+                    help="one run per seed of weights and batches (--train-seed), the folds "
+                    "fixed; the table shows the mean and each seed's accuracy (default: one run, "
+                    "the fold seed)")
     args = ap.parse_args(argv)
     weights = converted_weights()
     for name, s in SETS.items():
@@ -122,18 +132,26 @@ def main(argv: list[str] | None = None) -> None:
         data = s["build"]()
         rows = []
         root = None
-        for col, extra in COLUMNS.items():
-            scores, root, secs = fine_tune(data, Path(args.out), weights,
-                                           col.replace(" ", "_"), extra, s["img_size"],
-                                           s["folds"], s["epochs"])
-            rows.append((col, scores["accuracy"], scores["log_loss"], secs))
+        for col in args.columns:
+            runs = []
+            for seed in args.train_seeds:
+                extra = [*COLUMNS[col], *(() if seed is None else ("--train-seed", str(seed)))]
+                run_name = col.replace(" ", "_") + ("" if seed is None else f"_seed{seed}")
+                scores, root, secs = fine_tune(data, Path(args.out), weights, run_name, extra,
+                                               s["img_size"], s["folds"], s["epochs"])
+                runs.append((scores["accuracy"], scores["log_loss"], secs))
+            acc, ll, secs = (np.mean(v, axis=0) for v in zip(*runs))
+            rows.append((col, acc, ll, secs, [r[0] for r in runs]))
         t0 = time.perf_counter()
         p = probe_on_folds(root, data, weights, s["img_size"])
-        rows.insert(0, ("linear probe", p["accuracy"], p["log_loss"], time.perf_counter() - t0))
-        print(f"\n{name}: {data} ({s['img_size']} px, K={s['folds']}, {s['epochs']} epochs)")
+        rows.insert(0, ("linear probe", p["accuracy"], p["log_loss"], time.perf_counter() - t0,
+                        []))
+        print(f"\n{name}: {data} ({s['img_size']} px, K={s['folds']}, {s['epochs']} epochs, "
+              f"train seeds {args.train_seeds}: mean, then each seed's accuracy)")
         print(f"{'column':24s} {'accuracy':>9s} {'log loss':>9s} {'seconds':>8s}")
-        for col, acc, ll, secs in rows:
-            print(f"{col:24s} {acc:9.4f} {ll:9.4f} {secs:8.0f}")
+        for col, acc, ll, secs, each in rows:
+            print(f"{col:24s} {acc:9.4f} {ll:9.4f} {secs:8.0f}  "
+                  + " ".join(f"{a:.4f}" for a in (each if len(each) > 1 else [])))
 
 
 if __name__ == "__main__":
