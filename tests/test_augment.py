@@ -131,25 +131,6 @@ def test_transforms_of_one_pipeline_draw_independently(image: np.ndarray) -> Non
     assert 0.35 < flipped < 0.65
 
 
-def test_prefetched_batches_keep_order_raise_errors_and_stop_early() -> None:
-    import threading
-
-    from backbones.timm_backend import prefetched
-
-    assert list(prefetched(iter(range(50)))) == list(range(50))
-
-    def failing():  # noqa: ANN202
-        yield 1
-        raise ValueError("bad image row 7")
-
-    with pytest.raises(ValueError, match="row 7"):
-        list(prefetched(failing()))
-    gen = prefetched(iter(range(1000)), depth=2)
-    assert next(gen) == 0
-    gen.close()  # the consumer leaves early: the thread must not stay behind
-    assert not [t for t in threading.enumerate() if t.name == "foldstack-prefetch"]
-
-
 def test_a_training_batch_is_a_function_of_its_rows_not_their_order(image: np.ndarray) -> None:
     """Training seeds once per batch (``SeededAugment.batch``): the same rows in any order get
     the same pixels each, another epoch or another batch gets other pixels."""
