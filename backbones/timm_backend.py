@@ -475,7 +475,7 @@ def make_loader(images: np.ndarray, labels: np.ndarray, cfg: RunConfig, seed: in
     at 0.946x the bare loop with a prefetch thread, 0.975x without (mean of 12 paired rounds,
     interleaved with a bare loop); the light preset costs 14 ms per epoch of 1,408 32 px images.
     On a GPU the step runs asynchronously, so the main thread makes the next batch meanwhile,
-    and with more than 2 cores worker processes make them.
+    or worker processes do where there are more than 2 cores.
     """
     workers = cfg.num_workers
     if workers is None:
