@@ -479,7 +479,8 @@ def make_loader(images: np.ndarray, labels: np.ndarray, cfg: RunConfig, seed: in
     background thread overlapping augmentation with compute, takes turns with torch's compute
     threads for the cores (and the GIL) and lost more than it hid: on 2 cores the timm loop ran
     at 0.946x the bare loop with a prefetch thread, 0.975x without (per-tensor AdamW; mean of 12
-    paired rounds with a bare loop); the light preset costs 14 ms per epoch of 1,408 32 px images.
+    paired rounds with a bare loop, while OpenCV still ran its own pool, see ``augment.opencv``);
+    the light preset costs 14 ms per epoch of 1,408 32 px images.
     On a GPU the step runs asynchronously, so the main thread makes the next batch meanwhile,
     or worker processes do where there are more than 2 cores.
     """
