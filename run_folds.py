@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int | None:
 
         return print_plan(run_plan(load_plan(ex.plan, run_flags(rest)), ex))
     cfg = parse_config(RunConfig, rest, "run_folds.py", f"{__doc__} {executor_help()}")
+    if cfg.write_augment:
+        from runner.run import write_augment
+
+        print(f"wrote the --augment {cfg.augment} pipeline -> {write_augment(cfg)}")
+        return 0
     if cfg.lr_find:
         from runner.run import lr_find
 

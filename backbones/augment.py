@@ -10,6 +10,7 @@ import functools
 import os
 import random
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,30 @@ def _load_pipeline(path: str, data_format: str) -> Any:
     return pipeline
 
 
+def save_augment(preset: str, size: int, path: str | os.PathLike[str]) -> Path:
+    """Write the ``preset`` pipeline at ``size`` px as an albumentations file (json or yaml, by
+    ``path``'s suffix), the starting point of a custom pipeline (``--augment FILE``).
+
+    light and flip are written as the albumentations transforms they draw like
+    (``AffineJitter.to_albumentations``). The file appears whole or not at all.
+    """
+    import albumentations as A
+
+    from oof.atomic import atomic_path
+
+    data_format = PIPELINE_SUFFIXES.get(Path(path).suffix.lower())
+    if data_format is None:
+        raise ConfigError(f"--write-augment {path}: name a .yaml, .yml or .json file")
+    pipeline = build_augment(preset, size)
+    if pipeline is None:
+        raise ConfigError(f"--augment {preset!r}: no pipeline to write (choose a preset or file)")
+    if isinstance(pipeline, AffineJitter):
+        pipeline = pipeline.to_albumentations()
+    with atomic_path(path) as tmp:
+        A.save(pipeline, str(tmp), data_format=data_format)
+    return Path(path)
+
+
 def check_augment(preset: str, size: int) -> None:
     """Refuse an unknown preset or a bad pipeline file before any work is done."""
     build_augment(preset, size)
@@ -151,6 +176,20 @@ class AffineJitter:
     def __repr__(self) -> str:
         return (f"AffineJitter(scale={self.scale}, translate={self.translate}, "
                 f"rotate={self.rotate}, p={self.p}, hflip={self.hflip})")
+
+    def to_albumentations(self) -> Any:
+        """The same draws as an albumentations ``Compose`` (``A.Affine``, then
+        ``A.HorizontalFlip`` when mirroring), which ``albumentations.save`` can write and a
+        user can edit (``save_augment``); it costs albumentations' per-image time."""
+        import albumentations as A
+
+        cv2 = opencv()
+        return A.Compose([
+            A.Affine(scale=self.scale, translate_percent=(-self.translate, self.translate),
+                     rotate=(-self.rotate, self.rotate), interpolation=cv2.INTER_LINEAR,
+                     border_mode=cv2.BORDER_REFLECT_101, p=self.p),
+            *([A.HorizontalFlip(p=self.hflip)] if self.hflip else []),
+        ])
 
     def matrices(self, n: int, height: int, width: int, rng: np.random.Generator
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -101,6 +101,9 @@ class RunConfig(DatasetConfig):
     backbone: Name = opt("timm/resnet10t", "backbone: timm/<timm name> or keras/<application>")
     lr_find: bool = opt(False, "run the LR range test on fold 0's training rows instead of "
                         "training: plot and suggested --lr in the run folder's lr_find/")
+    write_augment: str | None = opt(
+        None, "write the --augment pipeline at the predicting size to this .yaml/.json file "
+        "(albumentations.save) instead of training: edit it, then train with --augment FILE")
     run_name: str | None = opt(None, "run folder name (default: backbone and image size)")
     pretrained: str = opt("", "'' from scratch; 'auto' framework cache/online; or a weights file")
     img_size: ImageSizes | None = opt(

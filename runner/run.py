@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 # ``folds`` and ``seed`` are checked through the stored folds' fingerprint instead: leaving them
 # out on a rerun means "the stored ones" (``ensure_folds`` already refused different values).
 RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data",
-                  "folds", "seed", "folds_group", "lr_find", "tensorboard", "mlflow"}
+                  "folds", "seed", "folds_group", "lr_find", "write_augment", "tensorboard",
+                  "mlflow"}
 
 
 @dataclass
@@ -342,6 +343,16 @@ class LRFindSummary:
     result: Any
     json_path: Path
     plot_path: Path
+
+
+def write_augment(cfg: RunConfig) -> Path:
+    """``--write-augment FILE``: the ``--augment`` pipeline as an albumentations file to edit, at
+    the size the run predicts at (the backbone's default when ``--img-size`` is not given)."""
+    import backbones
+    from backbones.augment import save_augment
+
+    spec, _ = backbones.resolve(cfg)
+    return save_augment(cfg.augment, spec.input_size, cfg.write_augment)
 
 
 def lr_find(cfg: RunConfig) -> LRFindSummary:

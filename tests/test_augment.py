@@ -244,3 +244,57 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("preset", ["light", "flip", "medium"])
+def test_a_preset_written_to_a_file_loads_as_the_same_pipeline(tmp_path: Path, image: np.ndarray,
+                                                               preset: str) -> None:
+    """``--write-augment``: the starting point of a custom pipeline. light and flip become the
+    ``A.Affine`` (+ ``HorizontalFlip``) they draw like; the file trains as ``--augment FILE``."""
+    import albumentations as A
+    import cv2
+
+    from backbones.augment import save_augment
+
+    path = save_augment(preset, 48, tmp_path / f"{preset}.yaml")
+    loaded = build_augment(str(path), 48)
+    assert isinstance(loaded, A.Compose)
+    if preset == "medium":
+        assert loaded.to_dict() == build_augment(preset, 48).to_dict()
+    else:
+        was = A.Affine(scale=(0.9, 1.1), translate_percent=(-0.08, 0.08), rotate=(-10, 10),
+                       border_mode=cv2.BORDER_REFLECT_101, p=0.8)  # what the presets were
+        assert loaded.transforms[0].to_dict() == was.to_dict()
+        flips = [t.p for t in loaded.transforms if isinstance(t, A.HorizontalFlip)]
+        assert flips == ([0.5] if preset == "flip" else [])
+    seeded = build_seeded_augment(str(path), 48, 0)
+    batch = np.stack([image] * 8)
+    out = seeded.batch(batch, 0, np.arange(8))
+    assert out.shape == batch.shape and not np.array_equal(out, batch)
+    assert np.array_equal(out, build_seeded_augment(str(path), 48, 0).batch(batch, 0, np.arange(8)))
+
+
+def test_writing_a_pipeline_refuses_bad_names_and_keeps_the_old_file(tmp_path: Path) -> None:
+    from backbones.augment import save_augment
+
+    kept = tmp_path / "mine.yaml"
+    kept.write_text("my edits\n")
+    for preset, path, message in (("light", tmp_path / "p.txt", "p.txt"),
+                                  ("none", kept, "no pipeline"),
+                                  ("wobbly", kept, "wobbly")):
+        with pytest.raises(ConfigError, match=message):
+            save_augment(preset, 32, path)
+    assert kept.read_text() == "my edits\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]  # no temporary left
+
+
+def test_run_folds_writes_the_augment_pipeline_instead_of_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from run_folds import main
+
+    path = tmp_path / "strong.json"
+    assert main(["--augment", "strong", "--img-size", "40", "--write-augment", str(path),
+                 "--out", str(tmp_path / "runs")]) == 0
+    assert str(path) in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run folder
+    assert build_augment(str(path), 40).to_dict() == build_augment("strong", 40).to_dict()
