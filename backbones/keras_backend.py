@@ -76,6 +76,12 @@ from recipe import (  # noqa: E402
     plan_segments,
     plan_sizes,
 )
+from recipe.batches import (  # noqa: E402
+    PooledMoments,
+    bn_chunks,
+    check_train_batches,
+    train_batches,
+)
 from recipe.losses import class_weight_vector  # noqa: E402
 from recipe.phases import Phase  # noqa: E402
 
@@ -190,40 +196,58 @@ def set_bn_momentum(model: keras.Model, momentum: float) -> int:
 
 
 def recalibrate_batchnorm(model: keras.Model, images: np.ndarray,
-                          batch_size: int = PREDICT_BATCH) -> int:
-    """Precise BatchNorm: replace the moving statistics by their average over ``images``.
+                          chunk: int | None = None) -> int:
+    """Precise BatchNorm: replace the moving statistics by those of ``images``.
 
     The moving averages trail the weights by ~1/(1-momentum) steps and start at mean 0,
     variance 1. In a run of a few dozen steps the initial variance still dominates layers whose
     real activations are tiny (MobileNetV3's depthwise convolutions at 32 px: variance ~1e-4),
     every such layer shrinks its output at inference, and the held-out predictions collapse to
-    the class prior while training accuracy climbs. Equal-weight averaging of batch statistics
-    (momentum = seen / (seen + batch)), as ``torch.optim.swa_utils.update_bn`` does, fixes that
-    for any run length. Dropout is switched off meanwhile, so only BatchNorm sees training mode;
-    frozen BatchNorm layers (``trainable=False``) keep their statistics. Returns the layer count.
+    the class prior while training accuracy climbs. Statistics measured over the training
+    images fix that for any run length: the images go through in chunks (``recipe.batches``:
+    ``BN_CHUNK`` images, never one alone), each chunk's mean and variance are read with
+    momentum 0 and pooled by image count, spread of the chunk means included
+    (``PooledMoments``), so every image weighs the same and a layer's statistics are those of
+    all its inputs at once. Dropout is switched off meanwhile, so only BatchNorm sees training
+    mode; frozen BatchNorm layers (``trainable=False``) keep their statistics, and so does
+    every layer when there are fewer than 2 images. Returns the count of layers recalibrated.
     """
     layers = list(_iter_layers(model))
     bns = [ly for ly in layers if isinstance(ly, keras.layers.BatchNormalization) and ly.trainable]
-    if not bns or not len(images):
+    chunks = bn_chunks(len(images), chunk)
+    if not bns or not chunks:
         return 0
     drops = [ly for ly in layers if isinstance(ly, keras.layers.Dropout)]
     saved = [ly.momentum for ly in bns], [ly.rate for ly in drops]
+    pooled = [PooledMoments() for _ in bns]
     try:
         for ly in drops:
             ly.rate = 0.0
-        seen = 0
-        for start in range(0, len(images), batch_size):
-            batch = np.asarray(images[start:start + batch_size])
-            for ly in bns:
-                ly.momentum = seen / (seen + len(batch))
-            model(batch, training=True)
-            seen += len(batch)
+        for ly in bns:
+            ly.momentum = 0.0  # moving statistics := this chunk's (Keras: weight of the old)
+        for start, stop in chunks:
+            model(np.asarray(images[start:stop]), training=True)
+            for ly, pool in zip(bns, pooled):  # the same positions per image in a layer
+                pool.add(stop - start, ly.moving_mean.numpy(), ly.moving_variance.numpy())
+        if len(chunks) > 1:  # one chunk: the layer's own statistics are already exact
+            for ly, pool in zip(bns, pooled):
+                ly.moving_mean.assign(pool.mean.astype(ly.moving_mean.dtype))
+                ly.moving_variance.assign(pool.var.astype(ly.moving_variance.dtype))
     finally:
         for ly, m in zip(bns, saved[0]):
             ly.momentum = m
         for ly, r in zip(drops, saved[1]):
             ly.rate = r
     return len(bns)
+
+
+def training_batchnorms(model: keras.Model, phases: list[Phase]) -> list[Any]:
+    """The BatchNorm layers that normalise by batch statistics in some of ``phases``: the
+    head's always, the application's unless every phase that trains it freezes them."""
+    in_app = {id(ly) for ly in _iter_layers(application_of(model))}
+    backbone = any(p.train_backbone and not p.freeze_bn for p in phases)
+    return [ly for ly in _iter_layers(model) if isinstance(ly, keras.layers.BatchNormalization)
+            and (backbone or id(ly) not in in_app)]
 
 
 def build_model(spec: BackboneSpec, num_classes: int,
@@ -490,10 +514,7 @@ def make_train_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int,
     augmentation's transform alone and it runs ahead of the training step in tf.data's thread.
     The returned ``EpochBatches`` must be among ``fit``'s callbacks: it sets the epoch.
     """
-    n = len(images)
-    batch = min(cfg.batch_size, n)
-    drop = n > cfg.batch_size  # like the timm loader's drop_last
-    steps = n // batch if drop else 1
+    batch, steps = train_batches(len(images), cfg.batch_size)  # as the timm loader's
     mixing = ((cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob)
               if cfg.mixup_alpha or cfg.cutmix_alpha else None)
     batches = EpochBatches(images, labels, num_classes, batch,
@@ -901,6 +922,8 @@ def train_fold(job: FoldJob) -> FoldResult:
         reused = reused and compiled.folds_served > 0
         model = compiled.model
     model._initial_epoch = None  # set by a previous fold's BackupAndRestore
+    check_train_batches(len(job.x_train), cfg.batch_size,
+                        len(training_batchnorms(model, phases)), job.spec.name, job.fold)
 
     job.work_dir.mkdir(parents=True, exist_ok=True)
     backup_dir = job.work_dir / "backup"
@@ -1034,6 +1057,8 @@ def lr_range_test(job: FoldJob, lrs: np.ndarray) -> list[float]:
         class_weight_vector(cfg.class_weights, job.classes, job.y_train))
     model = _fresh_model(job, bn)
     phase = plan_phases(cfg)[-1]
+    check_train_batches(len(job.x_train), cfg.batch_size,
+                        len(training_batchnorms(model, [phase])), job.spec.name, job.fold)
     application_of(model).trainable = True
     scales = layer_lr_scales(model, phase.layer_decay) if phase.layer_decay else None
     optimizer, _ = make_optimizer(cfg, steps, phase, scales, fixed_lr=float(lrs[0]))

@@ -46,6 +46,7 @@ from oof.config import RunConfig
 from oof.errors import ConfigError
 from oof.metrics import accuracy, log_loss
 from recipe import lr_factor, phase_lengths, plan_phases, plan_sizes, size_of
+from recipe.batches import PooledMoments, bn_chunks, check_train_batches
 from recipe.losses import class_weight_vector
 from recipe.phases import Phase, phase_of
 
@@ -348,6 +349,20 @@ class Trainer:
         return [m for m in self.model.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in head]
 
+    def training_batchnorms(self, phases: list[Phase]) -> list[nn.Module]:
+        """The BatchNorm layers that normalise by batch statistics in some of ``phases``: a
+        hidden head layer's always, the backbone's unless every phase that trains the backbone
+        freezes them (``freeze_bn``)."""
+        head = [m for m in self.model.get_classifier().modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        backbone = any(p.train_backbone and not p.freeze_bn for p in phases)
+        return head + (self.backbone_batchnorms() if backbone else [])
+
+    def check_batches(self, job: FoldJob, phases: list[Phase]) -> None:
+        """Refuse training batches of one image when BatchNorm trains (``recipe.batches``)."""
+        check_train_batches(len(job.x_train), self.cfg.batch_size,
+                            len(self.training_batchnorms(phases)), job.spec.name, job.fold)
+
     def train_mode(self) -> None:
         """Training mode, but a frozen backbone (head phase) stays in inference mode: its
         BatchNorm statistics and dropout are part of what the head learns on; frozen
@@ -408,31 +423,53 @@ class Trainer:
                 "lr": max(g["lr"] for g in self.optimizer.param_groups)}
 
     @torch.no_grad()
-    def recalibrate_batchnorm(self, images: np.ndarray, batch_size: int = 256) -> int:
-        """Precise BatchNorm: running statistics become their average over ``images``.
+    def recalibrate_batchnorm(self, images: np.ndarray, chunk: int | None = None) -> int:
+        """Precise BatchNorm: running statistics become those of ``images``, each image
+        weighing the same (``recipe.batches``: chunks of ``BN_CHUNK``, never of one image).
 
-        The same fix as ``backbones.keras_backend.recalibrate_batchnorm`` (see why there), done
-        like ``torch.optim.swa_utils.update_bn`` (``momentum=None``: cumulative average) but with
-        every other module in eval mode, so dropout and drop-path do not shift the statistics.
-        BatchNorm layers whose weights are frozen keep their statistics. Returns the count.
+        The same fix as ``backbones.keras_backend.recalibrate_batchnorm`` (see why there). Each
+        chunk's statistics are read with momentum 1 and pooled by their value counts, spread of
+        the chunk means included (``PooledMoments``), so a short last chunk counts by its images
+        and a layer's running mean and variance are those of all its inputs at once. Every
+        other module stays in eval mode, so dropout and drop-path do not shift the statistics.
+        BatchNorm layers whose weights are frozen keep their statistics, and so does every
+        layer when there are fewer than 2 images. Returns the count of layers recalibrated.
         """
         model = self.predict_model
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                and m.track_running_stats and (m.weight is None or m.weight.requires_grad)]
-        if not bns or not len(images):
+        chunks = bn_chunks(len(images), chunk)
+        if not bns or not chunks:
             return 0
         model.eval()
         momenta = [m.momentum for m in bns]
+        values: dict[nn.Module, int] = {}  # values per channel of the chunk, per layer
+
+        def count(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            values[module] = inputs[0].numel() // inputs[0].shape[1]
+
+        hooks = [m.register_forward_pre_hook(count) for m in bns]
+        pooled = {m: PooledMoments() for m in bns}
         for m in bns:
             m.reset_running_stats()
-            m.momentum = None
+            m.momentum = 1.0  # running statistics := this chunk's
             m.train()
         try:
-            for start in range(0, len(images), batch_size):
-                x = self.to_input(torch.from_numpy(np.array(images[start:start + batch_size])))
+            for start, stop in chunks:
+                x = self.to_input(torch.from_numpy(np.array(images[start:stop])))
                 with self._autocast():
                     model(x)
+                for m in bns:
+                    c = values[m]  # torch's running_var is unbiased: back to the biased one
+                    pooled[m].add(c, m.running_mean.double().cpu().numpy(),
+                                  m.running_var.double().cpu().numpy() * ((c - 1) / c))
+            if len(chunks) > 1:  # one chunk: torch's own statistics are already exact
+                for m in bns:
+                    m.running_mean.copy_(torch.from_numpy(pooled[m].mean))
+                    m.running_var.copy_(torch.from_numpy(pooled[m].unbiased_var))
         finally:
+            for hook in hooks:
+                hook.remove()
             for m, momentum in zip(bns, momenta):
                 m.momentum = momentum
             model.eval()
@@ -488,6 +525,7 @@ def make_loader(images: np.ndarray, labels: np.ndarray, cfg: RunConfig, seed: in
     if workers is None:
         cores = os.cpu_count() or 1
         workers = 0 if cores <= 2 or device.type == "cpu" else min(8, cores - 1)
+    # the batches of recipe.batches.train_batches: full ones, or one of every row
     return torch.utils.data.DataLoader(
         ArrayDataset(images, labels, build_seeded_augment(cfg.augment, images.shape[1], seed)),
         batch_size=cfg.batch_size, sampler=EpochSampler(len(images), seed),
@@ -615,6 +653,7 @@ def train_fold(job: FoldJob, callbacks: list[Callback] | None = None) -> FoldRes
     stages = plan_sizes(cfg, job.spec.input_size)
     loaders = {job.spec.input_size: loader}  # progressive resizing: one loader per size
     trainer = build_trainer(job, len(loader))
+    trainer.check_batches(job, phases)
     resume_path = job.work_dir / RESUME_FILE
     state = load_resume_state(resume_path)
     best = BestWeights("val_loss")
@@ -710,6 +749,7 @@ def lr_range_test(job: FoldJob, lrs: np.ndarray) -> list[float]:
     device = pick_device(cfg)
     loader = make_loader(job.x_train, job.y_train, cfg, job.seed, device)
     trainer = build_trainer(job, len(loader))
+    trainer.check_batches(job, plan_phases(cfg)[-1:])
     trainer.start_phase(plan_phases(cfg)[-1])
     trainer.model.train()
     losses: list[float] = []
