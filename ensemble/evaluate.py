@@ -58,19 +58,42 @@ class Level2:
     scores: dict[str, float]
     seconds: float
     folds: list[dict[str, Any]] = field(default_factory=list)
+    # (K, n_test, C): fold stacker k applied to the inputs' fold-k test rows, so only models
+    # that never saw fold k made row k (the pseudo-label source); None without those rows
+    fold_k_test: np.ndarray | None = None
 
 
 def cross_val_level2(
     method: str, stacker: Any, X: np.ndarray, y: np.ndarray, folds: np.ndarray, n_classes: int,
     X_test: np.ndarray | None = None, run_names: list[str] | None = None,
+    X_test_folds: np.ndarray | None = None,
 ) -> Level2:
-    """Level-2 OOF by CV over the stored fold column ``folds`` (values 0..K-1)."""
+    """Level-2 OOF by CV over the stored fold column ``folds`` (values 0..K-1).
+
+    ``X_test_folds`` (K, n_test, features): the inputs' fold-k-only test rows
+    (``Run.fold_k_only``); fold stacker k predicts its row k into ``Level2.fold_k_test``.
+    """
     ks = np.unique(folds)
     if len(ks) < 2:
         raise RunMismatchError(f"level-2 CV needs at least 2 folds; the runs have {len(ks)}")
+    # A fold stacker fitted without a class would read the runs' C-column blocks as blocks of
+    # fewer classes: refuse (grouped folds made before make_folds refused this could do it).
+    per_fold = np.bincount(folds.astype(np.int64) * n_classes + np.asarray(y, dtype=np.int64),
+                           minlength=(int(ks.max()) + 1) * n_classes).reshape(-1, n_classes)
+    total = per_fold.sum(axis=0)
+    unseen = {int(k): np.flatnonzero((total > 0) & (total == per_fold[k])).tolist() for k in ks}
+    unseen = {k: c for k, c in unseen.items() if c}
+    if unseen:
+        raise RunMismatchError(
+            "level-2 CV: every row of class index(es) " + "; ".join(
+                f"{c} is in fold {k}" for k, c in unseen.items())
+            + ", so the stacker scoring that fold would never see the class; the stored folds "
+            "put a class in one fold: make new folds (a new --out)")
     oof = np.full((len(y), n_classes), np.nan)
     n_test = 0 if X_test is None else len(X_test)
     test_pf = np.full((int(ks.max()) + 1, n_test, n_classes), np.nan)
+    fold_k = None if X_test_folds is None else np.full(
+        (int(ks.max()) + 1, X_test_folds.shape[1], n_classes), np.nan)
     info = []
     start = time.perf_counter()
     # Each fold's rows are gathered in file order (ascending indices) into two buffers reused
@@ -90,7 +113,10 @@ def cross_val_level2(
         oof[held] = full_proba(est, X_held, n_classes)
         if X_test is not None:
             test_pf[k] = full_proba(est, X_test, n_classes)
+        if fold_k is not None:
+            fold_k[k] = full_proba(est, X_test_folds[k], n_classes)
         info.append({"fold": int(k), "rows_fitted": len(fit), "rows_scored": len(held),
                      "seconds": round(time.perf_counter() - t0, 3),
                      **describe(est, run_names or [])})
-    return Level2(method, oof, test_pf, scores(y, oof), time.perf_counter() - start, info)
+    return Level2(method, oof, test_pf, scores(y, oof), time.perf_counter() - start, info,
+                  fold_k)

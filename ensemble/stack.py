@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 
 from ensemble.evaluate import Level2, cross_val_level2, describe, full_proba, level1_matrix
-from ensemble.pseudo import write_stack_pseudo_source
+from ensemble.pseudo import (
+    fold_k_test_matrix,
+    source_runs,
+    stale_stacks,
+    write_stack_pseudo_source,
+)
 from ensemble.saved import save_stacker
 from ensemble.stackers import STACKERS, make_stacker
 from ensemble.submission import build_submission, submission_ids
@@ -36,7 +41,8 @@ from oof.config import (
 from oof.errors import ConfigError, DataError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
 from oof.metrics import METRICS, accuracy, log_loss
-from oof.rundir import META_FILE, Run, check_compatible, find_runs, load_run
+from oof.pseudo import PSEUDO_FILE
+from oof.rundir import FOLD_K_ONLY, META_FILE, Run, check_compatible, find_runs, load_run
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +331,10 @@ def stack_runs(cfg: StackConfig) -> StackResult:
 
     X, X_test = level1_matrix(runs)
     y, n_classes = ref.y, len(ref.classes)
+    # The inputs' fold-k test rows (fold-k models only), for this stack's own fold-k rows and its
+    # pseudo-label source; a stack written by an older stack.py has none (issue 28).
+    stale = stale_stacks(runs)
+    X_test_folds = None if stale else fold_k_test_matrix(runs)
     methods = list(METHODS) if cfg.compare or cfg.method == "auto" else \
         list(dict.fromkeys(["mean", cfg.method]))
     results: dict[str, Level2] = {}
@@ -332,7 +342,7 @@ def stack_runs(cfg: StackConfig) -> StackResult:
         log.info("level-2 CV of %s over %d stored folds (%d rows x %d runs)", m, folds.k, len(y),
                  len(runs))
         results[m] = cross_val_level2(m, make_stacker(m, **stacker_params(m, cfg)), X, y,
-                                      folds.fold, n_classes, X_test, names)
+                                      folds.fold, n_classes, X_test, names, X_test_folds)
         log.info("  %s: %s in %.1f s", m, results[m].scores, results[m].seconds)
     chosen = choose(results, cfg.metric) if cfg.method == "auto" else cfg.method
     out_dir = run_root / (cfg.name or f"stack-{chosen}")
@@ -383,15 +393,20 @@ def stack_runs(cfg: StackConfig) -> StackResult:
         "config": config_dict(cfg), "table": rows,
     }
     # fold k's test predictions from fold-k models and a stacker fitted without fold k: the
-    # leak-free source of run_folds.py --pseudo-labels
-    write_stack_pseudo_source(out_dir, runs, make_stacker(chosen, **stacker_params(chosen, cfg)),
-                              chosen)
+    # leak-free source of run_folds.py --pseudo-labels, never made from leaky fold-k rows
+    if level2.fold_k_test is not None:
+        write_stack_pseudo_source(out_dir, runs, chosen, level2.fold_k_test, level)
+    else:
+        (out_dir / PSEUDO_FILE).unlink(missing_ok=True)  # a rerun's old source must not stay
+        log.warning("no pseudo-label source (%s) in %s, and its test_folds.parquet is not "
+                    "fold-k only:\n  %s", PSEUDO_FILE, out_dir, stale)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", _markdown(report, rows))
     save_config(cfg, out_dir / "config.yaml")
     # the fitted final stacker, for serving (ensemble.saved; loaded by serve.bundle)
     save_stacker(out_dir, final, chosen, runs, ref.classes, folds.fingerprint, level2.scores)
-    run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg, level)
+    run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg, level,
+                        source_runs(runs))
     return StackResult(rows, TABLE_COLUMNS, chosen, out_dir, sub_path, run.path, test_acc, report,
                        held_out)
 
@@ -407,16 +422,26 @@ def begin_output(out_dir: Path) -> None:
 
 
 def _write_level2(out_dir: Path, method: str, ref: Run, folds: Folds, level2: Level2,
-                  inputs: list[dict[str, Any]], cfg: StackConfig, level: int = 2) -> Run:
+                  inputs: list[dict[str, Any]], cfg: StackConfig, level: int,
+                  stacked: list[str]) -> Run:
     """The stack's CV OOF saved like any run (meta level = 1 + its inputs' highest level), so it
-    can be analysed and stacked again."""
+    can be analysed and stacked again.
+
+    Its test prediction is the fold stackers' mean on the inputs' fold-mean test; its per-fold
+    test rows are the fold-k-only ones (``Level2.fold_k_test``, marked FOLD_K_ONLY) so that a
+    stack over it can make leak-free pseudo-labels, or, over an older stack, the fold stackers'
+    rows on the fold-mean test, unmarked.
+    """
     from oof.rundir import write_run
 
     meta = {"level": level, "method": method, "inputs": inputs, "config": config_dict(cfg),
             "backbone": {"name": f"stack/{method}"}, "fold_info": level2.folds,
-            "level2_seconds": round(level2.seconds, 3)}
+            "level2_seconds": round(level2.seconds, 3), "stacked_runs": stacked}
+    per_fold = level2.test_per_fold
+    if level2.fold_k_test is not None:
+        per_fold, meta["test_folds"] = level2.fold_k_test, FOLD_K_ONLY
     return write_run(out_dir, out_dir.name, ref.classes, folds, level2.oof, ref.test_ids,
-                     level2.test_per_fold, meta)
+                     per_fold, meta, test=level2.test_per_fold.mean(axis=0))
 
 
 def _held_out_table(data_root: Path, ref: Run,

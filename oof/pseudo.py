@@ -4,8 +4,11 @@ A pseudo-label for a test image joins the TRAINING side of fold k. If it came fr
 was trained on fold k's rows, the fold-k model learns those rows' labels second-hand and fold k's
 OOF score is flattered (the leak is plainest when a test image is a near-copy of a training row).
 So the source stores, for every fold k, the ensemble's test probabilities made only by each run's
-fold-k model and a level-2 stacker fitted without fold k's rows (``ensemble.pseudo`` computes
-them); the runner takes fold k's pseudo-labels from fold k's row of this file alone.
+fold-k model and stackers fitted without fold k's rows, at every level of a stack of stacks
+(``ensemble.pseudo`` computes them); the runner takes fold k's pseudo-labels from fold k's row of
+this file alone. A source without the FOLD_K_ONLY mark was written by an older stack.py: it is
+used only if it came from a level-2 stack (level-1 inputs, whose fold-k rows were always their
+fold-k models'); from a stack of stacks it is refused (issue 28).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pandas as pd
 
 from oof.atomic import write_atomic
 from oof.errors import ConfigError, DataError
+from oof.rundir import FOLD_K_ONLY, META_FILE, read_json
 
 PSEUDO_FILE = "pseudo_by_fold.parquet"
 _META_KEY = b"foldstack_pseudo"
@@ -31,7 +35,7 @@ class PseudoSource:
 
     path: Path
     method: str
-    runs: list[str]  # the level-1 runs whose fold models made them
+    runs: list[str]  # every run whose predictions made them (the stack's inputs first)
     classes: list[str]
     fingerprint: str
     test_ids: np.ndarray
@@ -54,8 +58,10 @@ class PseudoSource:
 
 
 def write_pseudo_source(stack_dir: Path, method: str, runs: list[str], classes: list[str],
-                        fingerprint: str, test_ids: np.ndarray, proba: np.ndarray) -> Path:
-    """Store (K, n_test, C) per-fold probabilities as one parquet with its provenance."""
+                        fingerprint: str, test_ids: np.ndarray, proba: np.ndarray,
+                        level: int = 2) -> Path:
+    """Store (K, n_test, C) fold-k-only probabilities as one parquet with its provenance
+    (``level``: the stack's; the FOLD_K_ONLY mark says how every row k was made)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -68,7 +74,7 @@ def write_pseudo_source(stack_dir: Path, method: str, runs: list[str], classes: 
     df[list(classes)] = proba.reshape(k * n, c)
     table = pa.Table.from_pandas(df, preserve_index=False)
     info = {"method": method, "runs": runs, "classes": classes, "fingerprint": fingerprint,
-            "folds": k}
+            "folds": k, "level": level, "rows": FOLD_K_ONLY}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            _META_KEY: json.dumps(info).encode()})
     path = Path(stack_dir) / PSEUDO_FILE
@@ -102,8 +108,24 @@ def load_pseudo_source(stack_dir: str | Path) -> PseudoSource:
     if not same_ids or not np.isfinite(proba).all():
         raise DataError(f"{path}: folds list different test ids, or probabilities are not finite; "
                         "rerun stack.py to rewrite it")
+    if info.get("rows") != FOLD_K_ONLY:
+        _check_legacy(path)
     return PseudoSource(path.parent, str(info["method"]), list(info["runs"]), classes,
                         str(info["fingerprint"]), ids, proba)
+
+
+def _check_legacy(path: Path) -> None:
+    """An unmarked (older) source is leak-free only from a level-2 stack: refuse any other."""
+    meta_path = path.parent / META_FILE
+    level = read_json(meta_path).get("level") if meta_path.exists() else None
+    if level == 2:
+        return
+    why = (f"of a level-{level} stack: its fold-k rows used level-2 test predictions made with "
+           "models trained on fold k, so fold k would learn its own labels" if level is not None
+           else f"with no {META_FILE} beside it: whether its fold-k rows saw fold k is unknown")
+    raise ConfigError(f"--pseudo-labels {path.parent}: {PSEUDO_FILE} was written by an older "
+                      f"stack.py {why}; rerun the stack.py commands of this stack and of the "
+                      "stacks it stacked to rewrite them")
 
 
 def check_source(source: PseudoSource, classes: list[str], fingerprint: str,

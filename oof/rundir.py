@@ -7,7 +7,8 @@ Layout of ``<run root>/<run>/``::
     parts/foldK.*        per-fold OOF rows, test predictions and history; foldK.json marks done
     oof.parquet          id, label, fold, <run>__<class>...   (every training id exactly once)
     test.parquet         id, <run>__<class>...                (mean of the fold models)
-    test_folds.parquet   id, fold, <run>__<class>...          (each fold model's test prediction)
+    test_folds.parquet   id, fold, <run>__<class>...          (each fold model's test prediction;
+                                                              a stack's: see FOLD_K_ONLY)
     history.csv          fold, epoch, metrics per epoch
 
 Rows no fold predicted are NaN, never 0 (leak-aware, as AutoGluon's bagged models do: a 0 would
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
 PARQUET_META_KEY = b"foldstack"
+# A stack's meta "test_folds" when row k of its test_folds.parquet is fold stacker k (fitted
+# without fold k) applied to its inputs' rows k: made by fold-k models only, at any level. Stacks
+# written before it (issue 28) hold fold stacker k applied to the fold-mean test there, which
+# includes models trained on fold k. A level-1 run's row k is always its fold-k model's.
+FOLD_K_ONLY = "fold-k models only/v1"
 
 
 def column_names(run: str, classes: list[str]) -> list[str]:
@@ -85,6 +91,11 @@ class Run:
             out[int(f), rows] = part[self.columns].to_numpy(np.float64)
         return out
 
+    def fold_k_only(self) -> bool:
+        """Whether row k of ``test_per_fold()`` came from fold-k models only (no model that saw
+        fold k's labels): always for a level-1 run, for a stack only with the FOLD_K_ONLY mark."""
+        return int(self.meta.get("level", 1)) < 2 or self.meta.get("test_folds") == FOLD_K_ONLY
+
     def scores(self) -> dict[str, float]:
         return scores(self.y, self.oof)
 
@@ -108,11 +119,14 @@ def write_run(
     test_ids: np.ndarray,
     test_per_fold: np.ndarray,
     meta: dict[str, Any],
+    test: np.ndarray | None = None,
 ) -> Run:
     """Write the assembled matrices of a run (level 1 or 2) and its meta; return it loaded.
 
     ``oof`` rows follow ``folds.ids``; ``test_per_fold`` is (K, n_test, C) and its mean over
-    folds becomes the run's test prediction.
+    folds becomes the run's test prediction unless ``test`` (n_test, C) is given: a stack's test
+    prediction is its fold stackers applied to the inputs' fold-mean test, while its
+    ``test_per_fold`` rows are fold-k only (FOLD_K_ONLY).
     """
     path = Path(path)
     cols = column_names(name, classes)
@@ -122,8 +136,11 @@ def write_run(
     oof_df[cols] = np.asarray(oof, dtype=np.float64)
     _write_parquet(path / "oof.parquet", oof_df, info)
     test_ids = np.asarray(test_ids, dtype=object).astype(str)
-    test_mean = (test_per_fold.mean(axis=0) if len(test_per_fold)  # no fold: NaN, never 0
-                 else np.full((len(test_ids), len(classes)), np.nan))
+    if test is not None:
+        test_mean = np.asarray(test, dtype=np.float64)
+    else:
+        test_mean = (test_per_fold.mean(axis=0) if len(test_per_fold)  # no fold: NaN, never 0
+                     else np.full((len(test_ids), len(classes)), np.nan))
     test_df = pd.DataFrame({"id": test_ids})
     test_df[cols] = test_mean
     _write_parquet(path / "test.parquet", test_df, info)

@@ -64,7 +64,7 @@ def student_oof_accuracy(runs: list, proba_for_fold, threshold: float = 0.6) -> 
 def test_naive_source_leaks_and_per_fold_source_does_not(tmp_path: Path) -> None:
     runs = memorising_runs(tmp_path)
     stack_dir = tmp_path / "stack-mean"
-    write_stack_pseudo_source(stack_dir, runs, MeanBlend(), "mean")
+    write_stack_pseudo_source(stack_dir, runs, "mean", fold_test_proba(runs, MeanBlend()))
     source = load_pseudo_source(stack_dir)
     order = check_source(source, CLASSES, runs[0].fingerprint, runs[0].test_ids)
     assert (order == np.arange(N)).all()
@@ -92,7 +92,8 @@ def test_source_mismatches_and_damage_are_named(tmp_path: Path) -> None:
     runs = memorising_runs(tmp_path)
     with pytest.raises(ConfigError, match="no pseudo_by_fold.parquet"):
         load_pseudo_source(tmp_path)
-    path = write_stack_pseudo_source(tmp_path / "s", runs, MeanBlend(), "mean")
+    path = write_stack_pseudo_source(tmp_path / "s", runs, "mean",
+                                     fold_test_proba(runs, MeanBlend()))
     source = load_pseudo_source(tmp_path / "s")
     with pytest.raises(ConfigError, match="made on folds"):
         check_source(source, CLASSES, "0000", runs[0].test_ids)
