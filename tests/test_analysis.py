@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from oof.analysis import (
 from oof.errors import ConfigError, RunMismatchError
 from oof.folds import Folds, fold_fingerprint, make_folds, write_folds
 from oof.rundir import check_compatible, load_run, write_run
+from tests.requirements import MAKE_BROWSER, require_program
 from tests.synthetic import synthetic_folds, synthetic_proba, synthetic_run
 
 CLASSES = ["a", "b", "c"]
@@ -216,11 +216,10 @@ window.addEventListener('load', () => {
 </script></body>"""
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium not installed (Debian package 'chromium'; `make browser`)")
 def test_report_renders_in_headless_chromium(demo_subset: Path, tmp_path: Path) -> None:
     from oof.analyze import main
 
+    chromium = require_program("chromium", MAKE_BROWSER)
     train = pd.read_csv(demo_subset / "train.csv", dtype=str)
     root = tmp_path / "runs" / demo_subset.name
     folds = make_folds(list(train["Id"]), list(train["Category"]), 3, 0)
@@ -243,7 +242,7 @@ def test_report_renders_in_headless_chromium(demo_subset: Path, tmp_path: Path) 
 
     probe = tmp_path / "probe.html"  # the report plus a script counting decoded images
     probe.write_text(html.replace("</body>", LOADED_MARKER, 1))
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
            "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
            "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]

@@ -1,5 +1,6 @@
-"""The Fashion-MNIST demo dataset, built from the real Debian package (skipped only when the
-package cannot be fetched): a valid competition layout, deterministic, stratified, held out."""
+"""The Fashion-MNIST demo dataset, built from the real Debian package (when it cannot be
+fetched: skipped locally, failed under CI): a valid competition layout, deterministic,
+stratified, held out."""
 
 from __future__ import annotations
 

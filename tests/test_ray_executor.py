@@ -24,12 +24,13 @@ import pytest
 import yaml
 
 from tests.conftest import write_demo_subset
+from tests.requirements import INSTALL_RAY, require_module, require_program
 
-pytest.importorskip("ray")
+require_module("ray", INSTALL_RAY)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "run_folds.py"
-RAY = Path(sys.executable).with_name("ray")
+RAY = Path(require_program("ray", INSTALL_RAY))
 FAST = {"folds": 2, "epochs": 1, "img_size": 16, "threads": 1, "progress": False}
 
 pytestmark = pytest.mark.slow

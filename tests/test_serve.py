@@ -29,9 +29,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.requirements import (
+    INSTALL_DEV,
+    INSTALL_SERVE,
+    MAKE_BROWSER,
+    require_module,
+    require_program,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_RUN, KERAS_RUN = "timm-resnet10t_16px", "keras-MobileNetV3Small_32px"
-requests = pytest.importorskip("requests")
+requests = require_module("requests", INSTALL_DEV)
 
 
 def _env() -> dict[str, str]:
@@ -464,14 +472,13 @@ def test_upload_page_in_headless_chromium_shows_the_label(server: str, demo_subs
                                                           predicted: pd.DataFrame) -> None:
     """A real browser opens the page, uploads an image through the file input, and reads the
     label the page shows; it must be predict.py's label for that image."""
-    webdriver = pytest.importorskip("selenium.webdriver")
+    webdriver = require_module("selenium.webdriver", INSTALL_SERVE)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_bin):
-        pytest.skip("needs Debian's chromium and chromium-driver (make browser)")
+    chromium = require_program("chromium", MAKE_BROWSER)
+    driver_bin = require_program("chromedriver", MAKE_BROWSER)
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
