@@ -44,10 +44,16 @@ CHUNK = 64  # images per decode task: small enough to spread over workers, big e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB: 16-bit and float scaled, alpha composited on white."""
+    """Convert any Pillow mode to RGB: 16-bit and float scaled, alpha composited on white.
+
+    16-bit pictures are scaled by 65535 whatever their content, so a dark one stays dark: the
+    I;16 modes, and mode I from a 16-bit PGM/PPM (Pillow scales its maxval to 65535). Only an
+    I or F image of another origin (32-bit TIFF) is judged by its largest value.
+    """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        sixteen = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM")
+        top = 65535.0 if sixteen or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode == "P":
@@ -188,11 +194,13 @@ def default_workers() -> int:
 
 
 def build_cache(paths: Sequence[str], size: int, target: Path, resize: Resize = "squash",
-                workers: int | None = None, chunk: int = CHUNK, progress: bool = True) -> Path:
+                workers: int | None = None, chunk: int | None = None,
+                progress: bool = True) -> Path:
     """Decode ``paths`` into the ``.npy`` file ``target``, streaming, in ``workers`` processes.
 
     The file is made at full size under a temporary name (sparse until written), each chunk of
-    ``chunk`` images is decoded by a worker straight into its rows, and the file takes its
+    ``chunk`` images (default ``CHUNK``, read at call time so tests can shrink it) is decoded by
+    a worker straight into its rows, and the file takes its
     final name only when all rows are in: a killed build leaves no ``target``. Bad files are
     collected over the whole set and reported in one DataError (and nothing is kept).
     """
@@ -200,6 +208,7 @@ def build_cache(paths: Sequence[str], size: int, target: Path, resize: Resize = 
     from tqdm.auto import tqdm
 
     workers = workers or default_workers()
+    chunk = chunk or CHUNK
     shape = (len(paths), size, size, 3)
     row_bytes = size * size * 3
     starts = list(range(0, len(paths), chunk))
