@@ -49,22 +49,51 @@ class Folds:
         return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def make_folds(ids: list[str], labels: list[str], k: int, seed: int,
-               groups: np.ndarray | None = None) -> Folds:
-    """StratifiedKFold with shuffling; refuses classes smaller than K, naming them.
-
-    With ``groups`` (e.g. near-duplicate groups from ``oof.duplicates``) StratifiedGroupKFold
-    keeps every group inside one fold, so no image is held out while its twin is trained on.
-    """
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
+def check_class_sizes(labels: list[str], k: int) -> None:
+    """Refuse labels that K stratified folds cannot split, naming the class: a single class
+    (nothing to classify), or a class with fewer than K images (a fold without it). Cheap, so
+    ``run_folds`` calls it before decoding a single image."""
     if k < 2:
         raise ConfigError(f"--folds {k}: need at least 2 folds")
     counts = pd.Series(labels).value_counts()
+    if len(counts) == 1:
+        raise DataError(f"only one class, {counts.index[0]!r} ({counts.iloc[0]} images): a "
+                        "classifier needs at least 2 classes")
     small = counts[counts < k]
     if len(small):
         detail = ", ".join(f"{c!r} has {n}" for c, n in small.items())
         raise DataError(f"--folds {k}: every class needs at least {k} images; {detail}")
+
+
+def _check_grouped(fold: np.ndarray, labels: list[str], k: int, n_groups: int) -> None:
+    """Grouped folds cannot promise what stratified ones do: refuse an empty fold, or a class
+    whose groups all landed in one fold (that fold's model, and the level-2 stacker fitted
+    without it, would never see the class), naming the classes."""
+    empty = sorted(set(range(k)) - set(fold.tolist()))
+    if empty:
+        raise DataError(f"--folds {k} with near-duplicate groups: the {n_groups} groups left "
+                        f"fold(s) {empty} empty; use fewer --folds, or --folds-group none")
+    lab = np.asarray(labels, dtype=object)
+    lonely = [c for c in pd.unique(lab) if len(np.unique(fold[lab == c])) < 2]
+    if lonely:
+        names = ", ".join(repr(c) for c in lonely)
+        raise DataError(f"--folds {k} with near-duplicate groups: every image of class(es) "
+                        f"{names} is in one fold (their near-duplicate groups cannot be spread), "
+                        "so no model would learn them for that fold; use fewer --folds, or "
+                        "--folds-group none")
+
+
+def make_folds(ids: list[str], labels: list[str], k: int, seed: int,
+               groups: np.ndarray | None = None) -> Folds:
+    """StratifiedKFold with shuffling; refuses one class, or classes smaller than K, naming them.
+
+    With ``groups`` (e.g. near-duplicate groups from ``oof.duplicates``) StratifiedGroupKFold
+    keeps every group inside one fold, so no image is held out while its twin is trained on;
+    an empty fold, or a class left in one fold, is refused (``_check_grouped``).
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    check_class_sizes(labels, k)
     fold = np.full(len(ids), -1, dtype=np.int64)
     if groups is None:
         splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(
@@ -77,6 +106,8 @@ def make_folds(ids: list[str], labels: list[str], k: int, seed: int,
             np.zeros(len(labels)), labels, groups)
     for f, (_, held) in enumerate(splits):
         fold[held] = f
+    if groups is not None:
+        _check_grouped(fold, labels, k, n_groups)
     ids_arr, labels_arr = np.asarray(ids, dtype=object), np.asarray(labels, dtype=object)
     return Folds(ids_arr, labels_arr, fold, k, seed, fold_fingerprint(ids_arr, fold, k, seed),
                  "none" if groups is None else "phash")

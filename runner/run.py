@@ -25,7 +25,7 @@ from oof.atomic import disk_full_error, is_disk_full
 from oof.config import RunConfig, config_dict, field_default, save_config
 from oof.datasets import ImageDataset, load_dataset
 from oof.errors import BusyError, ConfigError, DataError
-from oof.folds import Folds, ensure_folds
+from oof.folds import DEFAULT_FOLDS, Folds, check_class_sizes, ensure_folds, load_folds
 from oof.images import cached_images
 from oof.pseudo import PseudoSource, check_source, load_pseudo_source
 from oof.rundir import Run, RunDir, load_run
@@ -80,6 +80,13 @@ def duplicate_groups(dataset: ImageDataset, root: Path) -> np.ndarray:
              len(hashes), time.perf_counter() - t0,
              int((np.bincount(groups) > 1).sum()))
     return groups
+
+
+def refuse_unsplittable(dataset: ImageDataset, root: Path, k: int | None) -> None:
+    """Refuse one class, or a class smaller than K, before decoding an image or loading a
+    framework, so the refusal leaves nothing under ``--out``; stored folds were already checked."""
+    if load_folds(root) is None:
+        check_class_sizes(list(dataset.train["label"]), k or DEFAULT_FOLDS)
 
 
 def decode_first(dataset: ImageDataset, size: int, root: Path, resize: str = "squash",
@@ -236,6 +243,7 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     extra_paths, extra_y, extra_info = (extra_training_set(cfg, dataset) if cfg.extra_train
                                         else (None, None, None))
     root = run_root_for(cfg, dataset)
+    refuse_unsplittable(dataset, root, cfg.folds)
     spec, backend = backbones.resolve(cfg)
     sizes = [s.size for s in plan_sizes(cfg, spec.input_size)]  # refuses a bad size plan
     for size in dict.fromkeys([spec.input_size, *sizes]):  # the predicting size first
@@ -369,6 +377,7 @@ def lr_find(cfg: RunConfig) -> LRFindSummary:
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
     root = run_root_for(cfg, dataset)
+    refuse_unsplittable(dataset, root, cfg.folds)
     spec, backend = backbones.resolve(cfg)
     x_all = cached_images(list(dataset.train["path"]), spec.input_size, root / "cache",
                           cfg.resize)

@@ -201,7 +201,10 @@ def test_too_few_folds_refused() -> None:
 def test_small_classes_refused_or_split(labels: list[str]) -> None:
     ids = [str(i) for i in range(len(labels))]
     counts = pd.Series(labels).value_counts()
-    if counts.min() < 3:
+    if len(counts) == 1:  # nothing to classify
+        with pytest.raises(DataError, match=f"only one class, {labels[0]!r}"):
+            make_folds(ids, labels, 3, 0)
+    elif counts.min() < 3:
         with pytest.raises(DataError, match="every class needs at least 3 images"):
             make_folds(ids, labels, 3, 0)
     else:
