@@ -436,8 +436,13 @@ class Trainer:
         layer when there are fewer than 2 images. Returns the count of layers recalibrated.
         """
         model = self.predict_model
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-               and m.track_running_stats and (m.weight is None or m.weight.requires_grad)]
+        # frozen as the trained model says: the EMA copy (``ema``) kept its flags from the start
+        frozen = {name for name, m in self.model.named_modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  and m.weight is not None and not m.weight.requires_grad}
+        bns = [m for name, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats and name not in frozen]
         chunks = bn_chunks(len(images), chunk)
         if not bns or not chunks:
             return 0

@@ -45,8 +45,8 @@ def check_train_batches(n: int, batch_size: int, batchnorm_layers: int, backbone
     why = (f"{backbone} has {batchnorm_layers} BatchNorm layers in training mode, and "
            "BatchNorm needs at least 2 images per training batch")
     if n < 2:
-        raise DataError(f"fold {fold}: {n} training image(s): {why}; use fewer --folds or more "
-                        "images")
+        raise DataError(f"fold {fold} has {n} training image{'' if n == 1 else 's'}: {why}; "
+                        "use fewer --folds or more images")
     raise ConfigError(f"--batch-size {batch_size}: {why}; use --batch-size 2 or more")
 
 
