@@ -42,6 +42,18 @@ def keep_triton_out_without_gpu() -> bool:
 
 keep_triton_out_without_gpu()  # before any backend imports torch, timm or torchvision
 
+#: set (to 1) by ``--verbose``/``-v``: the frameworks' own log lines are shown. An environment
+#: variable because the backend reads it before importing its framework, and the fold workers a
+#: run starts (local processes, Ray actors: FOLDSTACK_* variables travel) read it too.
+FRAMEWORK_LOGS_ENV = "FOLDSTACK_FRAMEWORK_LOGS"
+
+
+def show_framework_logs(show: bool) -> None:
+    """``-v``: let the frameworks' log lines through in this process and the workers it starts
+    (only a backend imported after this call is affected)."""
+    if show:
+        os.environ[FRAMEWORK_LOGS_ENV] = "1"
+
 FAMILIES: dict[str, str] = {
     "timm": "backbones.timm_backend",
     "keras": "backbones.keras_backend",
@@ -80,6 +92,7 @@ def resolve(cfg: RunConfig) -> tuple[BackboneSpec, ModuleType]:
     from backbones.augment import check_augment, tta_views
 
     family, model = split_name(cfg.backbone)
+    show_framework_logs(cfg.verbose)
     backend = get_backend(family)
     spec = backend.resolve_spec(model, cfg)
     check_augment(cfg.augment, spec.input_size)
@@ -88,4 +101,4 @@ def resolve(cfg: RunConfig) -> tuple[BackboneSpec, ModuleType]:
 
 
 __all__ = ["BackboneSpec", "FoldJob", "FoldResult", "FAMILIES", "resolve", "split_name",
-           "get_backend", "close_names"]
+           "get_backend", "close_names", "FRAMEWORK_LOGS_ENV", "show_framework_logs"]

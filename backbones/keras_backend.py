@@ -29,6 +29,7 @@ Choices, each measured (see ``bench/overhead_keras.py`` and the per-fold ``info`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import json
@@ -36,23 +37,88 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from backbones import FRAMEWORK_LOGS_ENV, close_names
+
+# TensorFlow's C++ log level as this module set it, so that a process started from this one
+# (which inherits TF_CPP_MIN_LOG_LEVEL) can tell it from a level the user set.
+OUR_TF_LOG_LEVEL_ENV = "FOLDSTACK_TF_CPP_MIN_LOG_LEVEL"
+# absl's C++ log line (``E0000 00:00:1796610671.275274   11355 cuda_platform.cc:52] ...``) and
+# the notice absl prints before its first line when logging is not initialised yet
+_CPP_LOG_LINE = re.compile(r"([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] ")
+_ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to"
+_SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
+
+
+def tensorflow_log_level() -> int:
+    """TensorFlow's C++ log level for this process, set before TensorFlow is imported.
+
+    On a machine without a GPU TensorFlow logs ``E0000 ... failed call to cuInit: INTERNAL: CUDA
+    error`` and, per tf.data pipeline, ``E0000 ... NodeDef mentions attribute
+    use_unbounded_threadpool``: errors to TensorFlow, noise to a user reading a run. By default
+    only fatal lines pass (3); ``-v`` (``FOLDSTACK_FRAMEWORK_LOGS``) shows every line (0); a
+    TF_CPP_MIN_LOG_LEVEL the user set is obeyed as it is.
+    """
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if level is not None and level != os.environ.get(OUR_TF_LOG_LEVEL_ENV):
+        return int(level) if level.strip().isdigit() else 0  # the user's; TensorFlow parses it
+    level = "0" if os.environ.get(FRAMEWORK_LOGS_ENV) else "3"
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ[OUR_TF_LOG_LEVEL_ENV] = level
+    return int(level)
+
+
+@contextlib.contextmanager
+def cpp_log_lines_dropped(min_level: int) -> Iterator[None]:
+    """Drop the C++ log lines below ``min_level`` written to stderr inside the block.
+
+    TensorFlow's libraries log while they load (``I0000 ... cudart_stub.cc:31] Could not find
+    cuda drivers``, after absl's notice that logging is not initialised), before TensorFlow has
+    read TF_CPP_MIN_LOG_LEVEL, so the level cannot hide them. For the import only, file
+    descriptor 2 goes to a temporary file; everything else written there (a Python warning, a
+    fatal line) is written back to stderr, in order, when the block ends.
+    """
+    if min_level <= 0:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = []
+            for line in sink.read().decode(errors="replace").splitlines(keepends=True):
+                cpp = _CPP_LOG_LINE.match(line)
+                if not (line.startswith(_ABSL_NOTICE)
+                        or (cpp and _SEVERITY[cpp[1]] < min_level)):
+                    kept.append(line)
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 if "keras" not in sys.modules:  # a KERAS_BACKEND=torch in the environment must not load torch
     os.environ["KERAS_BACKEND"] = "tensorflow"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+with cpp_log_lines_dropped(tensorflow_log_level()):
+    import keras
+    import tensorflow as tf
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from backbones import close_names  # noqa: E402
 from backbones.augment import (  # noqa: E402
     SeededAugment,
     TTAView,
@@ -878,6 +944,23 @@ def steps_per_execution(steps_per_epoch: int) -> int:
     return max(1, min(STEPS_PER_EXECUTION, steps_per_epoch))
 
 
+def forget_restored_epoch(model: keras.Model) -> None:
+    """Make ``fit(initial_epoch=...)`` start where it says on a model that trained before.
+
+    BackupAndRestore hands the epoch it restored to ``fit`` through the private
+    ``Model._initial_epoch``, which ``fit`` prefers to its ``initial_epoch`` argument and never
+    clears: the next fold (the compiled model is reused) or the next phase would skip that many
+    epochs. Keras offers no public way to clear it, so this writes it, and refuses to guess
+    when Keras no longer has it; ``test_keras_backend.py`` (the probe's ``restored_epoch``)
+    fails if Keras stops setting or honouring it (keras is pinned in constraints.txt).
+    """
+    if not hasattr(model, "_initial_epoch"):
+        raise RuntimeError(
+            f"keras {keras.__version__}: Model._initial_epoch is gone, so the epoch a fold's "
+            "BackupAndRestore restored cannot be cleared; use the keras of constraints.txt")
+    model._initial_epoch = None
+
+
 def _rss_mb() -> float:
     """Resident memory now (Linux /proc), else the peak; to check folds do not pile up."""
     try:
@@ -921,7 +1004,7 @@ def train_fold(job: FoldJob) -> FoldResult:
         compiled = _compiled_model(job, steps, bn, policy)
         reused = reused and compiled.folds_served > 0
         model = compiled.model
-    model._initial_epoch = None  # set by a previous fold's BackupAndRestore
+    forget_restored_epoch(model)  # a previous fold's resume
     check_train_batches(len(job.x_train), cfg.batch_size,
                         len(training_batchnorms(model, phases)), job.spec.name, job.fold)
 
@@ -979,7 +1062,7 @@ def train_fold(job: FoldJob) -> FoldResult:
                 _compile_phase(model, job, seg_steps, seg.phase)
                 compiled_for = seg.phase
             phase = seg.phase
-            model._initial_epoch = None
+            forget_restored_epoch(model)  # the previous phase's resume
             log.info("fold %d: %s, epochs %d-%d%s, %s", job.fold, seg.name,
                      seg.first_epoch + 1, seg.first_epoch + seg.epochs,
                      f" at {seg.size}px" if progressive else "",

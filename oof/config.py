@@ -66,10 +66,11 @@ config_dataclass = pydantic.dataclasses.dataclass(
 
 
 def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None, yaml_only: bool = False,
-        const: Any = None, **kw: Any) -> Any:
+        const: Any = None, short: str | None = None, **kw: Any) -> Any:
     """A config field with its help text (and choices) in one place; ``const`` is the value
-    of its flag given alone."""
-    meta = {"help": help, "choices": choices, "yaml_only": yaml_only, "const": const}
+    of its flag given alone; ``short`` a one-letter flag beside the long one (``-v``)."""
+    meta = {"help": help, "choices": choices, "yaml_only": yaml_only, "const": const,
+            "short": short}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -193,6 +194,10 @@ class RunConfig(DatasetConfig):
     callbacks: list = opt([], "extra Keras callbacks: [{name: EarlyStopping, patience: 3}]",
                           yaml_only=True)
     progress: bool = opt(True, "show a progress bar per epoch")
+    verbose: bool = opt(
+        False, "show the frameworks' own log lines (TensorFlow's C++ logs, e.g. 'failed call "
+        "to cuInit' on a machine without a GPU), hidden by default; a TF_CPP_MIN_LOG_LEVEL "
+        "set in the environment is obeyed either way", short="-v")
     extra_train: str | None = opt(
         None, "an external labelled dataset (any layout) whose images join every fold's "
         "TRAINING side, never a held-out one; its classes must be this dataset's, or mapped "
@@ -268,8 +273,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
             kwargs.pop("metavar", None)
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, **kwargs)
+        flags = [f.metadata["short"]] if f.metadata.get("short") else []
+        parser.add_argument(*flags, "--" + f.name.replace("_", "-"), **kwargs)
     return parser
 
 

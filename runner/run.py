@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # out on a rerun means "the stored ones" (``ensure_folds`` already refused different values).
 RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data",
                   "folds", "seed", "folds_group", "lr_find", "write_augment", "tensorboard",
-                  "mlflow"}
+                  "mlflow", "verbose"}
 
 
 @dataclass

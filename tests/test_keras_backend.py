@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,21 +115,65 @@ out["short_last_call"] = {"steps": six_steps, "per_call": six_model.steps_per_ex
 kb.EpochBatches.load = six_load
 out["phase_keys"] = error(lambda: kb.resolve_spec(
     sys.argv[2], RunConfig(backbone="keras/" + sys.argv[2], head_epochs=5, epochs=2)))
+# BackupAndRestore hands the epoch it restored to fit through Model._initial_epoch, which fit
+# prefers to its initial_epoch argument and never clears (kb.forget_restored_epoch clears it)
+tiny = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+tiny.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+tiny_xy = (np.zeros((4, 3), np.float32), np.zeros(4, np.int64))
+def epochs_run(**kw):
+    seen = []
+    hook = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: seen.append(e))
+    cbs = [hook] + ([keras.callbacks.BackupAndRestore(os.path.join(sys.argv[1], "bk"),
+                                                      delete_checkpoint=False)]
+                    if kw.pop("backup", False) else [])
+    tiny.fit(*tiny_xy, verbose=0, callbacks=cbs, **kw)
+    return seen
+epochs_run(epochs=3, backup=True)  # leaves a backup at epoch 3
+out["restored_epoch"] = {"resumed": epochs_run(epochs=5, backup=True),
+                         "attribute": tiny._initial_epoch,
+                         "stale": epochs_run(epochs=2, initial_epoch=0)}
+kb.forget_restored_epoch(tiny)
+out["restored_epoch"]["forgotten"] = epochs_run(epochs=2, initial_epoch=0)
+# TensorFlow's C++ log level: set before its import (only fatal lines by default), a user's
+# own TF_CPP_MIN_LOG_LEVEL obeyed, -v (FOLDSTACK_FRAMEWORK_LOGS) shows every line
+levels = {"at_import": [os.environ.get("TF_CPP_MIN_LOG_LEVEL"),
+                        os.environ.get(kb.OUR_TF_LOG_LEVEL_ENV)]}
+os.environ["FOLDSTACK_FRAMEWORK_LOGS"] = "1"
+levels["verbose"] = [kb.tensorflow_log_level(), os.environ["TF_CPP_MIN_LOG_LEVEL"]]
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+levels["user"] = [kb.tensorflow_log_level(), os.environ["TF_CPP_MIN_LOG_LEVEL"]]
+out["log_levels"] = levels
+sys.stderr.flush()
+with kb.cpp_log_lines_dropped(3):  # what the C++ libraries write while loading
+    os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written "
+                b"to STDERR\\nI0000 00:00:1796610651.148829   11355 cudart_stub.cc:31] PLANTED\\n"
+                b"E0000 00:00:1796610671.275274   11355 cuda_platform.cc:52] PLANTED\\n"
+                b"F0000 00:00:1796610671.275274   11355 x.cc:1] PLANTED fatal\\n"
+                b"PLANTED plain\\n")
 print("PROBE" + json.dumps(out))
 """
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", **extra}
-    env.pop("KERAS_BACKEND", None)
+    """No TF_CPP_MIN_LOG_LEVEL: the Keras runs log as they do for a user, by default."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
+    for name in ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL", "FOLDSTACK_TF_CPP_MIN_LOG_LEVEL",
+                 "FOLDSTACK_FRAMEWORK_LOGS"):
+        env.pop(name, None)
     return env
 
 
+# a C++ log line of TensorFlow (absl): "E0000 00:00:1796610671.275274   11355 cuda_platform..."
+CPP_LOG_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d+\.\d+ ", re.M)
+
+
 def _run_folds(forbidden: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``run_folds.py ARGS`` in a fresh interpreter that must not load ``forbidden`` modules."""
+    """``run_folds.py ARGS`` in a fresh interpreter that must not load ``forbidden`` modules;
+    its stderr holds no C++ log line of the frameworks (hidden unless ``-v``)."""
     proc = subprocess.run([sys.executable, "-c", WRAPPER, forbidden, *args, "--progress", "false"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not CPP_LOG_LINE.search(proc.stderr), proc.stderr[-4000:]
     return proc
 
 
@@ -144,7 +189,7 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> dict:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE"))
-    return json.loads(line[len("PROBE"):])
+    return {**json.loads(line[len("PROBE"):]), "stderr": proc.stderr}
 
 
 def test_names_fail_with_closest(probe: dict) -> None:
@@ -331,3 +376,37 @@ def test_keras_batches_mix_as_timm_does(probe: dict) -> None:
     """The same numpy mix_batch, seeded by (seed, epoch, batch), feeds the Keras pipeline."""
     assert probe["mixing"]["same"] and probe["mixing"]["soft"]
     assert probe["mixing"]["sums"] == [1.0] * 8
+
+
+def test_fit_starts_at_its_initial_epoch_after_a_restored_fold(probe: dict) -> None:
+    """Pins the private ``Model._initial_epoch`` that ``kb.forget_restored_epoch`` writes: if
+    Keras stops setting it on a restore, or stops preferring it to ``initial_epoch``, this
+    fails and the reset in ``train_fold`` must change with it."""
+    assert probe["restored_epoch"] == {"resumed": [3, 4], "attribute": 3, "stale": [],
+                                       "forgotten": [0, 1]}
+
+
+def test_framework_logs_hidden_by_default(probe: dict) -> None:
+    """The probe (TensorFlow imported, models fitted through tf.data, run as a user runs it)
+    writes no C++ log line; lines the libraries write while loading are dropped but for a
+    fatal one, and anything else written then is kept."""
+    err = probe["stderr"]
+    assert not CPP_LOG_LINE.search(err), err[-4000:]
+    assert "absl::InitializeLog" not in err
+    assert "PLANTED fatal" in err and "PLANTED plain" in err
+    assert probe["log_levels"] == {"at_import": ["3", "3"], "verbose": [0, "0"],
+                                   "user": [1, "1"]}
+
+
+def test_verbose_shows_framework_logs(demo_subset: Path, tmp_path: Path) -> None:
+    """``-v`` lets TensorFlow's own log lines through (the same command without it is checked
+    quiet by every run of ``_run_folds``): a spec resolved for --write-augment imports TensorFlow
+    and probes the preprocessing on its device."""
+    proc = subprocess.run(
+        [sys.executable, "run_folds.py", "-v", "--backbone", f"keras/{APP}", "--img-size", "32",
+         "--data", str(demo_subset), "--out", str(tmp_path), "--write-augment",
+         str(tmp_path / "augment.yaml")], cwd=ROOT, env=_env(), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert CPP_LOG_LINE.search(proc.stderr), proc.stderr[-4000:]
+    assert (tmp_path / "augment.yaml").is_file()
