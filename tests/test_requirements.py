@@ -7,6 +7,7 @@ program that do not exist, at module level and inside a test, with and without `
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,21 @@ def test_missing_part_skips_locally_and_fails_under_ci(tmp_path: Path) -> None:
     assert "skipped" not in out, out
     assert "2 failed, 1 passed, 1 error" in out, out  # the module-level one: a collection error
     assert out.count("CI=true and ") >= 3 and all(h in out for h in HINTS), out
+
+
+# A skip for the hardware a test runs on (no GPU, one core) is legitimate in CI too; its line
+# says so with one of these words.
+HARDWARE = re.compile(r"GPU|nvidia|cores", re.I)
+SKIPPING = re.compile(r"importorskip\(|\.skip\(|skipif\(|allow_module_level")
+
+
+def test_every_skip_goes_through_the_one_rule() -> None:
+    """No test skips for a missing part on its own (it would pass green in CI): only
+    ``tests/requirements.py`` skips, and the hardware skips that name their hardware."""
+    own = {Path(__file__).name, "requirements.py"}
+    found = [f"{path.name}:{n}: {line.strip()}"
+             for path in sorted((REPO / "tests").glob("*.py")) if path.name not in own
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if SKIPPING.search(line) and not HARDWARE.search(line)]
+    assert found == [], ("use tests.requirements (require_module, require_program, missing) "
+                         "instead of skipping:\n" + "\n".join(found))
