@@ -408,7 +408,8 @@ class LogRegStacker(_Stacker):
 
     def __sklearn_tags__(self):  # noqa: ANN204
         tags = super().__sklearn_tags__()
-        tags.input_tags.positive_only = self.inputs == "log"
+        # log-probabilities need X > 0; the run pool reads X as probability blocks either way
+        tags.input_tags.positive_only = self.inputs == "log" or self.pooling == "run"
         return tags
 
     def _features(self, X: np.ndarray) -> np.ndarray:
@@ -571,6 +572,8 @@ class LightGBMStacker(_Stacker):
         if self.base not in ("logreg", None):
             raise ValueError(f"LightGBMStacker: base={self.base!r}; choose 'logreg' or None")
         X, yi = self._fit_start(X, y)
+        if self.base == "logreg":  # refused under this stacker's name, not its base's
+            _blocks(X, len(self.classes_), "LightGBMStacker(base='logreg')")
         self.model_, self.best_iteration_, self.base_ = None, 0, None
         if len(self.classes_) < 2:  # one class: nothing to learn, predict it with certainty
             return self

@@ -81,6 +81,32 @@ def test_stack_writes_table_submission_report_and_level2_run(project: Project) -
     assert "submission" in res.summary()
 
 
+def test_stacker_tests_cover_every_stacker_stack_py_builds(
+        project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/test_stackers.py runs its checks over ``stack_configurations()``: every stacker
+    stack_runs builds (recorded where it calls make_stacker), with the default options and with
+    each option that changes a stacker's parameters, is one of them and each of them is built;
+    every method of STACKERS is among them."""
+    import ensemble.stack as stack_module
+    from ensemble.stackers import STACKERS
+    from tests.stacker_configs import stack_configurations
+
+    built: list[tuple[str, dict]] = []
+
+    def recording(name: str, **params) -> object:
+        built.append((name, params))
+        return make_stacker(name, **params)
+
+    monkeypatch.setattr(stack_module, "make_stacker", recording)
+    stack_runs(project.cfg())  # every method, default options
+    stack_runs(project.cfg(method="greedy", compare=False, metric="accuracy", name="g"))
+    stack_runs(project.cfg(method="logreg", compare=False, inputs="proba", name="l"))
+    covered = stack_configurations()
+    assert [b for b in built if b not in covered] == []
+    assert [c for c in covered if c not in built] == []
+    assert sorted({m for m, _ in covered}) == sorted(STACKERS)
+
+
 def test_level2_scores_are_the_honest_cv_over_stored_folds(project: Project) -> None:
     res = stack_runs(project.cfg(method="logreg", compare=False))
     X, _ = level1_matrix(project.runs)

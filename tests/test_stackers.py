@@ -24,15 +24,20 @@ from ensemble.stackers import (
     make_stacker,
 )
 from oof.errors import ConfigError
+from oof.folds import make_folds
 from oof.metrics import log_loss
+from tests.stacker_configs import config_id, stack_configurations
 from tests.synthetic import synthetic_proba
+
+CONFIGS = stack_configurations()  # every (method, params) stack.py can build
+CONFIG_IDS = [config_id(m, p) for m, p in CONFIGS]
 
 # MeanBlend and GreedyEnsemble read X as R blocks of C class probabilities (C = classes in y):
 # that is their whole job. These checks feed free-form features whose width is not a multiple
 # of the number of classes (e.g. 2 features, 3 classes) or whose columns are not probabilities,
 # so fit refuses with a ValueError naming the block shape, or (classifiers_train) the arg-max
 # of raw features is not a good classifier. Their pickling, NaN refusal and n_features checks
-# are exercised on proper probability blocks in test_block_stackers_basics below.
+# are exercised on proper probability blocks in test_stacker_basics below.
 _BLOCK_ONLY = {
     name: "X must be whole blocks of class probabilities; this check feeds free-form features"
     for name in (
@@ -57,13 +62,14 @@ def _expected_failures(est: BaseEstimator) -> dict[str, str]:
     return _BLOCK_ONLY if blocks else {}
 
 
-# The default LogRegStacker (one weight per run) and LightGBMStacker (boosted from it) read X as
-# blocks too; their free-form variants go through every check.
+# Every stacker stack.py can build (the default LogRegStacker, one weight per run, and the
+# LightGBMStacker boosted from it read X as blocks too), plus the free-form variants, which go
+# through every check. Strict: a check listed above as failing that passes fails the test, so
+# the list cannot go stale.
 @parametrize_with_checks(
-    [MeanBlend(), GeometricMean(), RankMean(), OptimizedBlend(), GreedyEnsemble(),
-     LogRegStacker(), LogRegStacker(pooling="none"),
-     LightGBMStacker(), LightGBMStacker(base=None)],
-    expected_failed_checks=_expected_failures,
+    [make_stacker(m, **p) for m, p in CONFIGS]
+    + [LogRegStacker(pooling="none"), LightGBMStacker(base=None)],
+    expected_failed_checks=_expected_failures, xfail_strict=True,
 )
 def test_sklearn_conformance(estimator: BaseEstimator, check) -> None:
     check(estimator)
@@ -145,23 +151,84 @@ def test_level2_cv_never_fits_on_the_rows_it_scores() -> None:
     assert not np.isnan(res.oof).any()
 
 
-@pytest.mark.parametrize("cls", [MeanBlend, GreedyEnsemble, OptimizedBlend, GeometricMean,
-                                 RankMean])
-def test_block_stackers_basics(cls: type) -> None:
-    X, y, _ = _level1(n=200, skills=(0.6, 0.3))
-    est = cls().fit(X, y)
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize(("method", "params"), CONFIGS, ids=CONFIG_IDS)
+def test_stacker_basics(method: str, params: dict, n_classes: int) -> None:
+    """Every stacker stack.py can build, on probability blocks of 2 runs: fit returns self,
+    classes_ sorted and ordering the columns, rows summing to 1, an identical pickle round trip,
+    and NaN/inf, a wrong width or a wrong feature count refused with a clear error."""
+    X, yi, _ = _level1(n=200, skills=(0.6, 0.3), n_classes=n_classes, seed=n_classes)
+    names = np.array(["ant", "bee", "cat", "dog"])[:n_classes]
+    y = names[yi]
+    assert y[0] != names[0]  # the first label seen is not the first class
+    est = make_stacker(method, **params)
+    assert est.fit(X, y) is est
+    assert list(est.classes_) == list(names)
     p = est.predict_proba(X)
-    np.testing.assert_allclose(p.sum(axis=1), 1.0)
-    np.testing.assert_allclose(pickle.loads(pickle.dumps(est)).predict_proba(X), p)
-    assert log_loss(y, p) < log_loss(y, np.full_like(p, 0.25))
-    with pytest.raises(ValueError, match="whole number of blocks"):
-        cls().fit(X[:, :6], y)
-    with pytest.raises(ValueError, match="8 features"):
-        est.predict_proba(X[:, :4])
-    bad = X.copy()
-    bad[0, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        cls().fit(bad, y)
+    assert p.shape == (len(X), n_classes) and (p >= 0).all()
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    assert (est.predict(X) == names[p.argmax(axis=1)]).all()
+    assert (est.predict(X) == y).mean() > 1 / n_classes + 0.3  # column j is classes_[j]
+    assert log_loss(yi, p) < log_loss(yi, np.full_like(p, 1 / n_classes))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(est)).predict_proba(X), p)
+    who = type(est).__name__
+    with pytest.raises(ValueError, match=f"{who}.*whole number of blocks of {n_classes}"):
+        make_stacker(method, **params).fit(X[:, :-1], y)
+    width = 2 * n_classes
+    with pytest.raises(ValueError, match=f"X has {n_classes} features, but {who} is expecting "
+                                         f"{width} features"):
+        est.predict_proba(X[:, :n_classes])
+    with pytest.raises(ValueError, match=f"X has {width + 1} features"):
+        est.predict_proba(np.hstack([X, X[:, :1]]))
+    for value, word in ((np.nan, "NaN"), (np.inf, "infinity")):
+        bad = X.copy()
+        bad[3, 1] = value
+        with pytest.raises(ValueError, match=f"Input X contains {word}"):
+            make_stacker(method, **params).fit(bad, y)
+        with pytest.raises(ValueError, match=f"Input X contains {word}"):
+            est.predict_proba(bad)
+
+
+def _learnable_oof(n: int = 900, n_classes: int = 4, k: int = 5, seed: int = 0):
+    """Three runs of similar skill with independent errors, on stored-fold structure: folds
+    from ``make_folds`` (stratified, seeded, as run_folds.py makes them), and the rows of fold
+    f predicted by "fold model f", whose calibration (temperature) differs from the other
+    folds'. Any sound combination of these runs beats the best one alone."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(n) % n_classes)
+    folds = make_folds([f"img_{i:05d}.png" for i in range(n)], [f"c{c}" for c in y], k,
+                       seed).fold
+    blocks = []
+    for skill in (0.35, 0.3, 0.3):
+        P = np.empty((n, n_classes))
+        for f in range(k):
+            rows = np.flatnonzero(folds == f)
+            temperature = rng.uniform(0.8, 1.25) / (4 * skill)
+            P[rows] = synthetic_proba(y[rows], n_classes, skill, rng, temperature)
+        blocks.append(P)
+    return np.hstack(blocks), y, folds, blocks
+
+
+# RankMean's outputs are ranks, not calibrated probabilities (see its docstring): it is held to
+# its input's accuracy, not to their log loss.
+_SCORES_NOT_PROBABILITIES = {"rank"}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("method", "params"), CONFIGS, ids=CONFIG_IDS)
+def test_stacker_is_not_worse_than_its_best_input(method: str, params: dict, seed: int) -> None:
+    """Scored by the honest level-2 CV over the stored folds, every stacker stack.py can build
+    is at least as good as the best of its input runs (log loss within 0.005, accuracy within
+    0.005), so a broken stacker fails here (checked: blocks read in the wrong column order, the
+    weakest run served alone, LightGBM's start dropped at predict time)."""
+    X, y, folds, blocks = _learnable_oof(seed=seed)
+    res = cross_val_level2(method, make_stacker(method, **params), X, y, folds, 4)
+    assert not np.isnan(res.oof).any()
+    best_ll = min(log_loss(y, b) for b in blocks)
+    best_acc = max(float((b.argmax(axis=1) == y).mean()) for b in blocks)
+    assert res.scores["accuracy"] >= best_acc - 0.005, (res.scores, best_acc)
+    if method not in _SCORES_NOT_PROBABILITIES:
+        assert res.scores["log_loss"] <= best_ll + 0.005, (res.scores, best_ll)
 
 
 def test_mean_blend_weights_validated() -> None:
