@@ -11,6 +11,7 @@ in subprocesses (the pytest process may hold either from other tests).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -311,17 +312,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(bundle: Path) -> Iterator[str]:
-    """serve.py on a free port of 127.0.0.1, small limits so the corpus can cross them.
+@contextlib.contextmanager
+def _serving(bundle: Path, *options: str) -> Iterator[str]:
+    """serve.py on ``bundle`` on a free port of 127.0.0.1 until the block ends; its URL.
 
     Its log goes to a file: a pipe nobody reads fills up and blocks the server's logging."""
     port = _free_port()
     log_path = bundle.parent / "server.log"
     log_file = open(log_path, "w")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
-        [sys.executable, "serve.py", str(bundle), "--port", str(port), "--max-mb", "1",
-         "--max-files", "8", "--max-pixels", "4000000"],
+        [sys.executable, "serve.py", str(bundle), "--port", str(port), *options],
         cwd=ROOT, env=_env(), stdout=log_file, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -344,6 +344,13 @@ def server(bundle: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log_file.close()
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path) -> Iterator[str]:
+    """The logreg bundle served with small limits, so the corpus can cross them."""
+    with _serving(bundle, "--max-mb", "1", "--max-files", "8", "--max-pixels", "4000000") as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -500,6 +507,89 @@ def test_upload_page_in_headless_chromium_shows_the_label(server: str, demo_subs
         assert len(browser.find_elements(By.CSS_SELECTOR, ".prediction .bar")) == 5
     finally:
         browser.quit()
+
+
+# ------------------------------------------------------------------------------ LightGBM stack
+
+
+@pytest.fixture(scope="module")
+def lightgbm_stack(stack: Path, demo_subset: Path) -> Path:
+    """``stack.py --method lightgbm`` (real LightGBM) over the same two trained runs, with the
+    first ``--seed`` whose final stacker keeps trees: on 300 rows its inner held-out split often
+    finds boosting no better than the log-linear start (seed 0 here), and a stacker without
+    trees would serve no LightGBM model at all."""
+    out = stack.parent / "stack-lightgbm"
+    for seed in range(6):
+        _py("stack.py", "--data", str(demo_subset), "--out", str(stack.parent.parent),
+            "--method", "lightgbm", "--compare", "false", "--runs", TIMM_RUN, KERAS_RUN,
+            "--seed", str(seed))
+        if json.loads((out / "report.json").read_text())["final"]["boosting_rounds"] > 0:
+            return out
+    raise AssertionError("no --seed in 0..5 gave a LightGBM stacker with trees")
+
+
+@pytest.mark.slow
+def test_lightgbm_stack_reloads_from_its_folder_as_fitted(lightgbm_stack: Path) -> None:
+    """The saved LightGBM stacker, reloaded from the stack folder (hash and versions checked),
+    predicts the OOF and test rows as the stacker fitted in memory (stack.py's config, same
+    rows) to 1e-9, and its test rows are the stack's own submission probabilities."""
+    from ensemble.evaluate import level1_matrix
+    from ensemble.saved import load_stacker
+    from ensemble.stack import StackConfig, stacker_params
+    from ensemble.stackers import LightGBMStacker, make_stacker
+    from oof.config import parse_config
+    from oof.rundir import load_run
+
+    saved = load_stacker(lightgbm_stack)
+    assert saved.info["method"] == "lightgbm" and saved.runs == [TIMM_RUN, KERAS_RUN]
+    assert isinstance(saved.stacker, LightGBMStacker)
+    assert saved.stacker.model_ is not None and saved.stacker.best_iteration_ > 0  # trees
+    runs = [load_run(r["path"]) for r in saved.info["runs"]]
+    X, X_test = level1_matrix(runs)
+    cfg = parse_config(StackConfig, ["--config", str(lightgbm_stack / "config.yaml")],
+                       "stack.py", "")
+    fitted = make_stacker("lightgbm", **stacker_params("lightgbm", cfg)).fit(X, runs[0].y)
+    assert fitted.get_params() == saved.stacker.get_params()
+    for rows in (X, X_test):
+        np.testing.assert_allclose(saved.predict_proba(rows), fitted.predict_proba(rows),
+                                   rtol=0, atol=1e-9)
+    sub = pd.read_csv(lightgbm_stack / "submission_proba.csv", dtype={"Id": str})
+    pos = {i: n for n, i in enumerate(runs[0].test_ids)}
+    np.testing.assert_allclose(saved.predict_proba(X_test)[[pos[i] for i in sub["Id"]]],
+                               sub[runs[0].classes].to_numpy(float), rtol=0, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_lightgbm_bundle_served_answers_like_predict_py(lightgbm_stack: Path, demo_subset: Path,
+                                                       tmp_path: Path) -> None:
+    """The LightGBM stack exported as a bundle: predict.py on it reproduces the stack's
+    submission probabilities, and the real service on 127.0.0.1 answers /predict with
+    predict.py's probabilities and labels to 1e-6."""
+    bundle = tmp_path / "bundle"
+    _py("-m", "serve.bundle", str(lightgbm_stack), "--out", str(bundle))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["stacker"]["method"] == "lightgbm"
+    out = tmp_path / "preds.csv"
+    _py("predict.py", str(bundle), str(demo_subset / "test_upload"), "--out", str(out))
+    predicted = pd.read_csv(out, dtype={"id": str, "label": str}).set_index("id")
+    classes = [str(c) for c in range(10)]
+    sub = pd.read_csv(lightgbm_stack / "submission_proba.csv", dtype={"Id": str})
+    np.testing.assert_allclose(predicted.loc[sub["Id"], classes].to_numpy(float),
+                               sub[classes].to_numpy(float), rtol=0, atol=1e-6)
+    files = sorted((demo_subset / "test_upload").iterdir())[:8]
+    with _serving(bundle) as url:
+        health = requests.get(url + "/health", timeout=30).json()
+        assert health["stacker"]["method"] == "lightgbm"
+        resp = requests.post(url + "/predict", timeout=120,
+                             files=[("file", (f.name, f.read_bytes())) for f in files])
+    assert resp.status_code == 200, resp.text[:500]
+    rows = resp.json()["predictions"]
+    assert [r["name"] for r in rows] == [f.name for f in files]
+    for r in rows:
+        got = np.array([r["probabilities"][c] for c in classes])
+        np.testing.assert_allclose(got, predicted.loc[r["name"], classes].to_numpy(float),
+                                   rtol=0, atol=1e-6)
+        assert r["label"] == predicted.loc[r["name"], "label"]
 
 
 def test_layers_serve_on_top_ensemble_free_of_frameworks() -> None:
