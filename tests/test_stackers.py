@@ -71,7 +71,11 @@ def _expected_failures(est: BaseEstimator) -> dict[str, str]:
     + [LogRegStacker(pooling="none"), LightGBMStacker(base=None)],
     expected_failed_checks=_expected_failures, xfail_strict=True,
 )
-def test_sklearn_conformance(estimator: BaseEstimator, check) -> None:
+def test_sklearn_conformance(estimator: BaseEstimator, check,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # check_array_api_input (array API dispatch on NumPy input must not change results) skips
+    # itself unless SCIPY_ARRAY_API is set; set for the check only, scipy's import is unchanged
+    monkeypatch.setenv("SCIPY_ARRAY_API", "1")
     check(estimator)
 
 
