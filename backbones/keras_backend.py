@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,7 @@ from recipe import (  # noqa: E402
 from recipe.batches import (  # noqa: E402
     PooledMoments,
     bn_chunks,
+    check_batch_size,
     check_train_batches,
     train_batches,
 )
@@ -226,11 +227,16 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
                           f"depth (keras/{model_name} takes no rate); leave --drop-path at 0 or "
                           "use a timm backbone")
     words, mean, std = describe_preprocessing(model_name)
-    return BackboneSpec(
+    spec = BackboneSpec(
         name=f"keras/{model_name}", family="keras", framework=FRAMEWORK, model_name=model_name,
         input_size=int(cfg.final_img_size or 224), mean=mean, std=std,  # type: ignore[arg-type]
         preprocessing=words, pretrained=cfg.pretrained, **BackboneSpec.head_options(cfg),
     )
+    if cfg.batch_size < 2:  # the model's structure decides (no weights loaded)
+        model = build_model(replace(spec, pretrained=""), 2)
+        check_batch_size(cfg.batch_size, len(training_batchnorms(model, plan_phases(cfg))),
+                         spec.name)
+    return spec
 
 
 # -------------------------------------------------------------------------------------- model

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from oof.config import RunConfig
 from oof.errors import ConfigError
 from oof.metrics import accuracy, log_loss
 from recipe import lr_factor, phase_lengths, plan_phases, plan_sizes, size_of
-from recipe.batches import PooledMoments, bn_chunks, check_train_batches
+from recipe.batches import PooledMoments, bn_chunks, check_batch_size, check_train_batches
 from recipe.losses import class_weight_vector
 from recipe.phases import Phase, phase_of
 
@@ -79,12 +79,17 @@ def resolve_spec(model_name: str, cfg: RunConfig) -> BackboneSpec:
     default_size = pcfg.input_size[-1] if pcfg and pcfg.input_size else 224
     mean = tuple(pcfg.mean) if pcfg else (0.485, 0.456, 0.406)
     std = tuple(pcfg.std) if pcfg else (0.229, 0.224, 0.225)
-    return BackboneSpec(
+    spec = BackboneSpec(
         name=f"timm/{model_name}", family="timm", framework=FRAMEWORK, model_name=model_name,
         input_size=int(cfg.final_img_size or default_size), mean=mean, std=std,  # type: ignore[arg-type]
         preprocessing=f"x/255, minus mean {mean}, divided by std {std} (timm pretrained cfg)",
         pretrained=cfg.pretrained, **BackboneSpec.head_options(cfg),
     )
+    if cfg.batch_size < 2:  # the model's structure decides (no weights loaded)
+        model = create_model(replace(spec, pretrained=""), 2)
+        check_batch_size(cfg.batch_size, len(training_batchnorms(model, plan_phases(cfg))),
+                         spec.name)
+    return spec
 
 
 def create_model(spec: BackboneSpec, num_classes: int) -> nn.Module:
@@ -349,19 +354,11 @@ class Trainer:
         return [m for m in self.model.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in head]
 
-    def training_batchnorms(self, phases: list[Phase]) -> list[nn.Module]:
-        """The BatchNorm layers that normalise by batch statistics in some of ``phases``: a
-        hidden head layer's always, the backbone's unless every phase that trains the backbone
-        freezes them (``freeze_bn``)."""
-        head = [m for m in self.model.get_classifier().modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        backbone = any(p.train_backbone and not p.freeze_bn for p in phases)
-        return head + (self.backbone_batchnorms() if backbone else [])
-
     def check_batches(self, job: FoldJob, phases: list[Phase]) -> None:
         """Refuse training batches of one image when BatchNorm trains (``recipe.batches``)."""
         check_train_batches(len(job.x_train), self.cfg.batch_size,
-                            len(self.training_batchnorms(phases)), job.spec.name, job.fold)
+                            len(training_batchnorms(self.model, phases)), job.spec.name,
+                            job.fold)
 
     def train_mode(self) -> None:
         """Training mode, but a frozen backbone (head phase) stays in inference mode: its
@@ -506,6 +503,16 @@ class Trainer:
             return np.zeros((0, model.num_classes), dtype=np.float64)
         probs = np.concatenate(out)
         return probs / probs.sum(axis=1, keepdims=True)
+
+
+def training_batchnorms(model: nn.Module, phases: list[Phase]) -> list[nn.Module]:
+    """The BatchNorm layers that normalise by batch statistics in some of ``phases``: a hidden
+    head layer's always, the backbone's unless every phase that trains the backbone freezes
+    them (``freeze_bn``)."""
+    head = set(model.get_classifier().modules())
+    backbone = any(p.train_backbone and not p.freeze_bn for p in phases)
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (backbone or m in head)]
 
 
 def _scaled_factor(scale: float, total: int, warmup: int, schedule: str, step: int) -> float:

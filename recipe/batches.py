@@ -31,23 +31,35 @@ def train_batches(n: int, batch_size: int) -> tuple[int, int]:
     return batch_size, n // batch_size
 
 
-def check_train_batches(n: int, batch_size: int, batchnorm_layers: int, backbone: str,
-                        fold: int) -> None:
-    """Refuse training batches of one image for a model with BatchNorm layers that train.
+def _needs_two(backbone: str, batchnorm_layers: int) -> str:
+    return (f"{backbone} has {batchnorm_layers} BatchNorm layers in training mode, and "
+            "BatchNorm needs at least 2 images per training batch")
+
+
+def check_batch_size(batch_size: int, batchnorm_layers: int, backbone: str) -> None:
+    """Refuse ``--batch-size 1`` for a model with BatchNorm layers that train.
 
     torch stops with a ValueError deep in the first step where a feature map is 1x1; Keras
-    trains, but every such layer outputs its bias alone. Either way the fold cannot learn, so
-    it is refused before any work, naming the flag or the fold at fault.
+    trains, but every such layer outputs its bias alone. Either way nothing is learnt, so each
+    backend's ``resolve_spec`` refuses it before images are decoded or a run folder is written.
     """
+    if batch_size < 2 and batchnorm_layers:
+        raise ConfigError(f"--batch-size {batch_size}: {_needs_two(backbone, batchnorm_layers)}"
+                          "; use --batch-size 2 or more")
+
+
+def check_train_batches(n: int, batch_size: int, batchnorm_layers: int, backbone: str,
+                        fold: int) -> None:
+    """Refuse a fold whose training batches would hold one image while BatchNorm trains
+    (``check_batch_size``, or a fold of one training image), naming the flag or the fold."""
     batch, _ = train_batches(n, batch_size)
     if batch >= 2 or not batchnorm_layers:
         return
-    why = (f"{backbone} has {batchnorm_layers} BatchNorm layers in training mode, and "
-           "BatchNorm needs at least 2 images per training batch")
     if n < 2:
-        raise DataError(f"fold {fold} has {n} training image{'' if n == 1 else 's'}: {why}; "
-                        "use fewer --folds or more images")
-    raise ConfigError(f"--batch-size {batch_size}: {why}; use --batch-size 2 or more")
+        raise DataError(f"fold {fold} has {n} training image{'' if n == 1 else 's'}: "
+                        f"{_needs_two(backbone, batchnorm_layers)}; use fewer --folds or more "
+                        "images")
+    check_batch_size(batch_size, batchnorm_layers, backbone)
 
 
 def bn_chunks(n: int, size: int | None = None) -> list[tuple[int, int]]:
