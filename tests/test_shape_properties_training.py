@@ -302,7 +302,7 @@ def _nothing_written(job) -> bool:  # noqa: ANN001
 
 
 @pytest.mark.slow
-@settings(max_examples=6, **QUICK)
+@settings(max_examples=10, **QUICK)
 @example(case={"n": 9, "batch_size": 8, "chunk": 4, "mixing": "cutmix", "ema": True,
                "tta": "hflip", "progressive": False})
 @example(case={"n": 12, "batch_size": 1, "chunk": 11, "mixing": "none", "ema": False,
@@ -351,7 +351,7 @@ def test_timm_fold_trains_or_refuses_at_every_batch_edge(
 
 
 @pytest.mark.slow
-@settings(max_examples=3, **QUICK)
+@settings(max_examples=4, **QUICK)
 @example(case=(9, 8))
 @example(case=(1, 4))
 @given(case=rows_cut_by(max_size=6, most=14))
@@ -399,8 +399,9 @@ def _divisors_of_leftover(rows: int) -> list[int]:
 
 
 @pytest.mark.slow
-@settings(max_examples=3, **QUICK)
+@settings(max_examples=4, **QUICK)
 @example(case={"per_class": 2, "k": 2, "fold": 0, "pick": 0, "tta": "hflip"})
+@example(case={"per_class": 2, "k": 2, "fold": 1, "pick": 2, "tta": "none"})  # batch 1
 @given(case=run_cases())
 def test_run_folds_completes_or_refuses_at_every_batch_edge(
         demo_dir: Path, tmp_path_factory: pytest.TempPathFactory, case: dict) -> None:
