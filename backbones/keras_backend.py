@@ -815,8 +815,12 @@ def configure_runtime(cfg: RunConfig) -> tuple[str, str]:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
             tf.config.threading.set_inter_op_parallelism_threads(min(2, cfg.threads))
-        except RuntimeError:  # already initialised by an earlier fold: keeps its setting
-            pass
+        except RuntimeError:  # set before this process's first op, then fixed for good
+            raise ConfigError(
+                f"--threads {cfg.threads}: TensorFlow in this process already computes on "
+                f"{tf.config.threading.get_intra_op_parallelism_threads() or 'its default'} "
+                "threads, and the count orders the float sums; train this run in a process of "
+                "its own (run_folds.py, or a plan: one worker per thread count)") from None
     # Deterministic kernels where TensorFlow has a choice (GPU reductions, scatter, tf.data's
     # parallel map): the seeds then fix the result on a GPU as they already do on the CPU.
     tf.config.experimental.enable_op_determinism()

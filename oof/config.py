@@ -185,7 +185,10 @@ class RunConfig(DatasetConfig):
     device: str = opt("auto", "auto (GPU when present), cpu or cuda[:N]")
     amp: bool = opt(True, "mixed precision on GPU (ignored on CPU)")
     num_workers: NonNegativeInt | None = opt(None, "data loader workers (default: 0 on <=2 cores)")
-    threads: PositiveInt | None = opt(None, "CPU threads for the framework (default: all cores)")
+    threads: PositiveInt | None = opt(
+        None, "CPU threads of each fold job (torch / TensorFlow intra-op); the count orders the "
+        "float sums, so it is recorded with the run and a rerun with another is refused "
+        "(default: OMP_NUM_THREADS if set, else the cores this process may use)")
     bn_momentum: OpenFraction | None = opt(None, "BatchNorm momentum override (Keras convention)")
     bn_recalibrate: bool = opt(
         True, "after training, re-estimate BatchNorm statistics over the training images "

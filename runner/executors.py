@@ -3,16 +3,18 @@
 One scheduler, two ways to run a job, both through ``runner.ray_worker.FoldWorker``:
 
 - ``local`` (default): one worker process per framework on this machine, one job at a time;
-- ``ray``: Ray actors, one per device share (``--cpus-per-job``, ``--gpus-per-job``) per
-  framework, on a local Ray instance or a running cluster (``--address``); jobs start as
-  workers free up and finish in any order (``ray.wait``), like AutoGluon's parallel fold
-  fitting strategy.
+- ``ray``: Ray actors, one per device share (``--gpus-per-job``, and as many CPUs as the run's
+  ``--threads``) per framework, on a local Ray instance or a running cluster (``--address``);
+  jobs start as workers free up and finish in any order (``ray.wait``), like AutoGluon's
+  parallel fold fitting strategy.
 
-Either way torch and TensorFlow never share a process, every fold part is written by the worker
-that trained it through ``RunDir`` (atomic; fold locks), so a Ray run and a local run give the
-same files and a rerun redoes nothing finished. A job whose worker died (killed, out of memory,
-node lost) runs again, up to ``--retries`` times; a job that fails by raising (bad input) fails
-once, with its own message, and the jobs that needed it are skipped while the others go on.
+Either way torch and TensorFlow never share a process, a worker computes on one thread count,
+its run's (the count orders the float sums; TensorFlow cannot change it in a live process),
+every fold part is written by the worker that trained it through ``RunDir`` (atomic; fold
+locks), so a Ray run and a local run give the same files and a rerun redoes nothing finished.
+A job whose worker died (killed, out of memory, node lost) runs again, up to ``--retries``
+times; a job that fails by raising (bad input) fails once, with its own message, and the jobs
+that needed it are skipped while the others go on.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 from oof.config import RunConfig, config_dict
 from oof.errors import ConfigError, FoldstackError
-from runner.plan import ExecutorConfig, Plan, stack_config
+from runner.plan import ExecutorConfig, Plan, stack_config, with_job_threads
 from runner.progress import Job, JobTable
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,10 @@ class Graph:
             g.jobs.append(Job("stack", "stack"))
         return g
 
+    def pool_key(self, job: Job) -> PoolKey:
+        """The workers that may run ``job``: its framework, and its run's thread count."""
+        return (job.family or "", int(self.values[job.run]["threads"]))
+
     def of_run(self, i: int) -> list[Job]:
         return [j for j in self.jobs if j.run == i]
 
@@ -157,6 +163,9 @@ class Graph:
 
 # ------------------------------------------------------------------------------ worker pools
 
+PoolKey = tuple[str, int]  # (family, threads): the jobs one worker process may run
+
+
 def _call_in_worker(family: str, method: str, args: tuple) -> Any:
     """Runs in a local worker process: one FoldWorker per process, kept between jobs."""
     global _WORKER
@@ -171,36 +180,36 @@ _WORKER: Any = None
 
 
 class LocalPool:
-    """One spawned worker process per framework, one job at a time across them."""
+    """One spawned worker process per framework and thread count, one job at a time."""
 
     def __init__(self, ex: ExecutorConfig) -> None:
         self.ex = ex
-        self.pools: dict[str, ProcessPoolExecutor] = {}
-        self.running: dict[Future, Job] = {}
+        self.pools: dict[PoolKey, ProcessPoolExecutor] = {}
+        self.running: dict[Future, tuple[Job, PoolKey]] = {}
 
-    def slots_free(self, family: str, wanted: set[str]) -> bool:
+    def slots_free(self, key: PoolKey, wanted: set[PoolKey]) -> bool:
         return not self.running
 
-    def _pool(self, family: str) -> ProcessPoolExecutor:
-        if family not in self.pools:
-            self.pools[family] = ProcessPoolExecutor(
+    def _pool(self, key: PoolKey) -> ProcessPoolExecutor:
+        if key not in self.pools:
+            self.pools[key] = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        return self.pools[family]
+        return self.pools[key]
 
-    def start(self, job: Job, method: str, args: tuple) -> str:
-        pool = self._pool(job.family or "")
+    def start(self, job: Job, key: PoolKey, method: str, args: tuple) -> str:
+        pool = self._pool(key)
         where = pool.submit(_call_in_worker, job.family, "where", ()).result()
-        self.running[pool.submit(_call_in_worker, job.family, method, args)] = job
+        self.running[pool.submit(_call_in_worker, job.family, method, args)] = (job, key)
         return f"{where['host']}:{where['pid']}"
 
     def wait(self, timeout: float) -> Iterator[tuple[Job, Outcome]]:
         done, _ = wait_futures(list(self.running), timeout=timeout, return_when=FIRST_COMPLETED)
         for fut in done:
-            job = self.running.pop(fut)
+            job, key = self.running.pop(fut)
             try:
                 yield job, Outcome("ok", fut.result())
             except BrokenProcessPool as exc:  # the worker process died: a new one next time
-                self.pools.pop(job.family or "", None)
+                self.pools.pop(key, None)
                 yield job, Outcome("died", message=f"worker died ({exc})")
             except Exception as exc:  # noqa: BLE001 - the job's own error, reported as its result
                 if not isinstance(exc, FoldstackError):
@@ -213,9 +222,14 @@ class LocalPool:
 
 
 class RayPool:
-    """Ray actors: per framework, as many as the cluster has device shares for."""
+    """Ray actors, per framework and thread count, as many as the nodes have CPU shares for.
 
-    def __init__(self, ex: ExecutorConfig) -> None:
+    A worker reserves exactly its run's ``threads`` CPUs (Ray then also sets its
+    ``OMP_NUM_THREADS``), so a job computes on the count its run records, never on what the
+    reservation happened to leave it. A count no node can hold is refused before any job runs.
+    """
+
+    def __init__(self, ex: ExecutorConfig, threads: set[int]) -> None:
         try:
             import ray
         except ImportError:
@@ -231,60 +245,76 @@ class RayPool:
         else:
             kwargs["object_store_memory"] = ex.object_store_mb * 2**20
         ray.init(**kwargs)
-        res = ray.cluster_resources()
-        self.slots = int(res.get("CPU", 0) // ex.cpus_per_job)
-        if ex.gpus_per_job:
-            self.slots = min(self.slots, int(res.get("GPU", 0) // ex.gpus_per_job))
-        if self.slots < 1:
-            ray.shutdown()
-            raise ConfigError(
-                f"the Ray cluster has {res.get('CPU', 0):g} CPU(s) and {res.get('GPU', 0):g} "
-                f"GPU(s): not one job of --cpus-per-job {ex.cpus_per_job:g} --gpus-per-job "
-                f"{ex.gpus_per_job:g} fits")
-        log.info("Ray: %g CPUs, %g GPUs: %d fold worker(s) of %g CPU, %g GPU", res.get("CPU", 0),
-                 res.get("GPU", 0), self.slots, ex.cpus_per_job, ex.gpus_per_job)
+        # each node's (CPUs, GPUs): a worker's share must fit on one node
+        self.nodes = {n["NodeID"]: (n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0))
+                      for n in ray.nodes() if n["Alive"]}
+        for t in sorted(threads):
+            if not any(cpu >= t and gpu >= ex.gpus_per_job for cpu, gpu in self.nodes.values()):
+                ray.shutdown()
+                sizes = ", ".join(f"{cpu:g} CPU(s) and {gpu:g} GPU(s)"
+                                  for cpu, gpu in self.nodes.values())
+                raise ConfigError(
+                    f"a fold job of --threads {t} reserves {t} CPU(s) (and --gpus-per-job "
+                    f"{ex.gpus_per_job:g}) on one Ray node, and no node has that much (nodes: "
+                    f"{sizes}); pass a smaller --threads (or --cpus-per-job)")
+        log.info("Ray: %d node(s) of %s; fold workers of %s CPU(s) and %g GPU(s)",
+                 len(self.nodes), ", ".join(f"{c:g} CPU/{g:g} GPU" for c, g in self.nodes.values()),
+                 "/".join(map(str, sorted(threads))), ex.gpus_per_job)
         from runner.ray_worker import FoldWorker
 
-        self.actor_cls = ray.remote(FoldWorker).options(
-            num_cpus=ex.cpus_per_job, num_gpus=ex.gpus_per_job, max_restarts=-1,
-            max_task_retries=0, max_concurrency=1)
-        self.actors: dict[str, list[Any]] = {}  # family -> actor handles
+        self.actor_cls = ray.remote(FoldWorker)
+        self.actors: dict[PoolKey, list[Any]] = {}  # (family, threads) -> actor handles
+        self.node_of: dict[int, str] = {}  # id(actor) -> the node its share is on
         self.busy: dict[Any, Any] = {}  # ObjectRef -> (job, actor)
 
-    def _idle(self, family: str) -> Any:
+    def _idle(self, key: PoolKey) -> Any:
         running = {id(a) for _, a in self.busy.values()}
-        return next((a for a in self.actors.get(family, []) if id(a) not in running), None)
+        return next((a for a in self.actors.get(key, []) if id(a) not in running), None)
 
-    def _count(self) -> int:
-        return sum(len(v) for v in self.actors.values())
+    def _fits(self, threads: int) -> bool:
+        """A node with ``threads`` CPUs (and the GPU share) not held by a worker of ours."""
+        free = {n: list(res) for n, res in self.nodes.items()}
+        for (_, t), actors in self.actors.items():
+            for a in actors:
+                held = free.get(self.node_of.get(id(a), ""))
+                if held is not None:
+                    held[0] -= t
+                    held[1] -= self.ex.gpus_per_job
+        return any(cpu >= threads and gpu >= self.ex.gpus_per_job for cpu, gpu in free.values())
 
-    def slots_free(self, family: str, wanted: set[str]) -> bool:
-        """An idle worker of ``family``, or a share to start one. ``wanted``: the frameworks
-        with jobs ready to start; their idle workers are kept (starting one costs seconds)."""
-        if self._idle(family) is not None or self._count() < self.slots:
+    def slots_free(self, key: PoolKey, wanted: set[PoolKey]) -> bool:
+        """An idle worker for ``key``, or room to start one. ``wanted``: the pools with jobs
+        ready to start; their idle workers are kept (starting one costs seconds)."""
+        if self._idle(key) is not None or self._fits(key[1]):
             return True
-        # all shares taken: free one held by an idle worker that no ready job wants
+        # no room: free the shares held by idle workers that no ready job wants
         for other, actors in self.actors.items():
             idle = self._idle(other) if other not in wanted else None
-            if idle is not None:
+            while idle is not None:
                 actors.remove(idle)
+                self.node_of.pop(id(idle), None)
                 self.ray.kill(idle)
-                return True
+                if self._fits(key[1]):
+                    return True
+                idle = self._idle(other)
         return False
 
-    def start(self, job: Job, method: str, args: tuple) -> str:
-        family = job.family or ""
-        actor = self._idle(family)
+    def start(self, job: Job, key: PoolKey, method: str, args: tuple) -> str:
+        actor = self._idle(key)
         if actor is None:
-            actor = self.actor_cls.remote(family)
-            self.actors.setdefault(family, []).append(actor)
+            actor = self.actor_cls.options(
+                num_cpus=key[1], num_gpus=self.ex.gpus_per_job, max_restarts=-1,
+                max_task_retries=0, max_concurrency=1).remote(job.family or "")
+            self.actors.setdefault(key, []).append(actor)
         where = self._where(actor)
+        self.node_of[id(actor)] = where["node"]  # a restarted worker may have moved
         ref = getattr(actor, method).remote(*args)
         self.busy[ref] = (job, actor)
         return f"{where['host']}:{where['pid']}"
 
     def _where(self, actor: Any, timeout: float = 300.0) -> dict[str, Any]:
-        """The actor's host and pid, once it is up (a restarting actor answers 'unavailable')."""
+        """The actor's host, pid and node, once it is up (a restarting actor answers
+        'unavailable')."""
         end = time.monotonic() + timeout
         while True:
             try:
@@ -335,10 +365,13 @@ def status_dir_of(plan: Plan) -> Path:
 
 def run_plan(plan: Plan, ex: ExecutorConfig) -> PlanResult:
     """Run every job of ``plan`` on the executor ``ex`` names; raise PlanError if any failed."""
+    plan = with_job_threads(plan, ex)
     graph = Graph.of(plan)
     table = JobTable(graph.jobs, status_dir_of(plan))
     table.save()
-    pool: LocalPool | RayPool = RayPool(ex) if ex.executor == "ray" else LocalPool(ex)
+    threads = {int(v["threads"]) for v in graph.values}
+    pool: LocalPool | RayPool = (RayPool(ex, threads) if ex.executor == "ray"
+                                 else LocalPool(ex))
     try:
         _schedule(graph, table, pool, ex)
     finally:
@@ -361,17 +394,18 @@ def _schedule(graph: Graph, table: JobTable, pool: LocalPool | RayPool,
     while True:
         busy_roots = {graph.root(j.run) for j in running.values() if j.kind == "prepare"}
         ready = graph.ready(busy_roots)
-        wanted = {j.family for j in ready if j.family}
+        wanted = {graph.pool_key(j) for j in ready if j.family}
         for job in ready:
             if job.kind == "stack":  # level 2 runs here: it never needs torch or TensorFlow
                 _run_stack(graph, table, job)
                 continue
-            if not pool.slots_free(job.family or "", wanted):
+            key = graph.pool_key(job)
+            if not pool.slots_free(key, wanted):
                 continue
             args: tuple = (graph.values[job.run],)
             if job.kind == "fold":
                 args = (*args, job.fold)
-            worker = pool.start(job, job.kind, args)
+            worker = pool.start(job, key, job.kind, args)
             table.set(job, "running", worker=worker, result="")
             running[id(job)] = job
             if job.kind == "prepare":

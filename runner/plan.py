@@ -27,6 +27,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from oof.config import (
+    PositiveInt,
     RunConfig,
     build_parser,
     config_dataclass,
@@ -37,14 +38,13 @@ from oof.config import (
 from oof.errors import ConfigError
 
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 PLAN_KEYS = ("defaults", "runs", "stack")
 
 
 @config_dataclass
 class ExecutorConfig:
     """How ``run_folds.py`` runs its fold jobs (not part of any run's config: where a fold ran
-    never changes what it computes)."""
+    never changes what it computes; ``--cpus-per-job`` alone becomes the runs' ``--threads``)."""
 
     plan: str | None = opt(None, "plan file (YAML): several runs, then the stack, as one job "
                            "graph")
@@ -52,7 +52,9 @@ class ExecutorConfig:
                         "on a Ray cluster (pip install -e .[ray])", ("local", "ray"))
     address: str | None = opt(None, "ray: address of a running cluster (HOST:PORT, or 'auto'); "
                               "default: start a local Ray instance on this machine")
-    cpus_per_job: PositiveFloat = opt(1.0, "ray: CPU cores reserved by each fold worker")
+    cpus_per_job: PositiveInt | None = opt(
+        None, "ray: CPU cores reserved by each fold worker, which are its job's threads: a run's "
+        "--threads by default; given alone, it sets --threads (the two differing is refused)")
     gpus_per_job: NonNegativeFloat = opt(0.0, "ray: GPUs reserved by each fold worker (0.5: two "
                                          "workers share a GPU)")
     retries: Annotated[int, Field(ge=0)] = opt(
@@ -149,6 +151,29 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
         stack = {str(k).replace("-", "_"): v for k, v in stack.items()}
         stack_config(stack, runs[0], [], path)  # checked now, not after hours of training
     return Plan(path, runs, stack, sources)
+
+
+def with_job_threads(plan: Plan, ex: ExecutorConfig) -> Plan:
+    """``plan`` with each run's thread count as a number (``runner.run.with_threads``).
+
+    On Ray a fold worker reserves as many CPUs as its job computes on: fewer would oversubscribe
+    the node, and a thread count that followed the reservation instead of the run would make
+    the executor change the numbers. ``--cpus-per-job`` alone sets the runs' ``--threads``.
+    """
+    from runner.run import with_threads
+
+    runs = []
+    for cfg, where in zip(plan.runs, plan.sources):
+        cpus = ex.cpus_per_job if ex.executor == "ray" else None
+        if cpus is not None and cfg.threads is None:
+            cfg = dataclasses.replace(cfg, threads=cpus)
+        elif cpus is not None and cfg.threads != cpus:
+            raise ConfigError(
+                f"{where}: threads {cfg.threads} but --cpus-per-job {cpus}: a fold job computes "
+                "on the CPUs its worker reserves, and its thread count is part of its result; "
+                "give one of --threads and --cpus-per-job, or the same number")
+        runs.append(with_threads(cfg))
+    return dataclasses.replace(plan, runs=runs)
 
 
 def stack_config(stack: dict[str, Any], first: RunConfig, run_dirs: list[str],

@@ -1,10 +1,11 @@
 """The fold worker: a long-lived process that runs the jobs of one framework on its device share.
 
 ``runner.executors`` turns ``FoldWorker`` into a Ray actor (this module does not import Ray, so
-it can be tested and read without it). One actor per device share per framework: torch and
-TensorFlow never share a process, and an actor stays alive between jobs, so the run's prepared
-state (dataset, folds, memory-mapped images, the backend module with its compiled-step cache)
-is reused by every fold of that run it trains.
+it can be tested and read without it). One actor per device share per framework and thread
+count: torch and TensorFlow never share a process, a worker's share is its jobs' thread count,
+and an actor stays alive between jobs, so the run's prepared state (dataset, folds,
+memory-mapped images, the backend module with its compiled-step cache) is reused by every fold
+of that run it trains.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from typing import Any
 
 from oof.config import RunConfig, make_config
@@ -31,8 +33,13 @@ class FoldWorker:
         self._runs: dict[str, Any] = {}  # config key -> (PreparedRun, FoldImages | None)
 
     def where(self) -> dict[str, Any]:
-        """Host and process id: shown in the job table (and what an operator kills)."""
-        return {"host": socket.gethostname(), "pid": os.getpid(), "family": self.family}
+        """Host and process id: shown in the job table (and what an operator kills); on Ray,
+        the node that holds this worker's CPU share too."""
+        ray = sys.modules.get("ray")  # imported in a Ray actor; never imported here
+        node = (ray.get_runtime_context().get_node_id()
+                if ray is not None and ray.is_initialized() else None)
+        return {"host": socket.gethostname(), "pid": os.getpid(), "family": self.family,
+                "node": node}
 
     def _prepared(self, values: dict[str, Any], fresh: bool = False) -> Any:
         from runner.run import prepare_run

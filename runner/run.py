@@ -7,6 +7,7 @@ timm run never loads TensorFlow and a Keras run never loads torch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 # Keys that may change between invocations of one run without changing what it computes.
 # ``folds`` and ``seed`` are checked through the stored folds' fingerprint instead: leaving them
 # out on a rerun means "the stored ones" (``ensure_folds`` already refused different values).
-RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "threads", "device", "out", "data",
+# ``threads`` is not one of them: the thread count of a fold job orders its float reductions.
+RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "device", "out", "data",
                   "folds", "seed", "folds_group", "lr_find", "write_augment", "tensorboard",
                   "mlflow", "verbose"}
 
@@ -63,6 +65,25 @@ def library_versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[n] = metadata.version(n)
     return out
+
+
+def default_threads() -> int:
+    """The thread count of a run that names none: ``OMP_NUM_THREADS`` when set (torch and
+    TensorFlow size their pools from it too), else the cores this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def with_threads(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its thread count as a number, resolved once where the run is planned.
+
+    The count decides how a fold's float sums are split, so it is part of what the run computes:
+    it is recorded in the run's config, every executor trains with it, and a rerun with another
+    count is refused (``_check_same_config``).
+    """
+    return cfg if cfg.threads is not None else dataclasses.replace(cfg, threads=default_threads())
 
 
 def run_root_for(cfg: RunConfig, dataset: ImageDataset) -> Path:
@@ -164,11 +185,18 @@ def _check_same_config(run: RunDir, cfg: RunConfig, folds: Folds) -> None:
     now = config_dict(cfg)
     # a key added since the run started (``resize``) reads as its default, which it then was
     was = {k: stored.get(k, field_default(RunConfig, k)) for k in now}
+    if was["threads"] is None:  # started before thread counts were recorded: any count, as then
+        log.info("%s has no recorded thread count; its folds from now on run on %s threads",
+                 run.path, now["threads"])
+        was["threads"] = now["threads"]
     diff = [f"{k}: {was[k]!r} -> {now.get(k)!r}" for k in now
             if k not in RESUMABLE_KEYS and was[k] != now.get(k)]
     if diff:
+        resume = (f" To resume it, pass --threads {was['threads']} (its folds computed on that "
+                  "many threads, and another count sums floats in another order)."
+                  if was["threads"] != now["threads"] else "")
         raise ConfigError(
-            f"{run.path} was started with other settings ({'; '.join(diff)}). "
+            f"{run.path} was started with other settings ({'; '.join(diff)}).{resume} "
             "Pass --run-name NEW_NAME for a new run, or delete the folder to start over."
         )
 
@@ -237,6 +265,7 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     """
     import backbones
 
+    cfg = with_threads(cfg)  # a plan's runs come resolved by the driver; a local run here
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
     pseudo = load_pseudo_source(cfg.pseudo_labels) if cfg.pseudo_labels else None

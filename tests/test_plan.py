@@ -55,12 +55,32 @@ def test_executor_flags_are_split_from_run_flags() -> None:
     ex, rest = parse_executor_args(["--executor", "ray", "--epochs", "2", "--gpus-per-job",
                                     "0.5", "--address", "10.0.0.1:6379", "--augment", "flip"])
     assert (ex.executor, ex.gpus_per_job, ex.address, ex.cpus_per_job) == (
-        "ray", 0.5, "10.0.0.1:6379", 1.0)
+        "ray", 0.5, "10.0.0.1:6379", None)
     assert rest == ["--epochs", "2", "--augment", "flip"]
     assert run_flags(rest) == {"epochs": 2, "augment": "flip"}
-    with pytest.raises(ConfigError, match="--cpus-per-job 0.0: Input should be greater"):
+    with pytest.raises(ConfigError, match="--cpus-per-job 0: Input should be greater"):
         parse_executor_args(["--cpus-per-job", "0"])
     with pytest.raises(ConfigError, match="--config with --plan"):
         run_flags(["--config", "x.yaml"])
     with pytest.raises(SystemExit):  # argparse: not a choice
         parse_executor_args(["--executor", "dask"])
+
+
+def test_each_run_gets_a_thread_count_and_ray_shares_follow_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fold job's thread count is its run's: resolved to a number before any job starts; on
+    Ray --cpus-per-job alone sets it, and a --cpus-per-job other than --threads is refused."""
+    from runner.plan import with_job_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    plan = load_plan(write(tmp_path / "plan.yaml", {"runs": [
+        {"backbone": "timm/resnet10t"}, {"backbone": "timm/resnet18", "threads": 2}]}))
+    ray, _ = parse_executor_args(["--executor", "ray"])
+    assert [c.threads for c in with_job_threads(plan, ray).runs] == [3, 2]
+    share, _ = parse_executor_args(["--executor", "ray", "--cpus-per-job", "2"])
+    assert [c.threads for c in with_job_threads(plan, share).runs] == [2, 2]
+    local, _ = parse_executor_args(["--cpus-per-job", "4"])  # a Ray option: local ignores it
+    assert [c.threads for c in with_job_threads(plan, local).runs] == [3, 2]
+    other, _ = parse_executor_args(["--executor", "ray", "--cpus-per-job", "1"])
+    with pytest.raises(ConfigError, match=r"runs\[1\]: threads 2 but --cpus-per-job 1"):
+        with_job_threads(plan, other)

@@ -383,6 +383,36 @@ def test_resume_guard_accepts_same_settings_and_omitted_fold_flags(tmp_path: Pat
         _check_same_config(run, RunConfig(epochs=1, img_size=16, lr=0.1), folds)
 
 
+def test_thread_count_is_a_number_recorded_and_a_rerun_must_keep_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread count orders a fold's float sums: left out, it resolves to a number (the
+    OMP_NUM_THREADS a user set, else the cores); a rerun with another count is refused, naming
+    the flag that resumes it; a run started before counts were recorded resumes with any."""
+    from oof.config import RunConfig, config_dict
+    from oof.errors import ConfigError
+    from oof.folds import make_folds
+    from oof.rundir import RunDir
+    from runner.run import _check_same_config, default_threads, with_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3 and with_threads(RunConfig()).threads == 3
+    assert with_threads(RunConfig(threads=5)).threads == 5
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == len(os.sched_getaffinity(0))
+
+    folds = make_folds([f"i{n}" for n in range(12)], ["a", "b"] * 6, 3, 5)
+    run = RunDir(tmp_path / "run")
+    started = config_dict(RunConfig(epochs=1, threads=2))
+    run.write_meta({"config": started, "fold_fingerprint": folds.fingerprint})
+    _check_same_config(run, RunConfig(epochs=1, threads=2), folds)
+    with pytest.raises(ConfigError, match=r"threads: 2 -> 1\).* pass --threads 2 "):
+        _check_same_config(run, RunConfig(epochs=1, threads=1), folds)
+    for old in ({**started, "threads": None}, {k: v for k, v in started.items()
+                                                if k != "threads"}):
+        run.write_meta({"config": old, "fold_fingerprint": folds.fingerprint})
+        _check_same_config(run, RunConfig(epochs=1, threads=1), folds)
+
+
 def test_resume_guard_refuses_other_folds(tmp_path: Path) -> None:
     from oof.config import RunConfig
     from oof.errors import ConfigError
