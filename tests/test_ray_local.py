@@ -1,0 +1,276 @@
+"""``run_folds.py --executor ray`` on the local Ray instance it starts, as a user runs it.
+
+The thread count of a fold job orders its float sums: a Ray job and a local job of one run
+compute on the run's ``--threads`` and give the same OOF, bit for bit. And the kill -9 campaign
+of ``tests/test_faults.py`` on Ray: a worker killed while it trains a fold, then the driver
+killed while folds are left; the rerun trains only what was left and ends where an uninterrupted
+run ends. Each test runs its drivers in Ray sessions of its own: a private temp dir (short, for
+AF_UNIX socket paths), a private token, and a marker in the environment that every process of
+the session inherits, so the test can tell that none outlived its driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import write_demo_subset
+from tests.requirements import INSTALL_RAY, require_module
+
+require_module("ray", INSTALL_RAY)
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "run_folds.py"
+RUN = "timm-resnet10t_16px"
+
+
+@pytest.fixture
+def ray_env() -> Iterator[tuple[dict[str, str], str]]:
+    """The environment of this test's drivers, and the marker their Ray processes carry."""
+    tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    marker = f"FOLDSTACK_TEST_SESSION={secrets.token_hex(8)}"
+    name, value = marker.split("=")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(tmp), name: value,
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    yield env, marker
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 demo scans (6 a class), 10 test images."""
+    return write_demo_subset(demo_dir, tmp_path_factory.mktemp("raylocal") / "data", 6, 10)
+
+
+@pytest.fixture(scope="module")
+def small(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 demo scans: epochs long enough to kill a worker in the middle of a fold."""
+    return write_demo_subset(demo_dir, tmp_path_factory.mktemp("raysmall") / "data", 30, 10)
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str],
+        preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600, preexec_fn=preexec)
+
+
+def two_cores() -> None:
+    """A 2-core machine (in a child, before exec): what a thread count left out resolves to."""
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def matrices(run_dir: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(run_dir / f"{name}.parquet")
+            for name in ("oof", "test", "test_folds")}
+
+
+def assert_same(a: Path, b: Path) -> float:
+    """Every probability of two runs equal, bit for bit; the largest difference (0.0)."""
+    want, got = matrices(a), matrices(b)
+    worst = 0.0
+    for name in want:
+        cols = [c for c in want[name].columns if "__" in c]
+        diff = np.abs(got[name][cols].to_numpy() - want[name][cols].to_numpy())
+        worst = max(worst, float(diff.max()))
+    print(f"max abs difference of the probabilities: {worst}")
+    for name in want:
+        pd.testing.assert_frame_equal(got[name], want[name], check_exact=True, obj=name)
+    return worst
+
+
+def recorded_threads(run_dir: Path) -> tuple[Any, Any]:
+    meta = json.loads((run_dir / "meta.json").read_text())
+    return meta["config"]["threads"], yaml.safe_load((run_dir / "config.yaml").read_text())[
+        "threads"]
+
+
+def jobs_of(out: Path) -> list[dict[str, Any]]:
+    """The job table of the driver's plan (one run: the plan is named after it)."""
+    try:
+        return json.loads((out / "plans" / RUN / "status.json").read_text())["jobs"]
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet
+        return []
+
+
+def processes_with(marker: str) -> list[str]:
+    """Live processes whose environment holds ``marker``: a driver's Ray instance, its workers
+    and whatever they started inherit it."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (proc / "environ").read_bytes():  # a zombie reads as empty
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{proc.name}: {cmd[:150]}")
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
+def wait_until(what: Callable[[], Any], driver: subprocess.Popen | None, log: Path,
+               timeout: float = 300) -> Any:
+    """Poll ``what`` until it returns something true; fail if the driver ends first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = what()
+        if got:
+            return got
+        if driver is not None and driver.poll() is not None:
+            pytest.fail(f"the driver ended ({driver.returncode}) first:\n"
+                        f"{log.read_text()[-5000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what.__doc__}:\n{log.read_text()[-5000:]}")
+
+
+# --------------------------------------------------------------------------- thread counts
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_ray_equals_local_bit_for_bit_on_two_threads(tiny: Path, tmp_path: Path,
+                                                      ray_env: tuple[dict[str, str], str]) -> None:
+    """Two threads a fold job, as on a user's 2-core machine (not the suite's one thread): the
+    local run is given ``--threads 2``; the Ray run is given nothing, so its count is the
+    machine's 2 cores, recorded as a number, and each worker reserves those 2 CPUs (on 2 cores,
+    one job at a time). Its OOF equals the local run's bit for bit (Ray's 1-CPU workers
+    computed on 1 thread and did not). A --cpus-per-job that differs from --threads, or a count
+    no node holds, is refused before anything is trained."""
+    env, _ = ray_env
+    user = {k: v for k, v in env.items() if k not in (
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")}
+    args = ["--data", str(tiny), "--folds", "3", "--epochs", "1", "--img-size", "16",
+            "--progress", "false"]
+    ok(run([*args, "--threads", "2", "--out", str(tmp_path / "local")], tmp_path, user,
+           two_cores))
+    ray_args = [*args, "--out", str(tmp_path / "ray"), "--executor", "ray",
+                "--object-store-mb", "80"]
+    proc = ok(run(ray_args, tmp_path, user, two_cores))
+    local_dir, ray_dir = (tmp_path / where / "data" / RUN for where in ("local", "ray"))
+    assert assert_same(local_dir, ray_dir) == 0.0
+    assert recorded_threads(local_dir) == recorded_threads(ray_dir) == (2, 2)
+    folds = [j for j in jobs_of(tmp_path / "ray") if j["kind"] == "fold"]
+    assert len(folds) == 3 and {j["state"] for j in folds} == {"done"}
+    ray_cpus = int(proc.stderr.split("Ray: 1 node(s) of ", 1)[1].split(" CPU")[0])
+    assert len({j["worker"] for j in folds}) <= ray_cpus // 2, folds  # 2-CPU shares
+
+    mismatch = run([*ray_args, "--threads", "2", "--cpus-per-job", "1"], tmp_path, user)
+    assert mismatch.returncode == 2, mismatch.stderr[-3000:]
+    assert "threads 2 but --cpus-per-job 1" in mismatch.stderr
+    too_many = run([*args, "--threads", str(ray_cpus + 1), "--out", str(tmp_path / "big"),
+                    "--executor", "ray", "--object-store-mb", "80"], tmp_path, user)
+    assert too_many.returncode == 2, too_many.stderr[-3000:]
+    assert f"a fold job of --threads {ray_cpus + 1} reserves" in too_many.stderr
+    assert not (tmp_path / "big" / "data").exists()
+
+
+# --------------------------------------------------------------------------- kill -9 on Ray
+def test_ray_worker_then_driver_killed_rerun_redoes_nothing_finished(
+        small: Path, tmp_path: Path, ray_env: tuple[dict[str, str], str]) -> None:
+    """kill -9 a Ray worker while it trains a fold: its job runs again on a new worker. Then
+    kill -9 the driver once a fold is finished and the killed one is running again: its Ray
+    instance and workers go with it, releasing their fold locks. The rerun trains only the
+    folds left, leaves the finished folds' files untouched, and its OOF and test matrices equal
+    an uninterrupted run's bit for bit."""
+    env, marker = ray_env
+    t0 = time.monotonic()
+    args = ["--data", str(small), "--folds", "3", "--epochs", "3", "--img-size", "16",
+            "--progress", "false", "--threads", "1"]  # two workers at once on 2 cores
+    ok(run([*args, "--out", str(tmp_path / "straight")], tmp_path, env))
+    out = tmp_path / "ray"
+    ray_args = [*args, "--out", str(out), "--executor", "ray", "--object-store-mb", "80"]
+    parts = out / "data" / RUN / "parts"
+    log = tmp_path / "driver.log"
+    with open(log, "w") as fh:
+        driver = subprocess.Popen([sys.executable, str(SCRIPT), *ray_args], cwd=tmp_path,
+                                  env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        def training() -> dict[str, Any] | None:
+            """a fold job with an epoch written"""
+            return next((j for j in jobs_of(out) if j["kind"] == "fold"
+                         and j["state"] == "running" and j["attempts"] == 1
+                         and (parts / f"fold{j['fold']}_history.csv").exists()), None)
+
+        victim = wait_until(training, driver, log)
+        os.kill(int(victim["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+        assert not (parts / f"fold{victim['fold']}.json").exists(), "it ended before the kill"
+
+        def retried_and_one_fresh() -> dict[str, Any] | None:
+            """the killed fold's job run again; a fold done, and a job just (re)started"""
+            jobs = {j["job"]: j for j in jobs_of(out)}
+            if jobs[victim["job"]]["attempts"] < 2:
+                return None
+            done = {k for k in range(3) if (parts / f"fold{k}.json").exists()}
+            return next((j for j in jobs.values() if j["kind"] == "fold"
+                         and j["state"] == "running" and j["fold"] not in done
+                         and done - {j["fold"]}
+                         and (j["job"] == victim["job"]  # its retry, resumed from epoch 1
+                              or not (parts / f"fold{j['fold']}_history.csv").exists())),
+                        None)
+
+        fresh = wait_until(retried_and_one_fresh, driver, log)
+        driver.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    job = next(j for j in jobs_of(out) if j["job"] == victim["job"])
+    assert job["worker"] != victim["worker"], job  # a new worker took the fold over
+
+    from filelock import FileLock, Timeout
+
+    def locks_free() -> bool:
+        """the driver's workers to exit and free their fold locks"""
+        for k in range(3):
+            try:
+                with FileLock(out / "data" / RUN / ".locks" / f"fold{k}.lock").acquire(timeout=0):
+                    pass
+            except Timeout:
+                return False
+        return True
+
+    wait_until(locks_free, None, log, timeout=60)
+    orphaned = time.monotonic() - killed_at
+    done = sorted(int(p.name[4]) for p in parts.glob("fold?.json"))
+    assert done and fresh["fold"] not in done, (done, fresh)  # killed mid-run
+    finished = {p: p.stat().st_mtime_ns for p in [*parts.iterdir(),
+                                                   *(parts.parent / "checkpoints").iterdir()]
+                if p.name.startswith("fold") and int(p.name[4]) in done}
+    assert len(finished) >= 5 * len(done), finished
+
+    ok(run(ray_args, tmp_path, env))
+    jobs = jobs_of(out)
+    left = [k for k in range(3) if k not in done]
+    assert [j["fold"] for j in jobs if j["kind"] == "fold"] == left  # nothing finished redone
+    prepare = next(j for j in jobs if j["kind"] == "prepare")["result"]
+    assert f"{len(left)} of 3 folds to train" in prepare
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert assert_same(tmp_path / "straight" / "data" / RUN, out / "data" / RUN) == 0.0
+
+    end = time.monotonic() + 90  # every Ray process of both drivers exits
+    while processes_with(marker) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert not processes_with(marker), processes_with(marker)
+    print(f"folds done at the driver kill {done}; its workers outlived it by {orphaned:.1f}s; "
+          f"{time.monotonic() - t0:.0f}s in all")
