@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int | None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=8, help="waitress worker threads")
     parser.add_argument("--model-threads", type=int, default=None,
-                        help="CPU threads of each framework (default: all cores)")
+                        help="CPU threads of each framework (default: half the cores each)")
     parser.add_argument("--subset", default=None,
                         help="serve fewer runs: 'greedy' or RUN,RUN (stack folders only)")
     parser.add_argument("--max-files", type=int, default=d.max_files)
