@@ -51,6 +51,7 @@ test: setup browser
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python bench/train_overhead.py
