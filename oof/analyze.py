@@ -1,6 +1,7 @@
 """Analyse the OOF files of a run root: HTML report plus the same numbers as JSON and Markdown.
 
 Usage: python -m oof.analyze [--data DATA] [--out OUT] [--runs NAME ...] [--report-dir DIR]
+(installed, also ``foldstack-analyze``).
 The run root is named as in run_folds.py and stack.py: OUT/<dataset name> (defaults: the demo,
 runs/). All complete runs of the root by default; a mismatched set is refused.
 """
@@ -48,7 +49,7 @@ def run_root(cfg: DatasetConfig) -> Path:
     return Path(cfg.out) / load_dataset(cfg.data, cfg.layout, cfg.test).name
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m oof.analyze") -> int:
     from oof.analysis import analyze, load_runs
     from oof.report import write_report
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(
             f"{argv[0]!r}: name the run root as run_folds.py and stack.py do, with --data DATA "
             "--out OUT (run root OUT/<dataset name>), e.g. python -m oof.analyze --data demo")
-    cfg = parse_config(AnalyzeConfig, argv, "python -m oof.analyze", __doc__ or "")
+    cfg = parse_config(AnalyzeConfig, argv, prog, __doc__ or "")
     for name, value in (("bins", cfg.bins), ("hardest", cfg.hardest),
                         ("thumb-size", cfg.thumb_size)):
         if value < (0 if name == "hardest" else 1):
@@ -96,5 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None, prog: str = "foldstack-analyze") -> int:
+    """``main`` under ``main_guard``: ``python -m oof.analyze`` and ``foldstack-analyze``."""
+    return main_guard(lambda: main(argv, prog))
+
+
 if __name__ == "__main__":
-    sys.exit(main_guard(main))
+    sys.exit(cli(prog="python -m oof.analyze"))

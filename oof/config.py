@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import MISSING, field
@@ -66,21 +67,38 @@ config_dataclass = pydantic.dataclasses.dataclass(
 
 
 def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None, yaml_only: bool = False,
-        const: Any = None, short: str | None = None, **kw: Any) -> Any:
+        const: Any = None, short: str | None = None, positional: bool = False,
+        metavar: str | None = None, **kw: Any) -> Any:
     """A config field with its help text (and choices) in one place; ``const`` is the value
-    of its flag given alone; ``short`` a one-letter flag beside the long one (``-v``)."""
+    of its flag given alone; ``short`` a one-letter flag beside the long one (``-v``).
+
+    ``default=REQUIRED``: the field must be given (a required flag, or with ``positional`` an
+    argument without a flag, ``predict.py STACK_DIR``); such fields are keyword-only, so they
+    may follow fields with defaults. ``metavar``: its name in ``--help``."""
     meta = {"help": help, "choices": choices, "yaml_only": yaml_only, "const": const,
-            "short": short}
+            "short": short, "positional": positional, "metavar": metavar}
+    if default is REQUIRED:
+        return field(metadata=meta, kw_only=True, **kw)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 
+#: ``opt(REQUIRED, ...)``: a field without a default
+REQUIRED: Any = MISSING
+
+
 @config_dataclass
-class DatasetConfig:
-    """Where the data and the run root are: shared by every script, so flags mean one thing."""
+class ConfigFile:
+    """``--config FILE.yaml``: the defaults file every script takes (flags override it)."""
 
     config: str | None = opt(None, "YAML file of defaults; flags given here override it")
+
+
+@config_dataclass
+class DatasetConfig(ConfigFile):
+    """Where the data and the run root are: shared by every script, so flags mean one thing."""
+
     data: Name = opt("demo", "dataset folder or CSV; 'demo' writes the bundled digits "
                          "demo, 'demo-fashion' the Fashion-MNIST one (Debian package)")
     layout: str = opt("auto", "dataset layout", ("auto", "competition", "imagefolder", "csv"))
@@ -239,15 +257,21 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
 def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
+    if text.lower() in TRUE_WORDS:
         return True
-    if text.lower() in ("0", "false", "no", "off"):
+    if text.lower() in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """The argparse parser of a config class: one flag per field (``img_size`` ->
+    ``--img-size``), help and choices from ``opt``; every default is left to the class."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -258,11 +282,14 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             continue
         tp = _base_type(hints[f.name])
         text = f.metadata.get("help", "")
+        required = f.default is MISSING and f.default_factory is MISSING
         # defaults are SUPPRESSed (so that a YAML value is not overwritten by an untyped flag),
         # which hides them from ArgumentDefaultsHelpFormatter: show them here instead
         if f.default not in (MISSING, None, "") and "default" not in text:
             text += f" (default: {f.default})"
         kwargs: dict[str, Any] = {"help": text.replace("%", "%%"), "default": argparse.SUPPRESS}
+        if required and not f.metadata.get("positional"):
+            kwargs["required"] = True
         if tp is bool:  # "--lr-find" alone means true; "--progress false" still works
             kwargs.update(type=_bool, metavar="BOOL", nargs="?", const=True)
         elif tp is list or typing.get_origin(tp) is list:
@@ -276,9 +303,30 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
             kwargs.pop("metavar", None)
+        if f.metadata.get("metavar"):
+            kwargs["metavar"] = f.metadata["metavar"]
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, **kwargs)
+            continue
         flags = [f.metadata["short"]] if f.metadata.get("short") else []
         parser.add_argument(*flags, "--" + f.name.replace("_", "-"), **kwargs)
     return parser
+
+
+def bool_flags_alone(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--allow-version-mismatch STACK_DIR`` means the flag alone: a ``[BOOL]`` flag takes the
+    next word only when it is a true/false word (``--progress false``), so an argument without
+    a flag after it is not read as its value."""
+    bools = {s for a in parser._actions if a.type is _bool for s in a.option_strings}
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        nxt = out[i + 1]
+        if arg == "--":
+            break
+        if arg in bools and not nxt.startswith("-") and nxt.lower() not in (*TRUE_WORDS,
+                                                                           *FALSE_WORDS):
+            out[i] = f"{arg}=true"
+    return out
 
 
 def _check_choice(f: dataclasses.Field, value: Any, source: str) -> None:
@@ -309,7 +357,9 @@ def validation_message(exc: pydantic.ValidationError, source: str,
         where = (f"--{top.replace('_', '-')} {given if isinstance(given, str) else repr(given)}"
                  if top in flags
                  else f"{source}: {key}={err.get('input')!r}")
-        lines.append(f"{where}: {err['msg']}")
+        # a validator's own ValueError (``--subset a,,b``) reads as its message alone
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}")
     return "\n".join(lines)
 
 
@@ -350,7 +400,8 @@ def make_config(cls: type[T], values: dict[str, Any], source: str = "config",
 def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
     """Defaults < ``--config FILE.yaml`` < flags."""
     parser = build_parser(cls, prog, description)
-    flags = vars(parser.parse_args(argv))
+    flags = vars(parser.parse_args(bool_flags_alone(parser, list(
+        sys.argv[1:] if argv is None else argv))))
     values: dict[str, Any] = {}
     if flags.get("config"):
         values.update(load_yaml(flags["config"]))

@@ -23,18 +23,9 @@ from werkzeug.exceptions import HTTPException
 
 from oof.errors import DataError
 from serve.bundle import Ensemble, Prediction
+from serve.config import Limits
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may hold; the page shows them too."""
-
-    max_bytes: int = 16 * 2**20  # the whole request (Flask's MAX_CONTENT_LENGTH)
-    max_files: int = 32
-    max_pixels: int = 40_000_000  # per image, read from its header before decoding: a bomb
-    top_k: int = 5
 
 
 class Batcher:

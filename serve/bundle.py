@@ -8,19 +8,18 @@ models were saved (a pickled scikit-learn estimator is only promised to load in 
 version), the fold fingerprint and class order shared by every run and the stacker, and, for an
 exported bundle, the SHA-256 of every file before any of them is read.
 
-``python -m serve.bundle STACK_DIR --out DIR [--subset greedy]`` exports a self-contained folder
-(manifest, stacker, each run's meta and fold weights) that runs without the run root.
+``python -m serve.bundle STACK_DIR --out DIR [--subset greedy]`` (or ``foldstack-bundle``; options
+in ``serve.config.BundleConfig``) exports a self-contained folder (manifest, stacker, each run's
+meta and fold weights) that runs without the run root.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from ensemble.saved import (
 )
 from oof.atomic import write_json
 from oof.errors import ConfigError, DataError, RunMismatchError
+from serve.config import parse_subset
 
 log = logging.getLogger(__name__)
 
@@ -260,12 +260,13 @@ class Ensemble:
         folder (a bundle's subset is chosen when it is exported).
         """
         path = Path(path)
+        subset = parse_subset(subset)
         if not path.is_dir():
             raise ConfigError(f"{path}: no such stack or bundle folder")
         if (path / MANIFEST).exists():
             if subset:
-                raise ConfigError(f"{path} is an exported bundle: its runs were chosen at "
-                                  f"export (manifest subset: "
+                raise ConfigError(f"--subset: {path} is an exported bundle: its runs were "
+                                  "chosen at export (manifest subset: "
                                   f"{_read_manifest(path).get('subset')}); export another one")
             ens = cls._load_bundle(path, allow_version_mismatch)
         else:
@@ -369,11 +370,18 @@ def describe_stack(stack_dir: Path, subset: str | list[str] | None = None,
     from ensemble.saved import fit_subset
 
     stack_dir = Path(stack_dir)
+    subset = parse_subset(subset)
     info = read_stacker_info(stack_dir)
+    if isinstance(subset, list):
+        names = [r["run"] for r in info["runs"]]
+        unknown = [n for n in subset if n not in names]
+        if unknown:
+            raise ConfigError(f"--subset {','.join(subset)}: {stack_dir} has no run(s) "
+                              f"{unknown}; its runs are {names}")
     saved = load_stacker(stack_dir, allow_version_mismatch=allow_version_mismatch)
     subset_info = None
     if subset:
-        fitted = fit_subset(stack_dir, None if subset == "greedy" else list(subset))
+        fitted = fit_subset(stack_dir, None if subset == "greedy" else subset)
         keep = fitted.kept
         subset_info = {"rule": fitted.rule, "kept": fitted.kept, "dropped": fitted.dropped,
                        "level2_scores": fitted.level2_scores,
@@ -492,33 +500,9 @@ def export_bundle(stack_dir: str | Path, out: str | Path,
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m serve.bundle STACK_DIR --out DIR [--subset greedy|RUN,RUN]``."""
-    from oof.cli import main_guard
-
-    parser = argparse.ArgumentParser(prog="python -m serve.bundle", description=(
-        "Export a stack folder as a self-contained bundle (manifest, stacker, fold weights)."))
-    parser.add_argument("stack_dir")
-    parser.add_argument("--out", required=True, help="new folder for the bundle")
-    parser.add_argument("--subset", default=None, help="serve fewer runs: 'greedy' (those "
-                        "greedy selection keeps) or RUN,RUN; the manifest shows its score")
-    args = parser.parse_args(argv)
-    subset = (None if not args.subset else "greedy" if args.subset == "greedy"
-              else args.subset.split(","))
-
-    def body() -> int:
-        out = export_bundle(args.stack_dir, args.out, subset)
-        manifest = json.loads((out / MANIFEST).read_text())
-        print(f"bundle {out}: {len(manifest['runs'])} runs, stacker "
-              f"{manifest['stacker']['method']}, level-2 {manifest['stacker']['level2_scores']}")
-        if manifest.get("subset"):
-            s = manifest["subset"]
-            print(f"subset ({s['rule']}): kept {s['kept']}, dropped {s['dropped']}; level-2 "
-                  f"{s['level2_scores']} vs {s['full_level2_scores']} with all runs")
-        return 0
-
-    return main_guard(body)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import sys
+
+    from serve.cli import bundle_cli
+
+    sys.exit(bundle_cli(prog="python -m serve.bundle"))

@@ -4,15 +4,12 @@ Checks that fail when someone adds a flag, an environment variable or a docs pag
 documenting it, or moves a file a page links to: the README's length, every relative link of
 README.md and docs/*.md, every environment variable the code names (outside tests/) in
 docs/environment.md, and every flag of the scripts' parsers in docs/reference.md. Parsers are
-built in-process from their config classes (no torch or TensorFlow is imported).
+built in-process from their config classes (no torch, TensorFlow or Flask is imported).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
-import io
 import os
 import re
 from pathlib import Path
@@ -65,25 +62,10 @@ def env_names(text: str) -> set[str]:
 
 
 def flags_of(parser: argparse.ArgumentParser) -> set[str]:
-    return {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
-
-
-def script_parser(path: Path) -> argparse.ArgumentParser:
-    """The argparse parser a script's ``main`` builds (caught at parse time, nothing runs)."""
-    spec = importlib.util.spec_from_file_location(f"_docs_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    caught: list[argparse.ArgumentParser] = []
-
-    def catch(self: argparse.ArgumentParser, *args: object, **kw: object) -> None:
-        caught.append(self)
-        raise SystemExit(0)
-
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
-        mp.setattr(argparse.ArgumentParser, "parse_args", catch)
-        with pytest.raises(SystemExit):
-            module.main([])
-    return caught[0]
+    """Every ``--flag``, and every positional argument by its name in ``--help``."""
+    flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    positional = {a.metavar or a.dest for a in parser._actions if not a.option_strings}
+    return (flags | positional) - {"--help"}
 
 
 def test_readme_is_a_front_door() -> None:
@@ -135,6 +117,7 @@ def test_every_flag_is_in_the_reference() -> None:
     from oof.analyze import AnalyzeConfig
     from oof.config import RunConfig, build_parser
     from runner.plan import ExecutorConfig
+    from serve.config import BundleConfig, PredictConfig, ServeConfig
 
     reference = (DOCS / "reference.md").read_text(encoding="utf-8")
     parsers = {
@@ -142,7 +125,9 @@ def test_every_flag_is_in_the_reference() -> None:
                          build_parser(ExecutorConfig, "run_folds.py", "")],
         "stack.py": [build_parser(StackConfig, "stack.py", "")],
         "python -m oof.analyze": [build_parser(AnalyzeConfig, "python -m oof.analyze", "")],
-        "predict.py": [script_parser(ROOT / "predict.py")],
+        "predict.py": [build_parser(PredictConfig, "predict.py", "")],
+        "serve.py": [build_parser(ServeConfig, "serve.py", "")],
+        "python -m serve.bundle": [build_parser(BundleConfig, "python -m serve.bundle", "")],
     }
     for script, group in parsers.items():
         flags = set().union(*map(flags_of, group))
