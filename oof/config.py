@@ -336,9 +336,11 @@ def _check_choice(f: dataclasses.Field, value: Any, source: str) -> None:
 
 
 def validation_message(exc: pydantic.ValidationError, source: str,
-                       flags: frozenset[str] = frozenset()) -> str:
+                       flags: frozenset[str] = frozenset(),
+                       positional: dict[str, str] | None = None) -> str:
     """One line per bad key: where it came from (``--epochs`` or the YAML file), its value and
-    what was expected."""
+    what was expected. ``positional``: field -> its name in ``--help`` (``STACK_DIR``)."""
+    positional = positional or {}
     lines = []
     errors = exc.errors()
     by_field: dict[str, list[Any]] = {}
@@ -354,9 +356,9 @@ def validation_message(exc: pydantic.ValidationError, source: str,
         key = ".".join(str(p) for p in loc) or "config"
         top = str(err["loc"][0]) if err["loc"] else ""
         given = err.get("input")  # a flag's text as typed; a YAML value as its Python repr
-        where = (f"--{top.replace('_', '-')} {given if isinstance(given, str) else repr(given)}"
-                 if top in flags
-                 else f"{source}: {key}={err.get('input')!r}")
+        shown = given if isinstance(given, str) and given else repr(given)
+        name = positional.get(top) or f"--{top.replace('_', '-')}"
+        where = f"{name} {shown}" if top in flags else f"{source}: {key}={given!r}"
         # a validator's own ValueError (``--subset a,,b``) reads as its message alone
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{where}: {msg}")
@@ -394,7 +396,9 @@ def make_config(cls: type[T], values: dict[str, Any], source: str = "config",
     try:
         return cls(**values)
     except pydantic.ValidationError as exc:
-        raise ConfigError(validation_message(exc, source, flags)) from None
+        positional = {f.name: f.metadata.get("metavar") or f.name.upper()
+                      for f in fields.values() if f.metadata.get("positional")}
+        raise ConfigError(validation_message(exc, source, flags, positional)) from None
 
 
 def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
