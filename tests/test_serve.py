@@ -200,6 +200,21 @@ def test_subset_shows_its_own_level2_score(stack: Path) -> None:
     assert greedy.kept == [r.name for r, w in zip(runs, ref.weights_) if w > 0]
 
 
+@pytest.mark.slow
+def test_subset_naming_a_run_the_stack_lacks_is_refused(stack: Path, bundle: Path,
+                                                        demo_subset: Path) -> None:
+    """predict.py --subset with an unknown run: exit 2, the flag, the name and the stack's runs,
+    before anything is refitted; a bundle refuses --subset, naming it."""
+    image = next((demo_subset / "test_upload").iterdir())
+    proc = _py("predict.py", str(stack), str(image), "--subset", f"{TIMM_RUN},nope", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert (f"--subset {TIMM_RUN},nope: {stack} has no run(s) ['nope']; its runs are "
+            f"['{KERAS_RUN}', '{TIMM_RUN}']") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _py("serve.py", str(bundle), "--subset", "greedy", "--port", "0", check=False)
+    assert proc.returncode == 2 and f"--subset: {bundle} is an exported bundle" in proc.stderr
+
+
 # ------------------------------------------------------------------------------ refusals
 
 
