@@ -14,13 +14,36 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 from typing import Any
 
 from oof.config import RunConfig, make_config
 
+log = logging.getLogger(__name__)
+
 
 def _config(values: dict[str, Any]) -> RunConfig:
     return make_config(RunConfig, values, "plan")
+
+
+def exit_with_parent(every: float = 0.2) -> None:
+    """End this process as soon as its parent is gone: Ray's node manager (which dies with the
+    driver of a local Ray instance) or the local executor's driver.
+
+    An orphaned worker would go on training its fold for nobody, holding the fold's lock, so a
+    rerun started meanwhile would find the fold busy; Ray's own check took 2-3 s to end it after
+    a kill -9 of the driver, long enough to finish a small fold nobody would record.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        log.error("fold worker %d: its parent %d is gone; stopping", os.getpid(), parent)
+        os._exit(1)  # no clean-up to run: fold parts are atomic, the OS frees the fold locks
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class FoldWorker:
@@ -31,6 +54,7 @@ class FoldWorker:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.family = family
         self._runs: dict[str, Any] = {}  # config key -> (PreparedRun, FoldImages | None)
+        exit_with_parent()
 
     def where(self) -> dict[str, Any]:
         """Host and process id: shown in the job table (and what an operator kills); on Ray,
