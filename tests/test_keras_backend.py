@@ -150,6 +150,8 @@ with kb.cpp_log_lines_dropped(3):  # what the C++ libraries write while loading
                 b"E0000 00:00:1796610671.275274   11355 cuda_platform.cc:52] PLANTED\\n"
                 b"F0000 00:00:1796610671.275274   11355 x.cc:1] PLANTED fatal\\n"
                 b"PLANTED plain\\n")
+# last: TensorFlow has run ops on its default pool, which it cannot resize any more
+out["threads_after_init"] = error(lambda: kb.configure_runtime(RunConfig(threads=3)))
 print("PROBE" + json.dumps(out))
 """
 
@@ -210,6 +212,13 @@ def test_preprocessing_is_each_applications_own(probe: dict) -> None:
     mean, std = probe["resnet_mean_std"]  # caffe mode: BGR means, std 1/255 on the 0..1 scale
     assert mean[0] == pytest.approx(103.939 / 255, abs=1e-4)
     assert std[0] == pytest.approx(1 / 255)
+
+
+def test_a_thread_count_tensorflow_cannot_apply_is_refused(probe: dict) -> None:
+    """TensorFlow fixes its pool at its first op: a fold job on another --threads would run on
+    the old count (another float sum order) while its run records the new one."""
+    msg = probe["threads_after_init"]
+    assert msg and "--threads 3" in msg and "its default threads" in msg
 
 
 def test_weights_from_a_local_file_and_offline_imagenet(probe: dict) -> None:
