@@ -6,6 +6,7 @@ slow) run ``run_folds.py`` in subprocesses on a tiny dataset (60 scans, 16 px, K
 
 Kills "after the Nth atomic write" use the test-only hook ``FOLDSTACK_FAULT_AFTER_WRITES`` of
 ``oof/atomic.py``; a full disk is ``RLIMIT_FSIZE`` with SIGXFSZ ignored, so writes fail with EFBIG.
+kill -9 of a Ray worker and of a Ray driver: ``tests/test_ray_local.py``.
 """
 
 from __future__ import annotations
