@@ -89,7 +89,8 @@ def close_names(name: str, known: list[str], n: int = 5) -> str:
 
 def resolve(cfg: RunConfig) -> tuple[BackboneSpec, ModuleType]:
     """Resolve ``cfg.backbone`` to its spec and the backend module that trains it."""
-    from backbones.augment import check_augment, tta_views
+    from recipe.augment import check_augment
+    from recipe.tta import tta_views
 
     family, model = split_name(cfg.backbone)
     show_framework_logs(cfg.verbose)

@@ -211,3 +211,21 @@ def trim_history(path: Path, epochs_done: int) -> None:
     keep = [r for r in body if r and r[col].isdigit() and int(r[col]) < epochs_done]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         csv.writer(fh).writerows([header, *keep])
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The fold's history CSV (every epoch written, also before an interruption) as dicts:
+    ``epoch`` an int, numbers as floats, anything else as written."""
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    rows = []
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            out: dict[str, Any] = {}
+            for k, v in row.items():
+                try:
+                    out[k] = int(v) if k == "epoch" else float(v)
+                except (TypeError, ValueError):
+                    out[k] = v
+            rows.append(out)
+    return rows

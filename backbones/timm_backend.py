@@ -23,15 +23,6 @@ import torch
 from torch import nn
 
 from backbones import close_names
-from backbones.augment import (
-    SeededAugment,
-    TTAView,
-    batch_rng,
-    build_seeded_augment,
-    epoch_order,
-    mix_batch,
-    tta_views,
-)
 from backbones.base import BackboneSpec, FoldJob, FoldResult
 from backbones.callbacks import (
     BestWeights,
@@ -45,6 +36,8 @@ from oof.atomic import atomic_path
 from oof.config import RunConfig
 from oof.errors import ConfigError
 from oof.metrics import accuracy, log_loss
+from recipe.augment import SeededAugment, batch_rng, build_seeded_augment, epoch_order, mix_batch
+from recipe.tta import TTAView, tta_views
 from recipe import lr_factor, phase_lengths, plan_phases, plan_sizes, size_of
 from recipe.batches import PooledMoments, bn_chunks, check_batch_size, check_train_batches
 from recipe.losses import class_weight_vector

@@ -386,7 +386,7 @@ def write_augment(cfg: RunConfig) -> Path:
     """``--write-augment FILE``: the ``--augment`` pipeline as an albumentations file to edit, at
     the size the run predicts at (the backbone's default when ``--img-size`` is not given)."""
     import backbones
-    from backbones.augment import save_augment
+    from recipe.augment import save_augment
 
     spec, _ = backbones.resolve(cfg)
     return save_augment(cfg.augment, spec.input_size, cfg.write_augment)

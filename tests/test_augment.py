@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backbones.augment import PRESETS, build_augment, build_seeded_augment, check_augment
+from recipe.augment import PRESETS, build_augment, build_seeded_augment, check_augment
 from oof.errors import ConfigError
 
 
@@ -68,7 +68,7 @@ def test_bad_presets_and_files_are_named(tmp_path: Path) -> None:
 
 
 def test_tta_views_flip_zoom_and_draw_per_row(image: np.ndarray) -> None:
-    from backbones.augment import tta_views
+    from recipe.tta import tta_views
 
     batch = np.stack([image, image[::-1]])
     rows = np.array([10, 11])
@@ -92,7 +92,7 @@ def test_tta_views_flip_zoom_and_draw_per_row(image: np.ndarray) -> None:
     (("none", [], 3, "none"), "--tta-augment 3: needs an --augment pipeline"),
 ])
 def test_bad_tta_settings_are_named(args: tuple, message: str) -> None:
-    from backbones.augment import tta_views
+    from recipe.tta import tta_views
 
     with pytest.raises(ConfigError) as err:
         tta_views(*args, size=32, seed=0)
@@ -100,7 +100,7 @@ def test_bad_tta_settings_are_named(args: tuple, message: str) -> None:
 
 
 def test_mixup_and_cutmix_mix_images_and_targets_alike() -> None:
-    from backbones.augment import batch_rng, mix_batch
+    from recipe.augment import batch_rng, mix_batch
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
@@ -126,7 +126,7 @@ def test_transforms_of_one_pipeline_draw_independently(image: np.ndarray) -> Non
     together, so the pair never changed an image."""
     import albumentations as A
 
-    from backbones.augment import SeededAugment
+    from recipe.augment import SeededAugment
 
     aug = SeededAugment(A.Compose([A.HorizontalFlip(p=0.5), A.HorizontalFlip(p=0.5)]), seed=0)
     flipped = np.mean([not np.array_equal(aug(image, 0, i), image) for i in range(200)])
@@ -202,7 +202,7 @@ def test_light_and_flip_draw_what_albumentations_affine_drew(preset: str,
 
 
 def test_affine_jitter_moves_pixels_where_its_matrix_says(image: np.ndarray) -> None:
-    from backbones.augment import AffineJitter
+    from recipe.augment import AffineJitter
 
     mirror = AffineJitter(p=0.0, hflip=1.0).apply(image[None], np.random.default_rng(0))
     assert np.array_equal(mirror[0], image[:, ::-1])
@@ -228,7 +228,7 @@ def test_augmentation_runs_opencv_on_the_calling_thread() -> None:
     the pixels do not depend on OpenCV's threads. A fresh process: the setting is process-wide."""
     code = """
 import cv2, numpy as np
-from backbones.augment import build_seeded_augment, opencv
+from recipe.augment import build_seeded_augment, opencv
 images = np.random.default_rng(0).integers(0, 256, (32, 40, 40, 3), dtype=np.uint8)
 for preset in ("light", "strong"):
     cv2.setNumThreads(4)
@@ -254,7 +254,7 @@ def test_a_preset_written_to_a_file_loads_as_the_same_pipeline(tmp_path: Path, i
     import albumentations as A
     import cv2
 
-    from backbones.augment import save_augment
+    from recipe.augment import save_augment
 
     path = save_augment(preset, 48, tmp_path / f"{preset}.yaml")
     loaded = build_augment(str(path), 48)
@@ -275,7 +275,7 @@ def test_a_preset_written_to_a_file_loads_as_the_same_pipeline(tmp_path: Path, i
 
 
 def test_writing_a_pipeline_refuses_bad_names_and_keeps_the_old_file(tmp_path: Path) -> None:
-    from backbones.augment import save_augment
+    from recipe.augment import save_augment
 
     kept = tmp_path / "mine.yaml"
     kept.write_text("my edits\n")

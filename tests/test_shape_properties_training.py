@@ -226,7 +226,7 @@ def test_timm_predictions_do_not_depend_on_the_batch(
         held_trainer: Held, scans: Held, case: tuple[int, int]) -> None:
     """Any prediction batch, a lone last image included, and every TTA view (random views are
     keyed by the image's row): the probabilities of one batch holding every image."""
-    from backbones.augment import tta_views
+    from recipe.tta import tta_views
 
     n, batch = case
     views = tta_views("hflip", [1.15], 1, "light", SIZE, seed=5)
@@ -526,7 +526,7 @@ def recalibration_is_exact(case):
 @example(case=(9, 8), chunk=1)
 @given(case=rows_cut_by(6, 16), chunk=st.integers(1, 3))
 def predictions_do_not_depend_on_the_batch(case, chunk):
-    from backbones.augment import tta_views
+    from recipe.tta import tta_views
     n, batch = case
     views = tta_views("hflip", [], 1, "light", SIZE, seed=5)  # each view: a predict call
     got = kb.predict_proba(MODEL, pool[:n], views, batch_size=batch, chunk=chunk)
