@@ -84,15 +84,22 @@ def save_stacker(out_dir: Path, stacker: Any, method: str, runs: list[Any], clas
     """Write ``stacker`` (fitted on the OOF of ``runs``, hstacked in that order) and its record.
 
     ``runs`` are ``oof.rundir.Run`` objects; ``level2_scores`` the method's honest CV scores.
+    A ``TemperatureScaled`` stacker is pickled whole (whatever loads it applies its T); the
+    record shows the method's parameters and ``temperature``.
     """
     import joblib
 
+    from ensemble.calibrate import TemperatureScaled
+
     path = Path(out_dir) / file
     write_atomic(path, lambda p: joblib.dump(stacker, p))
+    scaled = isinstance(stacker, TemperatureScaled)
+    inner = stacker.estimator if scaled else stacker
     info = {
         "file": file, "sha256": sha256_of(path), "method": method,
-        "params": {k: v for k, v in stacker.get_params().items()
+        "params": {k: v for k, v in inner.get_params().items()
                    if isinstance(v, (str, int, float, bool, type(None)))},
+        "temperature": float(stacker.temperature) if scaled else None,
         "classes": list(classes), "fold_fingerprint": fingerprint,
         "runs": [{"run": r.name, "path": str(r.path), "fingerprint": r.fingerprint,
                   "level": int(r.meta.get("level", 1))} for r in runs],
@@ -151,8 +158,10 @@ def fit_subset(stack_dir: Path, keep: list[str] | None = None) -> Subset:
 
     ``keep=None``: the runs greedy ensemble selection (Caruana) gives a non-zero weight when fit
     on all OOF rows. The score is CV over the same stored folds, so it can be compared with the
-    full stack's and shown to whoever chooses the cheaper service.
+    full stack's and shown to whoever chooses the cheaper service. A stack made with
+    ``--temperature`` refits its temperature on the subset by the same rule.
     """
+    from ensemble.calibrate import TemperatureScaled, cross_val_temperature
     from ensemble.evaluate import cross_val_level2, level1_matrix
     from ensemble.stackers import make_stacker
     from oof.rundir import load_run
@@ -183,5 +192,11 @@ def fit_subset(stack_dir: Path, keep: list[str] | None = None) -> Subset:
     level2 = cross_val_level2(method, make_stacker(method, **params), X, ref.y, ref.folds,
                               len(ref.classes), None, [r.name for r in chosen])
     final = make_stacker(method, **params).fit(X, ref.y)
+    scores = level2.scores
+    mode = report.get("config", {}).get("temperature", "off")
+    if mode != "off":
+        tcv = cross_val_temperature(level2.oof, ref.y, ref.folds, mode)
+        if tcv.applied:
+            final, scores = TemperatureScaled(final, tcv.temperature), tcv.scores
     return Subset([r.name for r in chosen], [n for n in names if n not in keep], rule,
-                  level2.scores, info["level2_scores"], final)
+                  scores, info["level2_scores"], final)

@@ -17,6 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from ensemble.budget import Budget, Search, candidates, cv_scorer, fit_predict, nested_cv, search
+from ensemble.calibrate import (
+    TemperatureCV,
+    TemperatureScaled,
+    apply_temperature,
+    cross_val_temperature,
+)
+from ensemble.cost import run_cost, total_cost
 from ensemble.evaluate import Level2, cross_val_level2, describe, full_proba, level1_matrix
 from ensemble.pseudo import (
     fold_k_test_matrix,
@@ -27,11 +35,12 @@ from ensemble.pseudo import (
 from ensemble.saved import save_stacker
 from ensemble.stackers import STACKERS, make_stacker
 from ensemble.submission import build_submission, submission_ids
-from oof.atomic import write_json, write_text
+from oof.atomic import write_atomic, write_json, write_text
 from oof.cli import format_table
 from oof.config import (
     DatasetConfig,
     NonNegativeInt,
+    PositiveFloat,
     PositiveInt,
     config_dataclass,
     config_dict,
@@ -40,20 +49,26 @@ from oof.config import (
 )
 from oof.errors import ConfigError, DataError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
-from oof.metrics import METRICS, accuracy, log_loss
+from oof.metrics import METRICS, accuracy, ece, log_loss
 from oof.pseudo import PSEUDO_FILE
 from oof.rundir import FOLD_K_ONLY, META_FILE, Run, check_compatible, find_runs, load_run
 
 log = logging.getLogger(__name__)
 
+FRONT_PNG = "front.png"
 METHODS = tuple(STACKERS)  # simplest first: the order of the table and of ties in `auto`
-TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "macro_f1", "top3", "seconds",
-                 "chosen", "note"]
+TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "macro_f1", "top3", "ece", "passes",
+                 "ms_per_image", "seconds", "chosen", "note"]
 # Where the dataset ships held-out test labels (the demos): each model's CV (OOF) score beside its
 # score on those labels. A run's test prediction is the mean of its fold models, a level-2
 # method's the mean of its fold stackers; the submission row is the final stacker's.
 HELD_OUT_COLUMNS = ["model", "level", "oof_accuracy", "oof_log_loss", "held_out_accuracy",
-                    "held_out_log_loss", "gain_vs_best_run", "mcnemar_p"]
+                    "held_out_log_loss", "held_out_ece", "gain_vs_best_run", "mcnemar_p",
+                    "passes", "ms_per_image"]
+# The budget front: one row per point better than every cheaper one (CV over the stored folds
+# of the search method; the held-out columns where the dataset has held-out labels).
+FRONT_COLUMNS = ["passes", "ms_per_image", "runs", "log_loss", "accuracy", "ece",
+                 "held_out_log_loss", "held_out_accuracy", "chosen"]
 
 
 @config_dataclass
@@ -74,6 +89,16 @@ class StackConfig(DatasetConfig):
     allow_pseudo_mix: bool = opt(
         False, "stack a pseudo-labelled run with the runs whose test predictions labelled its "
         "training images (refused by default: their errors on those images are correlated)")
+    temperature: str = opt(
+        "off", "temperature scaling of the chosen method's output (one T fitted by CV over the "
+        "stored folds): auto = applied when it lowers the level-2 CV log loss; always; off",
+        ("off", "auto", "always"))
+    budget: PositiveInt | None = opt(
+        None, "forward passes per image the stack may cost (runs x folds x TTA views): the "
+        "runs entering the stack are the subset with the best level-2 CV --metric within it")
+    budget_ms: PositiveFloat | None = opt(
+        None, "milliseconds per image the stack may cost (every run must have measured "
+        "ms_per_image in its meta.json)")
     threads: PositiveInt = opt(1, "lightgbm threads")
     seed: NonNegativeInt = opt(0, "seed of the stackers' inner CV splits")
 
@@ -227,7 +252,29 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f"Input rows: each run's OOF scores. Level-{top} rows: CV over the stored folds "
              f"(K={report['folds']['k']}); the stacker scoring fold k was fitted on the other "
              "folds' rows only. With `auto`, picking the best of several scores makes the "
-             "chosen score slightly optimistic.", "", format_table(rows, TABLE_COLUMNS), ""]
+             "chosen score slightly optimistic. `ece`: expected calibration error (15 equal-width "
+             "bins of top-label confidence). `passes`: forward passes per image (fold models x "
+             "TTA views, summed over the runs a stack serves); `ms_per_image`: measured at "
+             "training, blank where not measured.", "", format_table(rows, TABLE_COLUMNS), ""]
+    t = report.get("temperature")
+    if t:
+        lines += [f"Temperature scaling of {report['chosen']}: T = {t['temperature']:.4f} "
+                  f"(fitted on all OOF rows), {'applied' if t['applied'] else 'not applied'} "
+                  f"({t['rule']}; the CV row fits the T of fold k without fold k).", ""]
+    b = report.get("budget")
+    if b:
+        nested = b["nested_cv_scores"]
+        lines += [f"## Budget: {b['passes'] or '-'} passes, {b['ms'] or '-'} ms per image", "",
+                  f"Runs in the stack: {', '.join(b['chosen'])} ({b['passes_chosen']} passes), "
+                  f"the best level-2 CV {b['metric']} of `{b['method']}` among "
+                  f"{b['subsets_scored']} subsets ({'all' if b['exact_search'] else 'greedy'}). "
+                  "That CV chose it, so its score is optimistic"
+                  + (f"; nested CV (chosen on K-1 folds, scored on the K-th): log loss "
+                     f"{nested['log_loss']:.4f}, accuracy {nested['accuracy']:.4f}." if nested
+                     else " (fewer than 3 folds: no nested CV)."), "",
+                  f"![front]({FRONT_PNG})", "",
+                  "The front (each point better than every cheaper one):", "",
+                  format_table(report["front"], FRONT_COLUMNS), ""]
     if report.get("held_out"):
         lines += [f"Held-out test labels ({report['held_out_rows']} images) against the CV "
                   "(OOF) scores:", "", format_table(report["held_out"], HELD_OUT_COLUMNS), ""]
@@ -242,10 +289,13 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def held_out_rows(truth: Any, test_ids: np.ndarray, classes: list[str],
-                  models: list[tuple[str, int, dict[str, float], np.ndarray]],
+                  models: list[tuple[Any, ...]],
                   source: str = "test_labels.csv") -> list[dict[str, Any]]:
     """One row per model: its OOF scores and its test probabilities (rows in ``test_ids`` order)
-    scored on the held-out labels ``truth`` (``Id``, ``Category``: every test id, once)."""
+    scored on the held-out labels ``truth`` (``Id``, ``Category``: every test id, once).
+
+    ``models``: (name, level, OOF scores, test probabilities[, extra cells such as the cost]).
+    """
     pos = {str(i): n for n, i in enumerate(test_ids)}
     ids, labels = [str(i) for i in truth["Id"]], [str(c) for c in truth["Category"]]
     if sorted(ids) != sorted(pos):
@@ -257,13 +307,14 @@ def held_out_rows(truth: Any, test_ids: np.ndarray, classes: list[str],
     rows_of = np.array([pos[i] for i in ids])
     y = np.array([index[c] for c in labels])
     out, right = [], []
-    for name, level, oof_scores, proba in models:
+    for name, level, oof_scores, proba, *extra in models:
         p = np.asarray(proba)[rows_of]
         right.append(p.argmax(axis=1) == y)
         out.append({"model": name, "level": level, "oof_accuracy": oof_scores["accuracy"],
                     "oof_log_loss": oof_scores["log_loss"],
                     "held_out_accuracy": accuracy(y, p),
-                    "held_out_log_loss": log_loss(y, p)})
+                    "held_out_log_loss": log_loss(y, p), "held_out_ece": ece(y, p),
+                    **(extra[0] if extra else {})})
     singles = [k for k, row in enumerate(out) if row["level"] == 1]
     if singles:  # every model against the best level-1 run, on the same images
         best = max(singles, key=lambda k: out[k]["held_out_accuracy"])
@@ -329,6 +380,11 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     build_submission(ids, ref.test_ids, ref.test, ref.classes, dataset.submission_columns,
                      f"{ref.name} ({ref.path}) vs {id_source}")
 
+    all_runs, budgeted = runs, None
+    if cfg.budget is not None or cfg.budget_ms is not None:
+        budgeted = choose_under_budget(runs, folds, cfg)
+        runs = [all_runs[i] for i in budgeted.search.chosen.members]
+        ref, names = runs[0], [r.name for r in runs]
     X, X_test = level1_matrix(runs)
     y, n_classes = ref.y, len(ref.classes)
     # The inputs' fold-k test rows (fold-k models only), for this stack's own fold-k rows and its
@@ -349,34 +405,52 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     if out_dir.name in names:
         raise ConfigError(f"output {out_dir} is one of the input runs; pass another --name")
 
+    tcv = None if cfg.temperature == "off" else cross_val_temperature(
+        results[chosen].oof, y, folds.fold, cfg.temperature)
     final = make_stacker(chosen, **stacker_params(chosen, cfg)).fit(X, y)
-    test_proba = full_proba(final, X_test, n_classes)
+    served = TemperatureScaled(final, tcv.temperature) if tcv and tcv.applied else final
+    test_proba = full_proba(served, X_test, n_classes)
     sub = build_submission(ids, ref.test_ids, test_proba, ref.classes,
                            dataset.submission_columns, id_source)
 
     level = 1 + max(run_level(r) for r in runs)  # a stack of stacks is level 3
-    rows = [{"model": r.name, "level": run_level(r), **r.scores(), "seconds": None, "chosen": "",
-             "note": _backbone(r)} for r in runs]
-    rows += [{"model": f"stack-{m}", "level": level, **res.scores,
-              "seconds": round(res.seconds, 2), "chosen": "*" if m == chosen else "",
+    cost = total_cost(runs).row()
+    left_out = [r for r in all_runs if r.name not in names]
+    rows = [{"model": r.name, "level": run_level(r), **r.scores(), "ece": ece(r.y, r.oof),
+             **run_cost(r).row(), "seconds": None, "chosen": "",
+             "note": _backbone(r) + (" (left out by the budget)" if r in left_out else "")}
+            for r in all_runs]
+    rows += [{"model": f"stack-{m}", "level": level, **res.scores, "ece": ece(y, res.oof),
+              **cost, "seconds": round(res.seconds, 2),
+              "chosen": "*" if m == chosen and not (tcv and tcv.applied) else "",
               "note": _note(m, res)}
              for m, res in results.items()]
+    if tcv is not None:
+        rows.append(_temperature_row(chosen, level, tcv, y, cost))
+    if budgeted is not None:
+        rows.append(budgeted.row(level))
 
     # All checks passed and everything is computed: write. meta.json (status complete) is the
     # completion marker and goes last; the old one goes first, so a kill at any moment leaves a
     # folder that does not look complete, and a rerun redoes it.
     level2 = results[chosen]
     inputs = [{"run": r.name, "path": str(r.path), "fingerprint": r.fingerprint,
-               "oof_metrics": r.scores()} for r in runs]
+               "oof_metrics": r.scores(), **run_cost(r).row()} for r in runs]
     begin_output(out_dir)
     sub_path = out_dir / "submission.csv"
     sub.write(sub_path, out_dir / "submission_proba.csv")
     test_acc = _held_out_accuracy(sub_path, dataset.root)
     held_out, n_truth = _held_out_table(dataset.root, ref, [
-        *((r.name, run_level(r), r.scores(), r.test) for r in runs),
-        *((f"stack-{m}", level, res.scores, res.test_per_fold.mean(axis=0))
+        *((r.name, run_level(r), r.scores(), r.test, run_cost(r).row()) for r in all_runs),
+        *((f"stack-{m}", level, res.scores, res.test_per_fold.mean(axis=0), cost)
           for m, res in results.items()),
-        (f"submission (stack-{chosen})", level, results[chosen].scores, test_proba)])
+        *([] if tcv is None else [(
+            f"stack-{chosen}+T", level, tcv.scores, np.mean(
+                [apply_temperature(results[chosen].test_per_fold[k], t)
+                 for k, t in tcv.per_fold.items()], axis=0), cost)]),
+        (f"submission (stack-{chosen}{'+T' if served is not final else ''})", level,
+         tcv.scores if served is not final else results[chosen].scores, test_proba, cost)])
+    front = [] if budgeted is None else budgeted.front_rows(dataset.root, ref, level, y)
     report = {
         "dataset": dataset.name, "run_root": str(run_root), "level": level, "runs": inputs,
         "folds": {"k": folds.k, "seed": folds.seed, "fingerprint": folds.fingerprint},
@@ -385,7 +459,11 @@ def stack_runs(cfg: StackConfig) -> StackResult:
         "chosen": chosen,
         "choice": (f"best level-2 {cfg.metric} of {methods}" if cfg.method == "auto"
                    else "--method"),
-        "final": {"method": chosen, "params": final.get_params(), **describe(final, names)},
+        "final": {"method": chosen, "params": final.get_params(), **describe(final, names),
+                  **({"temperature": served.temperature} if served is not final else {})},
+        "temperature": None if tcv is None else tcv.to_dict(),
+        "cost": cost, "budget": None if budgeted is None else budgeted.to_dict(),
+        "front": front,
         "level2_run": str(out_dir), "submission": str(sub_path), "submission_ids": id_source,
         "test_accuracy": test_acc, "held_out": held_out,
         "held_out_rows": n_truth,
@@ -400,15 +478,134 @@ def stack_runs(cfg: StackConfig) -> StackResult:
         (out_dir / PSEUDO_FILE).unlink(missing_ok=True)  # a rerun's old source must not stay
         log.warning("no pseudo-label source (%s) in %s, and its test_folds.parquet is not "
                     "fold-k only:\n  %s", PSEUDO_FILE, out_dir, stale)
+    if budgeted is not None:
+        from oof.report import cost_front_figure
+
+        write_atomic(out_dir / FRONT_PNG, lambda p: Path(p).write_bytes(cost_front_figure(
+            front, budgeted.search_points(), cfg.metric, budgeted.describe())))
+    else:
+        (out_dir / FRONT_PNG).unlink(missing_ok=True)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", _markdown(report, rows))
     save_config(cfg, out_dir / "config.yaml")
-    # the fitted final stacker, for serving (ensemble.saved; loaded by serve.bundle)
-    save_stacker(out_dir, final, chosen, runs, ref.classes, folds.fingerprint, level2.scores)
+    # the fitted final stacker (temperature-scaled when applied), for serving (ensemble.saved;
+    # loaded by serve.bundle)
+    save_stacker(out_dir, served, chosen, runs, ref.classes, folds.fingerprint,
+                 tcv.scores if served is not final else level2.scores)
     run = _write_level2(out_dir, chosen, ref, folds, level2, inputs, cfg, level,
-                        source_runs(runs))
+                        source_runs(runs), {**cost, "temperature": report["temperature"]})
     return StackResult(rows, TABLE_COLUMNS, chosen, out_dir, sub_path, run.path, test_acc, report,
                        held_out)
+
+
+def _temperature_row(method: str, level: int, tcv: TemperatureCV, y: np.ndarray,
+                     cost: dict[str, Any]) -> dict[str, Any]:
+    """The chosen method temperature-scaled: CV scores (T of fold k fitted without fold k)."""
+    per_fold = ",".join(f"{t:.3f}" for t in tcv.per_fold.values())
+    return {"model": f"stack-{method}+T", "level": level, **tcv.scores, "ece": ece(y, tcv.oof),
+            **cost, "seconds": None, "chosen": "*" if tcv.applied else "",
+            "note": f"temperature {tcv.temperature:.3f} (per fold {per_fold}): "
+                    f"{'applied' if tcv.applied else 'not applied'}, {tcv.rule}"}
+
+
+@dataclass
+class BudgetChoice:
+    """The runs chosen under ``--budget``/``--budget-ms``, every subset scored, and the rule's
+    nested-CV score."""
+
+    budget: Budget
+    method: str
+    params: dict[str, Any]
+    metric: str
+    cands: list[Any]
+    search: Search
+    nested: Any  # ensemble.budget.Nested, or None with fewer than 3 folds
+    y: np.ndarray
+
+    def names(self, members: tuple[int, ...]) -> list[str]:
+        return [self.cands[i].name for i in members]
+
+    def describe(self) -> str:
+        return f"budget {self.budget.describe()}"
+
+    def row(self, level: int) -> dict[str, Any]:
+        """The table's row for the budget rule: nested CV where possible, else marked."""
+        chosen = self.search.chosen
+        base = {"model": f"budget ({self.method}, nested CV)", "level": level,
+                **chosen.cost.row(), "seconds": None, "chosen": ""}
+        if self.nested is None:
+            return {**base, "model": f"budget ({self.method}, optimistic)", **chosen.scores,
+                    "note": f"{self.describe()}: {self.names(chosen.members)}; its CV chose it "
+                            "(optimistic: fewer than 3 folds leave no inner CV)"}
+        per = "; ".join(f"fold {f['fold']}: {'+'.join(f['chosen'])}"
+                        for f in self.nested.per_fold)
+        return {**base, **self.nested.scores, "ece": ece(self.y, self.nested.oof),
+                "note": f"{self.describe()}: subset chosen on K-1 folds, scored on the K-th "
+                        f"({per})"}
+
+    def search_points(self) -> list[dict[str, Any]]:
+        return [{**p.cost.row(), **p.scores} for p in self.search.points]
+
+    def front_rows(self, data_root: Path, ref: Run, level: int,
+                   y: np.ndarray) -> list[dict[str, Any]]:
+        """The front as table rows, each with its held-out scores where there are labels."""
+        chosen = self.search.chosen
+        points = self.search.front(self.metric)
+        if chosen not in points:  # a --budget-ms choice need not be on the passes front
+            points = sorted([*points, chosen], key=lambda p: p.cost.passes or 0)
+        held, _ = _held_out_table(data_root, ref, [
+            (str(n), level, p.scores, fit_predict(self.cands, p.members, y, self.method,
+                                                  self.params))
+            for n, p in enumerate(points)])
+        out = []
+        for n, p in enumerate(points):
+            out.append({**p.cost.row(), "runs": "+".join(self.names(p.members)),
+                        "log_loss": p.scores["log_loss"], "accuracy": p.scores["accuracy"],
+                        "ece": p.scores.get("ece"),
+                        "held_out_log_loss": held[n]["held_out_log_loss"] if held else None,
+                        "held_out_accuracy": held[n]["held_out_accuracy"] if held else None,
+                        "chosen": "* (optimistic)" if p is chosen else ""})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        chosen = self.search.chosen
+        return {"passes": self.budget.passes, "ms": self.budget.ms, "method": self.method,
+                "metric": self.metric, "exact_search": self.search.exact,
+                "subsets_scored": len(self.search.points),
+                "chosen": self.names(chosen.members),
+                "passes_chosen": chosen.cost.passes, "ms_chosen": chosen.cost.ms_per_image,
+                "chosen_cv_scores": chosen.scores,
+                "nested_cv_scores": None if self.nested is None else self.nested.scores,
+                "nested_per_fold": None if self.nested is None else self.nested.per_fold}
+
+
+def choose_under_budget(runs: list[Run], folds: Folds, cfg: StackConfig) -> BudgetChoice:
+    """Search the subsets of ``runs`` by level-2 CV within the budget (``--method``, or the mean
+    under auto: nothing learned, and cheap enough to score every subset), and score the rule by
+    nested CV."""
+    budget = Budget(cfg.budget, cfg.budget_ms)
+    cands = candidates(runs)
+    no_ms = [c.name for c in cands if c.cost.ms_per_image is None]
+    if cfg.budget_ms is not None and no_ms:
+        raise ConfigError(f"--budget-ms {cfg.budget_ms:g}: no measured ms_per_image in the "
+                          f"meta.json of {no_ms}; use --budget PASSES, or leave them out with "
+                          "--runs")
+    no_passes = [c.name for c in cands if c.cost.passes is None]
+    if cfg.budget is not None and no_passes:
+        raise ConfigError(f"--budget {cfg.budget}: the passes per image of {no_passes} are "
+                          "unknown (no passes_per_image or folds in their meta.json, or a "
+                          "stack whose inputs are gone)")
+    method = "mean" if cfg.method == "auto" else cfg.method
+    params = stacker_params(method, cfg)
+    y = runs[0].y
+    log.info("budget %s: scoring subsets of %d runs by level-2 CV of %s", budget.describe(),
+             len(cands), method)
+    found = search(cands, cv_scorer(cands, y, folds.fold, method, params), cfg.metric, budget)
+    nested = nested_cv(cands, y, folds.fold, method, params, cfg.metric, budget)
+    choice = BudgetChoice(budget, method, params, cfg.metric, cands, found, nested, y)
+    log.info("budget: %s chosen (%s), %d subsets scored", choice.names(found.chosen.members),
+             found.chosen.cost.row(), len(found.points))
+    return choice
 
 
 def begin_output(out_dir: Path) -> None:
@@ -423,7 +620,7 @@ def begin_output(out_dir: Path) -> None:
 
 def _write_level2(out_dir: Path, method: str, ref: Run, folds: Folds, level2: Level2,
                   inputs: list[dict[str, Any]], cfg: StackConfig, level: int,
-                  stacked: list[str]) -> Run:
+                  stacked: list[str], extra: dict[str, Any]) -> Run:
     """The stack's CV OOF saved like any run (meta level = 1 + its inputs' highest level), so it
     can be analysed and stacked again.
 
@@ -436,7 +633,11 @@ def _write_level2(out_dir: Path, method: str, ref: Run, folds: Folds, level2: Le
 
     meta = {"level": level, "method": method, "inputs": inputs, "config": config_dict(cfg),
             "backbone": {"name": f"stack/{method}"}, "fold_info": level2.folds,
-            "level2_seconds": round(level2.seconds, 3), "stacked_runs": stacked}
+            "level2_seconds": round(level2.seconds, 3), "stacked_runs": stacked,
+            # its cost (passes_per_image, ms_per_image: what a stack over it pays for it) and
+            # the temperature of the served stacker; this OOF is the method's, before it
+            "passes_per_image": extra["passes"], "ms_per_image": extra["ms_per_image"],
+            "temperature": extra["temperature"]}
     per_fold = level2.test_per_fold
     if level2.fold_k_test is not None:
         per_fold, meta["test_folds"] = level2.fold_k_test, FOLD_K_ONLY
@@ -444,8 +645,7 @@ def _write_level2(out_dir: Path, method: str, ref: Run, folds: Folds, level2: Le
                      per_fold, meta, test=level2.test_per_fold.mean(axis=0))
 
 
-def _held_out_table(data_root: Path, ref: Run,
-                    models: list[tuple[str, int, dict[str, float], np.ndarray]],
+def _held_out_table(data_root: Path, ref: Run, models: list[tuple[Any, ...]],
                     ) -> tuple[list[dict[str, Any]], int | None]:
     """``held_out_rows`` where the dataset ships held-out labels (the demos), else nothing."""
     from oof.demo import TEST_LABELS, held_out_labels

@@ -30,7 +30,7 @@ import pandas as pd
 
 from oof.errors import DataError, FoldstackError, RunMismatchError
 from oof.folds import load_folds
-from oof.metrics import accuracy, log_loss
+from oof.metrics import accuracy, ece, log_loss
 from oof.rundir import Run, check_compatible, find_runs, load_run
 
 log = logging.getLogger(__name__)
@@ -201,9 +201,7 @@ def reliability(y: np.ndarray, proba: np.ndarray, n_bins: int = DEFAULT_BINS) ->
 def expected_calibration_error(y: np.ndarray, proba: np.ndarray,
                                n_bins: int = DEFAULT_BINS) -> float:
     """ECE of the top-label confidence (see the module docstring for the bins)."""
-    if len(proba) == 0:
-        return float("nan")
-    return float(reliability(y, proba, n_bins)["weighted_gap"].sum())
+    return ece(y, proba, n_bins)
 
 
 @dataclass

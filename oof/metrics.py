@@ -62,6 +62,28 @@ def top_k_accuracy(y: np.ndarray, proba: np.ndarray, k: int = TOP_K) -> float:
     return float(((p > p_true[:, None]).sum(axis=1) < k).mean())
 
 
+ECE_BINS = 15
+
+
+def ece(y: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top-label confidence (max probability of a row).
+
+    ``n_bins`` equal-width bins on [0, 1], bin b holding confidences in (b/n, (b+1)/n] (a
+    confidence of 0 goes to bin 0); ECE = sum over bins of (rows in bin / rows) x |accuracy -
+    mean confidence| of the bin. Rows with a NaN are skipped.
+    """
+    y, proba = _scored(y, proba)
+    if not len(y):
+        return float("nan")
+    conf = proba.max(axis=1).astype(np.float64)
+    correct = (proba.argmax(axis=1) == y).astype(np.float64)
+    b = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(b, minlength=n_bins)
+    gap = np.abs(np.bincount(b, weights=correct, minlength=n_bins)
+                 - np.bincount(b, weights=conf, minlength=n_bins))
+    return float(gap[count > 0].sum() / len(y))
+
+
 def scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     return {"accuracy": accuracy(y, proba), "log_loss": log_loss(y, proba),
             "macro_f1": macro_f1(y, proba), "top3": top_k_accuracy(y, proba)}

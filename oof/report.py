@@ -208,6 +208,35 @@ def learning_curves_figure(a: Analysis) -> bytes | None:
     return _png(fig)
 
 
+def cost_front_figure(front: list[dict[str, Any]], points: list[dict[str, Any]], metric: str,
+                      title: str) -> bytes:
+    """Level-2 CV log loss and accuracy against passes per image: every subset scored (grey),
+    the front (each point better by ``metric`` than all cheaper ones) as a line, the chosen
+    point (``chosen`` non-empty) ringed, held-out scores as crosses where present."""
+    fig = _figure(10, 3.8)
+    axes = fig.subplots(1, 2)
+    for ax, key in zip(axes, ("log_loss", "accuracy"), strict=True):
+        ax.scatter([p["passes"] for p in points], [p[key] for p in points], s=12,
+                   color="#bbbbbb", label="subsets (CV)")
+        ax.plot([p["passes"] for p in front], [p[key] for p in front], "-o", color="#08519c",
+                ms=4, label=f"front by {metric} (CV)")
+        held = [p for p in front if p.get(f"held_out_{key}") is not None]
+        if held:
+            ax.plot([p["passes"] for p in held], [p[f"held_out_{key}"] for p in held], "x--",
+                    color="#d94801", label="front, held-out")
+        for p in front:
+            if p.get("chosen"):
+                ax.scatter([p["passes"]], [p[key]], s=140, facecolors="none",
+                           edgecolors="#a50f15", linewidths=2, label="chosen", zorder=3)
+        ax.set_xlabel("forward passes per image", fontsize=8)
+        ax.set_ylabel(f"level-2 {key}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Cost front ({title})", fontsize=10)
+    return _png(fig)
+
+
 MAX_DUPLICATE_GROUPS = 30  # shown with thumbnails; all of them are in report.json
 
 

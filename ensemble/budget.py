@@ -1,0 +1,248 @@
+"""Stacks under a budget: which candidates enter the stack, by level-2 CV, within a cost limit.
+
+A candidate is a run served one way (``variant``) with its own cost and OOF: today each run's K
+fold models ("folds"); a refit model or a subset of TTA views becomes another candidate of the
+same run with fewer passes (and at most one candidate per run enters a stack). Every subset is
+scored by the level-2 CV over the stored folds of one method (exact search over all subsets up to
+``EXACT_MAX`` candidates, a greedy cost-aware forward selection beyond); the chosen subset is the
+best score within the budget, and the front is every point better than all cheaper ones.
+
+Choosing among many subsets by the same CV that scores them flatters the winner, so
+``nested_cv`` scores the rule itself: for each fold k the subset is chosen by CV over the other
+folds only, fitted on them, and scores fold k.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ensemble.cost import Cost, run_cost
+from ensemble.evaluate import cross_val_level2, full_proba
+from ensemble.stackers import make_stacker
+from oof.errors import ConfigError
+from oof.metrics import METRICS, ece, scores
+from oof.rundir import Run
+
+log = logging.getLogger(__name__)
+
+EXACT_MAX = 12  # candidates up to which every subset is scored (2^12 - 1 = 4095 subsets)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to serve one run: its cost and the OOF / fold-mean test it would give."""
+
+    run: Run
+    cost: Cost
+    variant: str = "folds"  # the run's K fold models, as trained
+
+    @property
+    def name(self) -> str:
+        return self.run.name if self.variant == "folds" else f"{self.run.name}[{self.variant}]"
+
+    @property
+    def oof(self) -> np.ndarray:
+        return self.run.oof
+
+    @property
+    def test(self) -> np.ndarray:
+        return self.run.test
+
+
+def candidates(runs: list[Run]) -> list[Candidate]:
+    """Each run as trained (its fold models and TTA views)."""
+    return [Candidate(r, run_cost(r)) for r in runs]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits on passes per image and on milliseconds per image (None: no limit)."""
+
+    passes: float | None = None
+    ms: float | None = None
+
+    def allows(self, cost: Cost) -> bool:
+        return ((self.passes is None or (cost.passes is not None and cost.passes <= self.passes))
+                and (self.ms is None or (cost.ms_per_image is not None
+                                         and cost.ms_per_image <= self.ms)))
+
+    def describe(self) -> str:
+        parts = ([f"{self.passes:g} passes"] if self.passes is not None else []) + (
+            [f"{self.ms:g} ms"] if self.ms is not None else [])
+        return " and ".join(parts) + " per image"
+
+
+@dataclass
+class Point:
+    """One scored subset of candidates."""
+
+    members: tuple[int, ...]  # candidate indices, ascending
+    cost: Cost
+    scores: dict[str, float]
+
+
+def subset_cost(cands: list[Candidate], members: tuple[int, ...]) -> Cost:
+    out = Cost(0, 0.0)
+    for i in members:
+        out = out + cands[i].cost
+    return out
+
+
+def better_key(metric: str) -> Callable[[Point], tuple[float, float, float]]:
+    """Sort key, best first: the metric, then log loss, then fewer passes."""
+    sign = -1.0 if METRICS[metric] else 1.0
+
+    def key(p: Point) -> tuple[float, float, float]:
+        return (sign * p.scores[metric], p.scores["log_loss"],
+                float(p.cost.passes if p.cost.passes is not None else np.inf))
+    return key
+
+
+def valid_subset(cands: list[Candidate], members: tuple[int, ...]) -> bool:
+    """At most one candidate of each run (its fold models, or its refit model, ...)."""
+    names = [cands[i].run.name for i in members]
+    return len(set(names)) == len(names)
+
+
+Scorer = Callable[[tuple[int, ...]], dict[str, float]]
+
+
+def cv_scorer(cands: list[Candidate], y: np.ndarray, folds: np.ndarray, method: str,
+              params: dict[str, Any], rows: np.ndarray | None = None) -> Scorer:
+    """Level-2 CV score of ``method`` on a subset, over the stored folds of ``rows`` (all rows
+    by default; the other folds' rows in nested CV), cached per subset."""
+    rows = np.arange(len(y)) if rows is None else rows
+    n_classes = cands[0].oof.shape[1]
+    cache: dict[tuple[int, ...], dict[str, float]] = {}
+
+    def score(members: tuple[int, ...]) -> dict[str, float]:
+        if members not in cache:
+            X = np.hstack([cands[i].oof[rows] for i in members])
+            level2 = cross_val_level2(method, make_stacker(method, **params), X, y[rows],
+                                      folds[rows], n_classes)
+            cache[members] = {**level2.scores, "ece": ece(y[rows], level2.oof)}
+        return cache[members]
+    return score
+
+
+@dataclass
+class Search:
+    """Every subset scored, the chosen one, and the front."""
+
+    points: list[Point]
+    chosen: Point
+    exact: bool
+
+    def front(self, metric: str) -> list[Point]:
+        return cost_front(self.points, metric)
+
+
+def cost_front(points: list[Point], metric: str) -> list[Point]:
+    """Points better (by ``metric``, then log loss) than every cheaper point, by passes."""
+    key = better_key(metric)
+    priced = sorted((p for p in points if p.cost.passes is not None),
+                    key=lambda p: (p.cost.passes, key(p)))
+    out: list[Point] = []
+    for p in priced:
+        if out and p.cost.passes == out[-1].cost.passes:
+            continue  # the best of this price is already in (sorted best first)
+        if not out or key(p)[:2] < key(out[-1])[:2]:
+            out.append(p)
+    return out
+
+
+def search(cands: list[Candidate], score: Scorer, metric: str, budget: Budget,
+           exact_max: int = EXACT_MAX) -> Search:
+    """The best-scoring subset within ``budget``: exact over all subsets up to ``exact_max``
+    candidates, else greedy forward selection by gain per added pass."""
+    if not any(budget.allows(c.cost) for c in cands):
+        cheapest = min(cands, key=lambda c: (c.cost.passes or 0, c.cost.ms_per_image or 0))
+        raise ConfigError(f"budget of {budget.describe()}: no run fits; the cheapest is "
+                          f"{cheapest.name} ({cheapest.cost.row()})")
+    key = better_key(metric)
+    if len(cands) <= exact_max:
+        points = [Point(m, subset_cost(cands, m), score(m))
+                  for size in range(1, len(cands) + 1)
+                  for m in itertools.combinations(range(len(cands)), size)
+                  if valid_subset(cands, m)]
+        exact = True
+    else:
+        points = _greedy(cands, score, metric, budget)
+        exact = False
+    inside = [p for p in points if budget.allows(p.cost)]
+    return Search(points, min(inside, key=key), exact)
+
+
+def _greedy(cands: list[Candidate], score: Scorer, metric: str, budget: Budget) -> list[Point]:
+    """Forward selection: start from the best single candidate within the budget, then add the
+    one with the best gain in the metric per added pass while one fits and helps."""
+    key = better_key(metric)
+    seen: dict[tuple[int, ...], Point] = {}
+
+    def point(m: tuple[int, ...]) -> Point:
+        if m not in seen:
+            seen[m] = Point(m, subset_cost(cands, m), score(m))
+        return seen[m]
+
+    singles = [point((i,)) for i in range(len(cands))]
+    current = min((p for p in singles if budget.allows(p.cost)), key=key)
+    while True:
+        trials = [point(tuple(sorted((*current.members, i)))) for i in range(len(cands))
+                  if i not in current.members and valid_subset(cands, (*current.members, i))]
+        trials = [p for p in trials if budget.allows(p.cost)]
+
+        def gain(p: Point, base: Point = current) -> float:
+            extra = max(1, (p.cost.passes or 0) - (base.cost.passes or 0))
+            return (key(base)[0] - key(p)[0]) / extra
+        better = [p for p in trials if key(p)[:2] < key(current)[:2]]
+        if not better:
+            return list(seen.values())
+        current = max(better, key=gain)
+
+
+@dataclass
+class Nested:
+    """The budget rule scored by nested CV: per outer fold, the subset chosen on the others."""
+
+    oof: np.ndarray
+    scores: dict[str, float]
+    per_fold: list[dict[str, Any]] = field(default_factory=list)
+
+
+def nested_cv(cands: list[Candidate], y: np.ndarray, folds: np.ndarray, method: str,
+              params: dict[str, Any], metric: str, budget: Budget,
+              exact_max: int = EXACT_MAX) -> Nested | None:
+    """For each fold k: choose the subset by level-2 CV over the other folds' rows (their own
+    stored folds), fit ``method`` on those rows, predict fold k. None with fewer than 3 folds
+    (the inner CV needs 2)."""
+    ks = np.unique(folds)
+    if len(ks) < 3:
+        return None
+    n_classes = cands[0].oof.shape[1]
+    out = np.full((len(y), n_classes), np.nan)
+    info = []
+    for k in ks:
+        fit = np.flatnonzero(folds != k)
+        held = np.flatnonzero(folds == k)
+        inner = search(cands, cv_scorer(cands, y, folds, method, params, fit), metric, budget,
+                       exact_max)
+        m = inner.chosen.members
+        est = make_stacker(method, **params).fit(np.hstack([cands[i].oof[fit] for i in m]),
+                                                 y[fit])
+        out[held] = full_proba(est, np.hstack([cands[i].oof[held] for i in m]), n_classes)
+        info.append({"fold": int(k), "chosen": [cands[i].name for i in m],
+                     **inner.chosen.cost.row()})
+    return Nested(out, scores(y, out), info)
+
+
+def fit_predict(cands: list[Candidate], members: tuple[int, ...], y: np.ndarray, method: str,
+                params: dict[str, Any]) -> np.ndarray:
+    """``method`` fitted on all OOF rows of a subset, applied to its fold-mean test rows."""
+    est = make_stacker(method, **params).fit(np.hstack([cands[i].oof for i in members]), y)
+    return full_proba(est, np.hstack([cands[i].test for i in members]), cands[0].oof.shape[1])
