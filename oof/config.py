@@ -61,6 +61,9 @@ def _sizes(value: Any) -> Any:
 
 ImageSizes = Annotated[ImageSize | list[ImageSize], BeforeValidator(_sizes)]
 
+#: the probe family's fold heads (``--probe-head``; fitted in backbones/probe/heads.py)
+PROBE_HEADS = ("logreg", "lda")
+
 #: every config class is a pydantic dataclass with this behaviour
 config_dataclass = pydantic.dataclasses.dataclass(
     config=pydantic.ConfigDict(extra="forbid", validate_default=True))
@@ -117,7 +120,8 @@ class RunConfig(DatasetConfig):
         None, "keep near-duplicate images in one fold: 'phash' groups them by perceptual hash "
         "(StratifiedGroupKFold); default 'none' (fixed per run root)", ("none", "phash"))
     fold: NonNegativeInt | None = opt(None, "run this fold only (manual parallelism); default all")
-    backbone: Name = opt("timm/resnet10t", "backbone: timm/<timm name> or keras/<application>")
+    backbone: Name = opt("timm/resnet10t", "backbone: timm/<timm name>, keras/<application> or "
+                       "probe/<timm name> (frozen features + a --probe-head per fold)")
     lr_find: bool = opt(False, "run the LR range test on fold 0's training rows instead of "
                         "training: plot and suggested --lr in the run folder's lr_find/")
     write_augment: str | None = opt(
@@ -146,6 +150,10 @@ class RunConfig(DatasetConfig):
         "classifier; 0 = none")
     head_activation: str = opt("relu", "head: activation of the hidden layer",
                                ("relu", "gelu", "silu", "tanh"))
+    probe_head: str = opt(
+        "logreg", "probe/<timm model>: the classifier fitted per fold on the frozen features: "
+        "logreg (L2 logistic regression, C chosen by inner stratified CV on the fold's training "
+        "rows) or lda (linear discriminant analysis, Ledoit-Wolf shrinkage)", PROBE_HEADS)
     head_epochs: NonNegativeInt | None = opt(
         None, "fine-tuning: first epochs train only the new head on the frozen backbone "
         "(BatchNorm frozen too); part of --epochs (default: 1 with pretrained weights, else 0)")
