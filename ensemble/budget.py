@@ -193,9 +193,9 @@ def _greedy(cands: list[Candidate], score: Scorer, metric: str, budget: Budget) 
     singles = [point((i,)) for i in range(len(cands))]
     current = min((p for p in singles if budget.allows(p.cost)), key=key)
     while True:
-        trials = [point(tuple(sorted((*current.members, i)))) for i in range(len(cands))
-                  if i not in current.members and valid_subset(cands, (*current.members, i))]
-        trials = [p for p in trials if budget.allows(p.cost)]
+        grown = [tuple(sorted((*current.members, i))) for i in range(len(cands))
+                 if i not in current.members and valid_subset(cands, (*current.members, i))]
+        trials = [point(m) for m in grown if budget.allows(subset_cost(cands, m))]
 
         def gain(p: Point, base: Point = current) -> float:
             extra = max(1, (p.cost.passes or 0) - (base.cost.passes or 0))
