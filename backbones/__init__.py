@@ -56,7 +56,7 @@ def show_framework_logs(show: bool) -> None:
 
 FAMILIES: dict[str, str] = {
     "timm": "backbones.timm_backend",
-    "keras": "backbones.keras_backend",
+    "keras": "backbones.keras",
 }
 
 

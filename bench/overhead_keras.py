@@ -52,22 +52,25 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
 
     import tensorflow as tf
 
-    from backbones import keras_backend as kb
     from backbones.base import FoldJob
+    from backbones.keras import data as kd
+    from backbones.keras import model as km
+    from backbones.keras import runtime as kr
+    from backbones.keras import train as kt
     from bench.train_overhead import interleaved_rounds
     from oof.config import RunConfig
 
     cfg = RunConfig(backbone=backbone, img_size=img_size, batch_size=batch_size,
                     augment=augment, epochs=1, progress=False)
-    spec = kb.resolve_spec(backbone.partition("/")[2], cfg)
+    spec = km.resolve_spec(backbone.partition("/")[2], cfg)
     x, y, classes = demo_images(img_size)
-    device, policy = kb.configure_runtime(cfg)
-    dataset, steps_per_epoch, batches = kb.make_train_dataset(x, y, len(classes), cfg, seed=0)
+    device, policy = kr.configure_runtime(cfg)
+    dataset, steps_per_epoch, batches = kd.make_train_dataset(x, y, len(classes), cfg, seed=0)
     job = FoldJob(spec=spec, cfg=cfg, fold=0, classes=classes, x_train=x, y_train=y,
                   x_val=x[:0], y_val=y[:0], x_test=x[:0], checkpoint_path=Path("unused"),
                   work_dir=Path("unused"), history_path=Path("unused"), seed=0)
     t0 = time.perf_counter()
-    model = kb._compiled_model(job, steps_per_epoch, kb.DEFAULT_BN_MOMENTUM, policy).model
+    model = kt._compiled_model(job, steps_per_epoch, km.DEFAULT_BN_MOMENTUM, policy).model
     epochs = max(1, round(steps / steps_per_epoch))
     timed_steps = epochs * steps_per_epoch
     model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[batches])  # traces
@@ -101,7 +104,7 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
         "bare_images_per_s": statistics.median(bare_ips), "ratio": statistics.median(ratios),
         "ratios": [round(v, 3) for v in ratios], "rounds": rounds,
         "startup_seconds": startup, "cpu_count": os.cpu_count(), "load_1min": os.getloadavg()[0],
-        "versions": kb.versions(),
+        "versions": kr.versions(),
     }
 
 

@@ -1,7 +1,8 @@
 """The learning-rate curve, written once: a multiplier of the peak LR as a function of the step.
 
 timm applies it through ``torch.optim.lr_scheduler.LambdaLR``; Keras evaluates the same function
-into a per-step table (``keras_backend.WarmupSchedule``), so the two frameworks follow one curve.
+into a per-step table (``backbones.keras.optim.WarmupSchedule``), so the two frameworks follow
+one curve.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ VIOLATIONS = [
     # the runner reaching torch through the family module instead of backbones.resolve
     ("runner/run.py", LAZY.format("from backbones import timm_backend"), {"frameworks-reach"}),
     # the Keras family importing torch (a KERAS_BACKEND=torch must not load it)
-    ("backbones/keras_backend.py", LAZY.format("import torch"), {"frameworks-torch"}),
+    ("backbones/keras/runtime.py", LAZY.format("import torch"), {"frameworks-torch"}),
     # a framework-free module (the shared augmentation) importing a framework
     ("recipe/augment.py", LAZY.format("import h5py"),
      {"frameworks-keras", "frameworks-reach"}),  # reach: recipe is below the families

@@ -38,7 +38,8 @@ sys.exit(rc or 0)
 PROBE = """
 import json, os, sys
 import numpy as np
-from backbones import keras_backend as kb
+from backbones.keras import callbacks as kcb, data as kd, model as km, optim as ko
+from backbones.keras import runtime as kr, train as kt
 from oof.config import RunConfig
 from oof.errors import ConfigError
 out = {"torch_loaded": "torch" in sys.modules}
@@ -49,16 +50,16 @@ def error(fn):
     except ConfigError as exc:
         return str(exc)
     return None
-out["unknown_app"] = error(lambda: kb.resolve_spec("MobileNetV3Smal", cfg))
-out["unknown_callback"] = error(lambda: kb.user_callbacks([{"name": "EarlyStoping"}]))
-out["bad_kwargs"] = error(lambda: kb.user_callbacks([{"name": "EarlyStopping", "bogus": 1}]))
-out["plateau_with_cosine"] = error(lambda: kb.make_optimizer(
+out["unknown_app"] = error(lambda: km.resolve_spec("MobileNetV3Smal", cfg))
+out["unknown_callback"] = error(lambda: kcb.user_callbacks([{"name": "EarlyStoping"}]))
+out["bad_kwargs"] = error(lambda: kcb.user_callbacks([{"name": "EarlyStopping", "bogus": 1}]))
+out["plateau_with_cosine"] = error(lambda: ko.make_optimizer(
     RunConfig(callbacks=[{"name": "ReduceLROnPlateau"}]), 10))
-es = kb.user_callbacks([{"name": "EarlyStopping", "kwargs": {"patience": 2}}])[0]
+es = kcb.user_callbacks([{"name": "EarlyStopping", "kwargs": {"patience": 2}}])[0]
 out["early_stopping"] = [type(es).__name__, es.patience, es.restore_best_weights]
-out["preprocessing"] = {n: kb.resolve_spec(n, cfg).preprocessing
+out["preprocessing"] = {n: km.resolve_spec(n, cfg).preprocessing
                         for n in ("MobileNetV3Small", "ResNet50", "InceptionV3", "DenseNet121")}
-resnet = kb.resolve_spec("ResNet50", cfg)
+resnet = km.resolve_spec("ResNet50", cfg)
 out["resnet_mean_std"] = [resnet.mean, resnet.std]
 # a local weights file: the application without top, from scratch, saved then loaded by name
 import keras
@@ -66,57 +67,57 @@ base = getattr(keras.applications, sys.argv[2])(include_top=False, weights=None,
                                                 input_shape=(32, 32, 3))
 path = os.path.join(sys.argv[1], "tiny.weights.h5")
 base.save_weights(path)
-spec = kb.resolve_spec(sys.argv[2], RunConfig(img_size=32, pretrained=path))
-model = kb.build_model(spec, 10)
+spec = km.resolve_spec(sys.argv[2], RunConfig(img_size=32, pretrained=path))
+model = km.build_model(spec, 10)
 inner = next(l for l in model.layers if isinstance(l, keras.Model))
 out["local_weights_equal"] = all(np.array_equal(a, b) for a, b in
                                  zip(base.get_weights(), inner.get_weights()))
-out["bn_momentum"] = sorted({l.momentum for l in kb._iter_layers(model)
+out["bn_momentum"] = sorted({l.momentum for l in km._iter_layers(model)
                              if isinstance(l, keras.layers.BatchNormalization)})
-out["missing_file"] = error(lambda: kb.resolve_spec(sys.argv[2], RunConfig(pretrained="/no/w.h5")))
-out["offline_imagenet"] = error(lambda: kb.build_model(
-    kb.resolve_spec(sys.argv[2], RunConfig(img_size=32, pretrained="auto")), 10))
+out["missing_file"] = error(lambda: km.resolve_spec(sys.argv[2], RunConfig(pretrained="/no/w.h5")))
+out["offline_imagenet"] = error(lambda: km.build_model(
+    km.resolve_spec(sys.argv[2], RunConfig(img_size=32, pretrained="auto")), 10))
 out["weights_path"] = path
-out["optimizers"] = {name: type(kb.make_optimizer(RunConfig(optimizer=name), 10)[0]).__name__
+out["optimizers"] = {name: type(ko.make_optimizer(RunConfig(optimizer=name), 10)[0]).__name__
                      for name in ("adamw", "sgd", "adam", "nadam", "rmsprop", "lamb", "lion",
                                   "adamax")}
 head_cfg = RunConfig(img_size=32, head_pool="catavgmax", head_hidden=16, head_dropout=0.3)
-headed = kb.build_model(kb.resolve_spec(sys.argv[2], head_cfg), 7)
+headed = km.build_model(km.resolve_spec(sys.argv[2], head_cfg), 7)
 out["head_layers"] = [l.name for l in headed.layers][-8:]
 out["head_shape"] = list(headed.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0).shape)
 out["head_rates"] = sorted({l.rate for l in headed.layers if isinstance(l, keras.layers.Dropout)})
-ema_opt = kb.make_optimizer(RunConfig(ema=True, ema_decay=0.99), 10)[0]
+ema_opt = ko.make_optimizer(RunConfig(ema=True, ema_decay=0.99), 10)[0]
 out["ema"] = [bool(ema_opt.use_ema), float(ema_opt.ema_momentum)]
 mix_x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-mixer = kb.EpochBatches(mix_x, np.arange(8) % 4, 4, 8, None, 3, (0.4, 1.0, 1.0))
+mixer = kd.EpochBatches(mix_x, np.arange(8) % 4, 4, 8, None, 3, (0.4, 1.0, 1.0))
 first, again = mixer.load(np.int64(0)), mixer.load(np.int64(0))
 out["mixing"] = {"same": bool(np.array_equal(first[0], again[0])),
                  "soft": bool((first[1].max(axis=1) < 1).any()),
                  "sums": [round(float(v), 5) for v in first[1].sum(axis=1)]}
-out["steps_per_execution"] = [kb.steps_per_execution(n) for n in (1, 3, 6, 7, 100)]
+out["steps_per_execution"] = [kt.steps_per_execution(n) for n in (1, 3, 6, 7, 100)]
 # an epoch of 6 steps at 4 per call: the last call runs 2 steps, every batch is trained once
 import contextlib, io
 from keras import ops
 six_x = np.random.default_rng(1).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
 six_cfg = RunConfig(backbone="keras/" + sys.argv[2], img_size=32, batch_size=8, augment="light")
 loaded = []
-six_load = kb.EpochBatches.load
-kb.EpochBatches.load = lambda self, b: (loaded.append((self.epoch, int(b))), six_load(self, b))[1]
-six_data, six_steps, six_batches = kb.make_train_dataset(six_x, np.arange(48) % 4, 4, six_cfg, 0)
-six_model = kb.build_model(kb.resolve_spec(sys.argv[2], six_cfg), 4)
+six_load = kd.EpochBatches.load
+kd.EpochBatches.load = lambda self, b: (loaded.append((self.epoch, int(b))), six_load(self, b))[1]
+six_data, six_steps, six_batches = kd.make_train_dataset(six_x, np.arange(48) % 4, 4, six_cfg, 0)
+six_model = km.build_model(km.resolve_spec(sys.argv[2], six_cfg), 4)
 six_model.compile(optimizer="sgd", loss="categorical_crossentropy",
-                  steps_per_execution=kb.steps_per_execution(six_steps))
+                  steps_per_execution=kt.steps_per_execution(six_steps))
 shown = io.StringIO()
 with contextlib.redirect_stdout(shown):
     six_model.fit(six_data, epochs=2, verbose=2, callbacks=[six_batches], shuffle=False)
 out["short_last_call"] = {"steps": six_steps, "per_call": six_model.steps_per_execution,
                           "iterations": int(ops.convert_to_numpy(six_model.optimizer.iterations)),
                           "loaded": loaded, "shown": shown.getvalue()}
-kb.EpochBatches.load = six_load
-out["phase_keys"] = error(lambda: kb.resolve_spec(
+kd.EpochBatches.load = six_load
+out["phase_keys"] = error(lambda: km.resolve_spec(
     sys.argv[2], RunConfig(backbone="keras/" + sys.argv[2], head_epochs=5, epochs=2)))
 # BackupAndRestore hands the epoch it restored to fit through Model._initial_epoch, which fit
-# prefers to its initial_epoch argument and never clears (kb.forget_restored_epoch clears it)
+# prefers to its initial_epoch argument and never clears (kt.forget_restored_epoch clears it)
 tiny = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
 tiny.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
 tiny_xy = (np.zeros((4, 3), np.float32), np.zeros(4, np.int64))
@@ -132,26 +133,26 @@ epochs_run(epochs=3, backup=True)  # leaves a backup at epoch 3
 out["restored_epoch"] = {"resumed": epochs_run(epochs=5, backup=True),
                          "attribute": tiny._initial_epoch,
                          "stale": epochs_run(epochs=2, initial_epoch=0)}
-kb.forget_restored_epoch(tiny)
+kt.forget_restored_epoch(tiny)
 out["restored_epoch"]["forgotten"] = epochs_run(epochs=2, initial_epoch=0)
 # TensorFlow's C++ log level: set before its import (only fatal lines by default), a user's
 # own TF_CPP_MIN_LOG_LEVEL obeyed, -v (FOLDSTACK_FRAMEWORK_LOGS) shows every line
 levels = {"at_import": [os.environ.get("TF_CPP_MIN_LOG_LEVEL"),
-                        os.environ.get(kb.OUR_TF_LOG_LEVEL_ENV)]}
+                        os.environ.get(kr.OUR_TF_LOG_LEVEL_ENV)]}
 os.environ["FOLDSTACK_FRAMEWORK_LOGS"] = "1"
-levels["verbose"] = [kb.tensorflow_log_level(), os.environ["TF_CPP_MIN_LOG_LEVEL"]]
+levels["verbose"] = [kr.tensorflow_log_level(), os.environ["TF_CPP_MIN_LOG_LEVEL"]]
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
-levels["user"] = [kb.tensorflow_log_level(), os.environ["TF_CPP_MIN_LOG_LEVEL"]]
+levels["user"] = [kr.tensorflow_log_level(), os.environ["TF_CPP_MIN_LOG_LEVEL"]]
 out["log_levels"] = levels
 sys.stderr.flush()
-with kb.cpp_log_lines_dropped(3):  # what the C++ libraries write while loading
+with kr.cpp_log_lines_dropped(3):  # what the C++ libraries write while loading
     os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written "
                 b"to STDERR\\nI0000 00:00:1796610651.148829   11355 cudart_stub.cc:31] PLANTED\\n"
                 b"E0000 00:00:1796610671.275274   11355 cuda_platform.cc:52] PLANTED\\n"
                 b"F0000 00:00:1796610671.275274   11355 x.cc:1] PLANTED fatal\\n"
                 b"PLANTED plain\\n")
 # last: TensorFlow has run ops on its default pool, which it cannot resize any more
-out["threads_after_init"] = error(lambda: kb.configure_runtime(RunConfig(threads=3)))
+out["threads_after_init"] = error(lambda: kr.configure_runtime(RunConfig(threads=3)))
 print("PROBE" + json.dumps(out))
 """
 
@@ -388,7 +389,7 @@ def test_keras_batches_mix_as_timm_does(probe: dict) -> None:
 
 
 def test_fit_starts_at_its_initial_epoch_after_a_restored_fold(probe: dict) -> None:
-    """Pins the private ``Model._initial_epoch`` that ``kb.forget_restored_epoch`` writes: if
+    """Pins the private ``Model._initial_epoch`` that ``kt.forget_restored_epoch`` writes: if
     Keras stops setting it on a restore, or stops preferring it to ``initial_epoch``, this
     fails and the reset in ``train_fold`` must change with it."""
     assert probe["restored_epoch"] == {"resumed": [3, 4], "attribute": 3, "stale": [],

@@ -96,7 +96,8 @@ def test_timm_loss_matches_the_reference() -> None:
 KERAS_LOSS = r"""
 import json, sys
 import numpy as np
-from backbones.keras_backend import make_loss, make_train_dataset
+from backbones.keras.data import make_train_dataset
+from backbones.keras.optim import make_loss
 from oof.config import RunConfig
 cases = json.loads(sys.stdin.read())
 out = []
@@ -111,7 +112,7 @@ y = np.array([0, 1, 2, 2, 1, 0])
 cfg = RunConfig(batch_size=6, augment="none")
 ds, steps, batches = make_train_dataset(x, y, 3, cfg, 0, np.array([0.5, 2.0, 1.0], "float32"))
 xb, yb, wb = next(iter(ds))
-from backbones.keras_backend import resolve_spec
+from backbones.keras.model import resolve_spec
 from oof.errors import ConfigError
 try:
     resolve_spec("MobileNetV3Small", RunConfig(backbone="keras/MobileNetV3Small", drop_path=0.1))

@@ -64,7 +64,7 @@ def test_lr_curve_warms_up_then_anneals() -> None:
 
 KERAS_CURVE = """
 import json, sys
-from backbones.keras_backend import WarmupSchedule
+from backbones.keras.optim import WarmupSchedule
 out = {}
 for schedule in ("cosine", "onecycle", "cyclic", "step", "constant"):
     s = WarmupSchedule(0.5, 120, 17, schedule)
@@ -232,7 +232,7 @@ import dataclasses, json, sys
 from pathlib import Path
 import numpy as np
 import keras
-from backbones import keras_backend as kb
+from backbones.keras import data as kd, model as km, train as kt
 from backbones.base import FoldJob
 from oof.config import RunConfig
 from recipe import plan_phases
@@ -243,19 +243,19 @@ path = str(Path(sys.argv[1]) / "base.weights.h5")
 base.save_weights(path)
 cfg = RunConfig(backbone="keras/" + app, pretrained=path, img_size=32, epochs=2, batch_size=16,
                 progress=False, augment="none")
-spec = kb.resolve_spec(app, cfg)
+spec = km.resolve_spec(app, cfg)
 rng = np.random.default_rng(0)
 x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
 y = rng.integers(0, 4, 64)
 job = FoldJob(spec, cfg, 0, ["a", "b", "c", "d"], x, y, x[:8], y[:8], x[:8], Path("unused"),
               Path("unused"), Path("unused"), seed=0)
 head, full = plan_phases(cfg)
-model = kb._fresh_model(job, kb.DEFAULT_BN_MOMENTUM)
-ds, steps, batches = kb.make_train_dataset(x, y, 4, cfg, 0)
-application = kb.application_of(model)
+model = kt._fresh_model(job, km.DEFAULT_BN_MOMENTUM)
+ds, steps, batches = kd.make_train_dataset(x, y, 4, cfg, 0)
+application = km.application_of(model)
 before = [w.copy() for w in application.get_weights()]  # kernels and BatchNorm statistics
 head_before = model.get_layer("logits").get_weights()[0].copy()
-kb._compile_phase(model, job, steps, head)
+kt._compile_phase(model, job, steps, head)
 out = {"head_trainable": len(model.trainable_variables),
        "zero_head": not head_before.any(),
        "uniform": bool(np.allclose(model.predict(x[:4], verbose=0), 0.25, atol=1e-6))}
@@ -263,19 +263,19 @@ model.fit(ds, epochs=1, callbacks=[batches], verbose=0)
 after = application.get_weights()
 out["backbone_unchanged"] = all(np.array_equal(a, b) for a, b in zip(before, after))
 out["head_changed"] = not np.array_equal(head_before, model.get_layer("logits").get_weights()[0])
-kb._compile_phase(model, job, steps, full)
+kt._compile_phase(model, job, steps, full)
 out["scales"] = sorted(set(round(s, 6) for s in model.optimizer.lr_scales))
 out["optimizer"] = type(model.optimizer).__name__
 model.fit(ds, initial_epoch=1, epochs=2, callbacks=[batches], verbose=0)
 out["backbone_trained"] = not all(np.array_equal(a, b) for a, b in
                                   zip(before, application.get_weights()))
-bns = [ly for ly in kb._iter_layers(application) if isinstance(ly, keras.layers.BatchNormalization)]
+bns = [ly for ly in km._iter_layers(application) if isinstance(ly, keras.layers.BatchNormalization)]
 bn_before = [w.copy() for ly in bns for w in ly.get_weights()]
 model.fit(ds, initial_epoch=1, epochs=2, callbacks=[batches], verbose=0)
 # BatchNorm frozen by default with pretrained weights: statistics, scale and shift as loaded
 out["bn_frozen"] = len(bns) > 10 and all(
     np.array_equal(a, b) for a, b in zip(bn_before, [w for ly in bns for w in ly.get_weights()]))
-kb._compile_phase(model, job, steps, plan_phases(dataclasses.replace(cfg, freeze_bn=False))[1])
+kt._compile_phase(model, job, steps, plan_phases(dataclasses.replace(cfg, freeze_bn=False))[1])
 model.fit(ds, initial_epoch=1, epochs=2, callbacks=[batches], verbose=0)
 out["bn_trained"] = not all(
     np.array_equal(a, b) for a, b in zip(bn_before, [w for ly in bns for w in ly.get_weights()]))

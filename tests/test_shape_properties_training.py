@@ -450,7 +450,7 @@ import numpy as np
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import keras
-from backbones import keras_backend as kb
+from backbones.keras import data as kd, model as km, serving as ks
 from oof.config import RunConfig
 from oof.errors import ConfigError, DataError
 from recipe import plan_phases
@@ -481,7 +481,7 @@ def tiny_model(head_bn=True):
     return keras.Model(inp, out)
 
 MODEL = tiny_model()
-BNS = [l for l in kb._iter_layers(MODEL) if isinstance(l, keras.layers.BatchNormalization)]
+BNS = [l for l in km._iter_layers(MODEL) if isinstance(l, keras.layers.BatchNormalization)]
 
 def rows_cut_by(max_size, most):
     @st.composite
@@ -500,7 +500,7 @@ def recalibration_is_exact(case):
     n, chunk = case
     x = pool[:n]
     before = [l.moving_variance.numpy().copy() for l in BNS]
-    done = kb.recalibrate_batchnorm(MODEL, x, chunk)
+    done = km.recalibrate_batchnorm(MODEL, x, chunk)
     if n < 2:
         assert done == 0 and all(np.array_equal(b, l.moving_variance.numpy())
                                  for b, l in zip(before, BNS))
@@ -529,8 +529,8 @@ def predictions_do_not_depend_on_the_batch(case, chunk):
     from recipe.tta import tta_views
     n, batch = case
     views = tta_views("hflip", [], 1, "light", SIZE, seed=5)  # each view: a predict call
-    got = kb.predict_proba(MODEL, pool[:n], views, batch_size=batch, chunk=chunk)
-    whole = kb.predict_proba(MODEL, pool[:n], views, batch_size=n)
+    got = ks.predict_proba(MODEL, pool[:n], views, batch_size=batch, chunk=chunk)
+    whole = ks.predict_proba(MODEL, pool[:n], views, batch_size=n)
     assert got.shape == (n, 3) and np.isfinite(got).all()
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-9)
     np.testing.assert_allclose(got, whole, atol=1e-5)
@@ -544,15 +544,15 @@ def training_batches_follow_the_rule(case, mixing):
     cfg = RunConfig(backbone="keras/MobileNetV3Small", img_size=SIZE, batch_size=bs,
                     augment="light", mixup_alpha=0.4 if mixing else 0.0)
     labels = np.arange(n) % 3
-    ds, steps, _ = kb.make_train_dataset(pool[:n], labels, 3, cfg, 0)
+    ds, steps, _ = kd.make_train_dataset(pool[:n], labels, 3, cfg, 0)
     sizes = [len(y) for _, y in ds]
     batch, want = train_batches(n, bs)
     assert sizes == [batch] * want == [batch] * steps
     phases = plan_phases(cfg)
-    bns = kb.training_batchnorms(MODEL, phases)
+    bns = km.training_batchnorms(MODEL, phases)
     assert len(bns) == 3
     frozen = plan_phases(RunConfig(freeze_bn=True))
-    assert len(kb.training_batchnorms(MODEL, frozen)) == 1  # the head's alone
+    assert len(km.training_batchnorms(MODEL, frozen)) == 1  # the head's alone
     try:
         check_train_batches(n, bs, len(bns), "tiny", 0)
     except DataError:
@@ -562,7 +562,7 @@ def training_batches_follow_the_rule(case, mixing):
 
 def batch_size_one_refused():
     try:
-        kb.resolve_spec("MobileNetV3Small", RunConfig(backbone="keras/MobileNetV3Small",
+        km.resolve_spec("MobileNetV3Small", RunConfig(backbone="keras/MobileNetV3Small",
                                                       img_size=32, batch_size=1))
     except ConfigError as exc:
         assert "--batch-size 1: keras/MobileNetV3Small has " in str(exc), str(exc)
