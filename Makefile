@@ -43,11 +43,12 @@ browser:
 # Two pytest workers (one per core; each capped at one BLAS/TF thread in tests/conftest.py), each
 # taking whole modules so a module's shared fixture (a trained stack, a Ray cluster) is built once.
 # A worker that dies ends the run at once: xdist 3.8's loadscope re-queues a replaced worker's
-# finished modules as empty units and can then wait forever (pytest-xdist#1378).
+# finished modules as empty units and can then wait forever (pytest-xdist#1378). Modules go out
+# longest first (tests/conftest.py MODULE_SECONDS), not xdist's most-tests-first order.
 PYTEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadscope --max-worker-restart 0 \
-	  --durations=25
+	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder \
+	  --max-worker-restart 0 --durations=25
 
 lint: setup
 	$(BIN)/ruff check .

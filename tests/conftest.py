@@ -19,6 +19,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
                  "TF_NUM_INTRAOP_THREADS"):
         os.environ.setdefault(_var, "1")
 
+# Roughly the seconds each heavy module takes in an idle `make test` (2 workers). `make test`
+# hands whole modules to the workers (--dist loadscope) in collection order
+# (--no-loadscope-reorder), and this order puts the longest first, so the last modules to
+# start are short ones. xdist's own order (most tests first) left the Ray modules, 4 and 2
+# tests but ~8 minutes, to run last on one worker while the other idled. A module not listed
+# counts as 0 (after these, in file order): list a new one that trains for more than ~30 s.
+MODULE_SECONDS = {
+    "test_ray_executor.py": 330, "test_serve.py": 330, "test_keras_backend.py": 300,
+    "test_run_folds.py": 250, "test_faults.py": 190, "test_ray_local.py": 150,
+    "test_progressive.py": 140, "test_recipe.py": 90, "test_tracking.py": 80,
+    "test_shape_properties_training.py": 70, "test_stackers.py": 60, "test_stack.py": 60,
+    "test_lr_find.py": 60, "test_pseudo_wiring.py": 55, "test_backbone_contract.py": 50,
+    "test_shape_properties_data.py": 40,
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest modules first (a stable sort: tests keep their order within a module)."""
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def foldstack_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
