@@ -1,8 +1,9 @@
 """Backbone registry: ``family/model`` names resolve here, and only here.
 
-Families map to modules imported lazily, so naming ``timm/...`` never imports TensorFlow and
-``keras/...`` never imports torch (like timm's ``create_model``, unknown names fail with the
-closest known ones).
+``FAMILIES`` names each family's package once; the package registers its ``Family``
+(``backbones.fold``: the hooks the fold template runs) when imported, and is imported only when
+its name is asked for, so naming ``timm/...`` never imports TensorFlow and ``keras/...`` never
+imports torch (like timm's ``create_model``, unknown names fail with the closest known ones).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import difflib
 import importlib
 import os
 import sys
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from backbones.base import BackboneSpec, FoldJob, FoldResult
 from oof.errors import ConfigError
 
 if TYPE_CHECKING:
+    from backbones.fold import Family
     from oof.config import RunConfig
 
 GPU_DEVICE_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd")
@@ -54,8 +55,9 @@ def show_framework_logs(show: bool) -> None:
     if show:
         os.environ[FRAMEWORK_LOGS_ENV] = "1"
 
+#: family name -> its package (which calls ``register`` when imported)
 FAMILIES: dict[str, str] = {
-    "timm": "backbones.timm_backend",
+    "timm": "backbones.timm",
     "keras": "backbones.keras",
 }
 
@@ -76,8 +78,26 @@ def split_name(name: str) -> tuple[str, str]:
     return family, model
 
 
-def get_backend(family: str) -> ModuleType:
-    return importlib.import_module(FAMILIES[family])
+_REGISTERED: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Called by a family package when imported: its hooks become reachable by name."""
+    if family.name not in FAMILIES:
+        raise ConfigError(f"family {family.name!r} is not named in backbones.FAMILIES")
+    _REGISTERED[family.name] = family
+    return family
+
+
+def get_backend(family: str) -> Family:
+    """The registered family ``family`` (its package imported on first use)."""
+    if family not in _REGISTERED:
+        if family not in FAMILIES:
+            split_name(f"{family}/?")  # the unknown-family error, with the closest name
+        importlib.import_module(FAMILIES[family])
+        if family not in _REGISTERED:
+            raise ConfigError(f"{FAMILIES[family]} registered no family {family!r}")
+    return _REGISTERED[family]
 
 
 def close_names(name: str, known: list[str], n: int = 5) -> str:
@@ -87,8 +107,8 @@ def close_names(name: str, known: list[str], n: int = 5) -> str:
     return ", ".join(lowered[c] for c in close) or "none close"
 
 
-def resolve(cfg: RunConfig) -> tuple[BackboneSpec, ModuleType]:
-    """Resolve ``cfg.backbone`` to its spec and the backend module that trains it."""
+def resolve(cfg: RunConfig) -> tuple[BackboneSpec, Family]:
+    """Resolve ``cfg.backbone`` to its spec and the family that trains it."""
     from recipe.augment import check_augment
     from recipe.tta import tta_views
 
@@ -102,4 +122,5 @@ def resolve(cfg: RunConfig) -> tuple[BackboneSpec, ModuleType]:
 
 
 __all__ = ["BackboneSpec", "FoldJob", "FoldResult", "FAMILIES", "resolve", "split_name",
-           "get_backend", "close_names", "FRAMEWORK_LOGS_ENV", "show_framework_logs"]
+           "get_backend", "register", "close_names", "FRAMEWORK_LOGS_ENV",
+           "show_framework_logs"]

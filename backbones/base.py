@@ -1,4 +1,5 @@
-"""What every backbone family hands the rest of foldstack: a spec and a one-fold trainer.
+"""What every backbone family hands the rest of foldstack: a spec, a fold's inputs and result
+(the family's interface itself is ``backbones.fold.Family``).
 
 Framework-free on purpose: the runner, the tests and the scripts import this module, never torch or
 tensorflow. Preprocessing travels with the spec (like timm's ``PretrainedCfg``), so the data
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -89,14 +90,3 @@ class FoldResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
-
-class Backend(Protocol):
-    """The small interface each family module (``backbones.timm_backend`` ...) implements."""
-
-    FRAMEWORK: str
-
-    def resolve_spec(self, model_name: str, cfg: RunConfig) -> BackboneSpec: ...
-
-    def train_fold(self, job: FoldJob) -> FoldResult: ...
-
-    def versions(self) -> dict[str, str]: ...

@@ -3,7 +3,8 @@
 Framework-free (no torch, no tensorflow): the base class owns the procedure, as AutoGluon's
 ``AbstractModel`` owns fit timing, info and save/load, and the epochs fire one set of events, as
 fastai's ``Learner`` does. A family supplies a few small hooks and registers itself
-(``backbones.register``); callers reach it only through this interface.
+(``backbones.register``); callers reach it only through this interface. A family package's
+``__init__`` stays light (no framework import): its hooks import the framework when called.
 
 What the template owns (``FoldProcedure``):
   runtime set-up call -> plan (phases x sizes -> segments) -> build -> resume bookkeeping (where to
@@ -25,7 +26,8 @@ The hooks (``Family``: stateless, one registered instance per family; ``FoldMode
   Family.lr_range_test(job, lrs) -> list[float]                one loss per learning rate
   Family.load_predictor(run_meta, checkpoint, threads, device) -> FoldPredictor
   Family.read_checkpoint_meta(path) -> dict                    the metadata save_weights wrote
-  Family.versions() -> dict                                    default: ``libraries``' versions
+  Family.versions() -> dict                                    ``libraries``' versions
+  Family.load_rank / load()                                    import order, import the framework
   Family.predict_dtype / predict_batch_size                    how predict_views accumulates
 
   FoldModel.stop_training                                      the callbacks' brake
@@ -232,6 +234,9 @@ class Family(ABC):
     predict_batch_size: int = 256
     publishes_best_checkpoint: bool = False  # also fold{k}.best<suffix> when predicting 'last'
     progress_prints_epochs: bool = False  # its progress bar shows the epoch line already
+    #: families sharing a process are loaded in this order: torch's before TensorFlow's
+    #: (torchvision or triton imported after TensorFlow aborts the process: both bundle LLVM)
+    load_rank: int = 0
 
     @abstractmethod
     def resolve_spec(self, model_name: str, cfg: RunConfig) -> BackboneSpec: ...
@@ -259,10 +264,16 @@ class Family(ABC):
     def user_callbacks(self, cfg: RunConfig) -> list[Callback]:
         return user_callbacks(cfg.callbacks)
 
-    def versions(self) -> dict[str, str]:
+    def load(self) -> None:
+        """Import the framework now (a family package imports it lazily, in its hooks)."""
         import importlib
 
-        return {lib: importlib.import_module(lib).__version__ for lib in self.libraries}
+        for lib in self.libraries:
+            importlib.import_module(lib)
+
+    @abstractmethod
+    def versions(self) -> dict[str, str]:
+        """The installed version of each of ``libraries`` (a run records them)."""
 
     def checkpoint_name(self, fold: int, best: bool = False) -> str:
         return f"fold{fold}{'.best' if best else ''}{self.checkpoint_suffix}"

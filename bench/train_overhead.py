@@ -58,7 +58,8 @@ def timm_overhead(backbone: str, img_size: int, batch_size: int, rounds: int,
 
     from backbones import resolve
     from backbones.base import FoldJob
-    from backbones.timm_backend import build_trainer, make_loader
+    from backbones.timm.data import make_loader
+    from backbones.timm.train import build_trainer
     from oof.config import RunConfig
     from oof.datasets import load_dataset
     from oof.demo import cache_root

@@ -55,10 +55,6 @@ def load_fold_images(prep: PreparedRun) -> FoldImages:
     return FoldImages(train, test, order, y)
 
 
-def ckpt_suffix(spec: Any) -> str:
-    return ".safetensors" if spec.framework == "torch" else ".weights.h5"
-
-
 def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, Any]:
     """Train fold ``k``, predict its held-out rows and the test set, write its part atomically.
 
@@ -101,7 +97,7 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
         x_train=x_train, y_train=y_train,
         x_val=RowView(images.train, images.order[va]), y_val=images.y[va],
         x_test=RowView(images.test, np.arange(len(images.test))),
-        checkpoint_path=run.checkpoint_dir() / f"fold{k}{ckpt_suffix(spec)}",
+        checkpoint_path=run.checkpoint_dir() / prep.backend.checkpoint_name(k),
         work_dir=run.work_dir(k), history_path=run.history_path(k), seed=prep.train_seed + k,
         train_images_at=train_at,
         tensorboard_dir=run.path / "tensorboard" / f"fold{k}" if cfg.tensorboard else None,

@@ -31,7 +31,6 @@ import numpy as np
 import backbones
 from backbones.base import FoldJob, FoldResult
 from oof.config import RunConfig
-from runner.tasks import ckpt_suffix as _ckpt_suffix
 
 name, size, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 cfg = RunConfig(backbone=name, img_size=size, epochs=1, batch_size=8, progress=False,
@@ -46,13 +45,13 @@ def images(n):
 job = FoldJob(
     spec=spec, cfg=cfg, fold=0, classes=classes,
     x_train=images(24), y_train=np.arange(24) % 3, x_val=images(9), y_val=np.arange(9) % 3,
-    x_test=images(5), checkpoint_path=out / "checkpoints" / f"fold0{_ckpt_suffix(spec)}",
+    x_test=images(5), checkpoint_path=out / "checkpoints" / backend.checkpoint_name(0),
     work_dir=out / "work", history_path=out / "fold0_history.csv", seed=0,
 )
 result = backend.train_fold(job)
 print(json.dumps({
     "spec": spec.to_dict(),
-    "backend_framework": backend.FRAMEWORK,
+    "backend_framework": backend.framework,
     "versions": backend.versions(),
     "is_fold_result": isinstance(result, FoldResult),
     "val_shape": list(np.shape(result.val_proba)),
@@ -126,7 +125,7 @@ def test_triton_kept_out_without_a_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path
                                                     "/dev/kfd")), reason="a GPU driver is here")
 def test_timm_backend_on_cpu_never_loads_triton() -> None:
     """The timm backend (timm -> torchvision -> torch._dynamo) runs with triton absent."""
-    code = ("import sys, backbones.timm_backend as tb, torch.utils._triton as t;"
+    code = ("import sys, backbones.timm.model as tb, torch.utils._triton as t;"
             "m = tb.create_model; print(sys.modules.get('triton'), t.has_triton_package())")
     env = {k: v for k, v in os.environ.items() if k != "FOLDSTACK_LOAD_TRITON"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,

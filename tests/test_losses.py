@@ -76,7 +76,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def test_timm_loss_matches_the_reference() -> None:
     import torch
 
-    from backbones.timm_backend import Trainer
+    from backbones.timm.train import Trainer
 
     for case in _cases():
         cfg = RunConfig(loss=case["loss"], focal_gamma=case["gamma"] or 2.0,
@@ -147,7 +147,7 @@ def test_keras_loss_and_sample_weights_match_the_reference() -> None:
 
 
 def test_drop_path_reaches_timm_and_is_refused_where_it_cannot_be_honoured() -> None:
-    from backbones.timm_backend import create_model, resolve_spec
+    from backbones.timm.model import create_model, resolve_spec
 
     model = create_model(resolve_spec("resnet10t", RunConfig(img_size=32, drop_path=0.2)), 3)
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]

@@ -20,7 +20,10 @@ import json, sys
 from pathlib import Path
 import numpy as np, torch
 from backbones.base import FoldJob
-from backbones.timm_backend import Trainer, create_model, resolve_spec, train_fold, pick_device
+from backbones import get_backend
+from backbones.timm.model import create_model, pick_device, resolve_spec
+from backbones.timm.train import Trainer
+train_fold = get_backend("timm").train_fold
 from oof.config import RunConfig
 
 out = Path(sys.argv[1]); mode = sys.argv[2]
@@ -33,7 +36,7 @@ job = FoldJob(spec, cfg, 0, ["a", "b", "c"], x[:48], y[:48], x[48:], y[48:], x[:
               out / "fold0.safetensors", out / "work", out / "hist.csv", seed=1)
 res = train_fold(job)
 from safetensors.torch import load_model
-from backbones.timm_backend import read_checkpoint_meta
+from backbones.timm.serving import read_checkpoint_meta
 model = create_model(spec, 3); load_model(model, str(out / "fold0.safetensors"))
 ckpt = {"meta": read_checkpoint_meta(out / "fold0.safetensors")}
 trainer = Trainer(model, spec, cfg, pick_device(cfg), 1)

@@ -95,7 +95,7 @@ import dataclasses, json, sys
 from pathlib import Path
 import numpy as np
 import torch, timm
-from backbones import timm_backend as tb
+from backbones.timm import data as tdata, model as tmodel, train as ttrain
 from backbones.base import FoldJob
 from oof.config import RunConfig
 from recipe import plan_phases
@@ -110,14 +110,14 @@ for m in source.modules():  # non-trivial BatchNorm statistics, as pretrained we
 torch.save(source.state_dict(), path)
 cfg = RunConfig(backbone="timm/resnet10t", pretrained=path, img_size=32, epochs=3,
                 batch_size=16, progress=False, augment="none")
-spec = tb.resolve_spec("resnet10t", cfg)
+spec = tmodel.resolve_spec("resnet10t", cfg)
 rng = np.random.default_rng(0)
 x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
 y = rng.integers(0, 4, 64)
 job = FoldJob(spec, cfg, 0, ["a", "b", "c", "d"], x, y, x[:8], y[:8], x[:8], Path("unused"),
               Path("unused"), Path("unused"), seed=0)
-loader = tb.make_loader(x, y, cfg, 0, torch.device("cpu"))
-trainer = tb.build_trainer(job, len(loader))
+loader = tdata.make_loader(x, y, cfg, 0, torch.device("cpu"))
+trainer = ttrain.build_trainer(job, len(loader))
 body = lambda: {k: v.clone() for k, v in trainer.model.state_dict().items()
                 if not k.startswith("fc.")}
 before = body()
@@ -185,7 +185,7 @@ def test_timm_head_phase_freezes_backbone_and_full_phase_decays_by_layer(tmp_pat
 TIMM_SIZES = r"""
 import json
 import torch
-from backbones.timm_backend import create_model, resolve_spec
+from backbones.timm.model import create_model, resolve_spec
 from oof.config import RunConfig
 out = {}
 for name, size in [("vit_tiny_patch16_224", 32), ("resnet10t", 40)]:

@@ -314,7 +314,7 @@ def test_missing_pretrained_file_is_a_clear_error(tmp_path: Path, demo_subset: P
 TIMM_SCRIPT = r"""
 import json, sys
 import torch, timm
-from backbones.timm_backend import create_model, resolve_spec
+from backbones.timm.model import create_model, resolve_spec
 from oof.config import RunConfig
 from oof.errors import ConfigError
 

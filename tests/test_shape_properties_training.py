@@ -142,7 +142,8 @@ def held_trainer() -> Held:
     """A resnet10t Trainer at SIZE px on the CPU, one thread (its 14 BatchNorm layers train)."""
     import torch
 
-    from backbones import timm_backend as tb
+    from backbones.timm import model as tb
+    from backbones.timm.train import Trainer
     from oof.config import RunConfig
 
     torch.set_num_threads(1)
@@ -151,7 +152,7 @@ def held_trainer() -> Held:
     spec = tb.resolve_spec("resnet10t", cfg)
     torch.manual_seed(0)
     return Held("resnet10t trainer",
-                trainer=tb.Trainer(tb.create_model(spec, 10), spec, cfg, torch.device("cpu"), 1))
+                trainer=Trainer(tb.create_model(spec, 10), spec, cfg, torch.device("cpu"), 1))
 
 
 def _bn_layers(model):  # noqa: ANN001, ANN202 - torch stays out of the module's imports
@@ -244,14 +245,15 @@ def test_timm_ema_keeps_frozen_batchnorm_statistics(
     statistics like the trained model's (the copy's own flags still said trainable)."""
     import torch
 
-    from backbones import timm_backend as tb
+    from backbones.timm import model as tb
+    from backbones.timm.train import Trainer
     from oof.config import RunConfig
     from recipe import plan_phases
 
     cfg = RunConfig(backbone="timm/resnet10t", img_size=SIZE, epochs=1, progress=False,
                     threads=1, ema=True, freeze_bn=True)
     spec = tb.resolve_spec("resnet10t", cfg)
-    trainer = tb.Trainer(tb.create_model(spec, 10), spec, cfg, torch.device("cpu"), 1)
+    trainer = Trainer(tb.create_model(spec, 10), spec, cfg, torch.device("cpu"), 1)
     trainer.start_phase(plan_phases(cfg)[-1])
     before = [m.running_mean.clone() for m in _bn_layers(trainer.predict_model)]
     assert trainer.recalibrate_batchnorm(scans.x[:20], 8) == 0
@@ -267,7 +269,8 @@ def test_timm_ema_keeps_frozen_batchnorm_statistics(
 ])
 def test_batch_size_one_refused_where_batchnorm_trains(name: str, options: dict,
                                                        refused: bool) -> None:
-    from backbones import timm_backend as tb
+    from backbones import get_backend
+    tb = get_backend("timm")
     from oof.config import RunConfig
 
     cfg = RunConfig(backbone=f"timm/{name}", img_size=32, batch_size=1, **options)
@@ -313,7 +316,8 @@ def test_timm_fold_trains_or_refuses_at_every_batch_edge(
         case: dict) -> None:
     import cv2
 
-    from backbones import timm_backend as tb
+    from backbones import get_backend
+    tb = get_backend("timm")
     from backbones.base import FoldJob
     from oof.config import RunConfig
 
@@ -358,7 +362,8 @@ def test_timm_fold_trains_or_refuses_at_every_batch_edge(
 def test_timm_lr_range_test_at_every_batch_edge(
         scans: Held, tmp_path_factory: pytest.TempPathFactory,
         case: tuple[int, int]) -> None:
-    from backbones import timm_backend as tb
+    from backbones import get_backend
+    tb = get_backend("timm")
     from backbones.base import FoldJob
     from oof.config import RunConfig
 
