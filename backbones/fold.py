@@ -26,6 +26,8 @@ The hooks (``Family``: stateless, one registered instance per family; ``FoldMode
   Family.lr_range_test(job, lrs) -> list[float]                one loss per learning rate
   Family.load_predictor(run_meta, checkpoint, threads, device) -> FoldPredictor
   Family.read_checkpoint_meta(path) -> dict                    the metadata save_weights wrote
+  Family.load_run_predictor(run_meta, checkpoints, ...) -> RunPredictor   all K folds, (K, N, C)
+  Family.run_files(run_meta) -> list[str]                      other files its predictor reads
   Family.versions() -> dict                                    ``libraries``' versions
   Family.load_rank / load()                                    import order, import the framework
   Family.predict_dtype / predict_batch_size                    how predict_views accumulates
@@ -39,6 +41,8 @@ The hooks (``Family``: stateless, one registered instance per family; ``FoldMode
   FoldModel.predict_batch(images_uint8, batch_size) -> probabilities of one view of one batch
       (``batch_size``: the size every batch of this prediction is padded to, if the family pads)
   FoldModel.before_predict()                                   e.g. eval mode (default: nothing)
+  FoldModel.predict_views(images, views, num_classes, family)  default: predict_views over
+      predict_batch (the probe averages its features over the views instead)
   FoldModel.snapshot() / load_weights(state)                   best epoch, early stopping
   FoldModel.recalibrate_batchnorm(images) -> layers            precise BatchNorm
   FoldModel.save_resume(work_dir, epoch, memory)               after each epoch: the family's
@@ -121,6 +125,9 @@ class ResumePoint:
 
     next_epoch: int
     memory: dict[str, Any] | None = None
+    #: without ``memory``: the best epoch's weights as the family kept them through the kill
+    #: (what its ``snapshot()`` returned, e.g. a file), so 'best' still means the best epoch
+    best_state: Any = None
 
 
 def checkpoint_weights(meta: dict[str, Any]) -> str | None:
@@ -170,6 +177,14 @@ class FoldModel(ABC):
     def before_predict(self) -> None:  # noqa: B027 - an optional hook
         """Called once before each prediction (inference mode)."""
 
+    def predict_views(self, images: np.ndarray, views: list[TTAView], num_classes: int,
+                      family: Family) -> np.ndarray:
+        """Probabilities averaged over ``views``: the one loop (``predict_views``) over this
+        model's ``predict_batch``. A family whose views are averaged before its classifier
+        (the probe averages features) overrides this."""
+        return predict_views(images, views, self.predict_batch, num_classes,
+                             family.predict_batch_size, family.predict_dtype)
+
     @abstractmethod
     def snapshot(self) -> Any: ...
 
@@ -211,8 +226,19 @@ class FoldPredictor:
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         self.model.before_predict()
-        return predict_views(images, self.views, self.model.predict_batch, self.num_classes,
-                             self.family.predict_batch_size, self.family.predict_dtype)
+        return self.model.predict_views(images, self.views, self.num_classes, self.family)
+
+
+class RunPredictor:
+    """Every fold model of a run, loaded for serving: ``predict_proba`` gives (K, N, C), fold
+    order (``Family.load_run_predictor``'s default: one ``load_predictor`` per fold)."""
+
+    def __init__(self, folds: list[FoldPredictor]) -> None:
+        self.folds = folds
+        self.input_size = folds[0].input_size
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        return np.stack([p.predict_proba(images) for p in self.folds])
 
 
 def run_views(run_meta: dict[str, Any], checkpoint_meta: dict[str, Any],
@@ -256,6 +282,19 @@ class Family(ABC):
 
     @abstractmethod
     def read_checkpoint_meta(self, path: Path) -> dict[str, Any]: ...
+
+    def load_run_predictor(self, run_meta: dict[str, Any], checkpoints: list[Path],
+                           threads: int | None = None, device: str = "cpu") -> Any:
+        """Every fold of a run for serving: an object with ``input_size`` and
+        ``predict_proba(images) -> (K, N, C)``. Default: one ``load_predictor`` per fold; a
+        family whose folds share work overrides it (the probe: one feature pass, K heads)."""
+        return RunPredictor([self.load_predictor(run_meta, ck, threads, device)
+                             for ck in checkpoints])
+
+    def run_files(self, run_meta: dict[str, Any]) -> list[str]:
+        """Files of the run's checkpoints/ folder its predictor reads besides the fold
+        checkpoints (a bundle copies them): none by default, the probe's extractor."""
+        return []
 
     def tensorboard_writer(self, path: Path) -> Any:
         """An object with ``add_scalar(tag, value, step)``, ``flush()``, ``close()``."""
@@ -346,9 +385,7 @@ class FoldProcedure:
 
     def predict(self, images: np.ndarray, views: list[TTAView] | None = None) -> np.ndarray:
         self.model.before_predict()
-        return predict_views(images, views or [], self.model.predict_batch,
-                             len(self.job.classes), self.family.predict_batch_size,
-                             self.family.predict_dtype)
+        return self.model.predict_views(images, views or [], len(self.job.classes), self.family)
 
     def run(self) -> FoldResult:
         job, cfg, family = self.job, self.job.cfg, self.family
@@ -417,6 +454,7 @@ class FoldProcedure:
             if finite:
                 row = min(finite, key=lambda r: float(r["val_loss"]))
                 self.best.best, self.best.best_epoch = float(row["val_loss"]), int(row["epoch"])
+                self.best.state = point.best_state
         trim_history(job.history_path, first)
         log.info("fold %d: resuming after epoch %d in %s", job.fold, first, job.work_dir)
         return first
