@@ -71,10 +71,7 @@ def split_name(name: str) -> tuple[str, str]:
             "keras/EfficientNetB0"
         )
     if family not in FAMILIES:
-        close = difflib.get_close_matches(family, FAMILIES, 1)
-        hint = f" (did you mean {close[0]}/{model}?)" if close else ""
-        raise ConfigError(f"--backbone {name!r}: unknown family {family!r}{hint}; "
-                          f"known: {sorted(FAMILIES)}")
+        raise ConfigError(f"--backbone {name!r}: {unknown_family(family, f'/{model}')}")
     return family, model
 
 
@@ -89,11 +86,18 @@ def register(family: Family) -> Family:
     return family
 
 
+def unknown_family(family: str, tail: str = "") -> str:
+    """'unknown family ...' with the closest known family (``tail`` completes the hint)."""
+    close = difflib.get_close_matches(family, FAMILIES, 1)
+    hint = f" (did you mean {close[0]}{tail}?)" if close else ""
+    return f"unknown family {family!r}{hint}; known: {sorted(FAMILIES)}"
+
+
 def get_backend(family: str) -> Family:
     """The registered family ``family`` (its package imported on first use)."""
     if family not in _REGISTERED:
         if family not in FAMILIES:
-            split_name(f"{family}/?")  # the unknown-family error, with the closest name
+            raise ConfigError(f"backbone {unknown_family(family)}")
         importlib.import_module(FAMILIES[family])
         if family not in _REGISTERED:
             raise ConfigError(f"{FAMILIES[family]} registered no family {family!r}")
