@@ -239,6 +239,20 @@ class RunConfig(DatasetConfig):
         "that never saw fold k")
     pseudo_threshold: Fraction = opt(0.95, "pseudo-labels: least ensemble confidence of a test "
                                      "image to join training")
+    refit_full: bool = opt(
+        False, "after the K folds, train one more model on ALL training rows (same recipe, "
+        "stopped at the epoch count the folds used) that can serve in place of the K fold "
+        "models; it has no OOF of its own (the run's OOF estimates it); resumable, never redone")
+    distill_from: str | None = opt(
+        None, "stack folder (stack.py's output, on this run root's folds) whose out-of-fold "
+        "probabilities are this run's training targets (a distilled student): each training "
+        "row's target is the stack's OOF row, made without that row's labels")
+    distill_alpha: Annotated[float, _NUMBER, Field(ge=0, le=1)] = opt(
+        0.5, "distillation: weight of the one-hot label in each target (1 = hard labels only, "
+        "0 = the stack's probabilities only)")
+    distill_temperature: PositiveFloat = opt(
+        1.0, "distillation: the stack's probabilities p become p^(1/T) renormalised before "
+        "mixing (T > 1 softens them)")
     tensorboard: bool = opt(False, "TensorBoard event files per fold in the run folder's "
                             "tensorboard/foldK (loss, accuracy, LR, images/s, val metrics)")
     mlflow: str = opt("", "track the run in MLflow: a tracking URI (http://host:5000, "

@@ -10,6 +10,10 @@ Layout of ``<run root>/<run>/``::
     test_folds.parquet   id, fold, <run>__<class>...          (each fold model's test prediction;
                                                               a stack's: see FOLD_K_ONLY)
     history.csv          fold, epoch, metrics per epoch
+    refit/               optional (``--refit-full``): one model on ALL training rows, no OOF of
+                         its own; test.parquet (its test prediction, columns as above),
+                         history.csv, refit.json (written last: the marker); its weights are
+                         checkpoints/refit<suffix>; meta.json "refit" describes it
 
 Rows no fold predicted are NaN, never 0 (leak-aware, as AutoGluon's bagged models do: a 0 would
 look like a confident prediction to a stacker). Every file is written atomically, and a fold's
@@ -35,6 +39,8 @@ from oof.metrics import scores
 log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
+REFIT_DIR = "refit"
+REFIT_MARKER = "refit.json"
 PARQUET_META_KEY = b"foldstack"
 # A stack's meta "test_folds" when row k of its test_folds.parquet is fold stacker k (fitted
 # without fold k) applied to its inputs' rows k: made by fold-k models only, at any level. Stacks
@@ -98,6 +104,12 @@ class Run:
 
     def scores(self) -> dict[str, float]:
         return scores(self.y, self.oof)
+
+    def refit_test(self) -> np.ndarray | None:
+        """(n_test, C): the ``--refit-full`` model's test prediction in ``test_ids`` order, or
+        None when the run has no finished refit (runs before it never do)."""
+        return read_refit_test(self.path, self.name, self.classes, self.fingerprint,
+                               self.test_ids)
 
 
 def _write_parquet(path: Path, df: pd.DataFrame, info: dict[str, Any]) -> None:
@@ -179,6 +191,33 @@ class RunDir:
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
 
+    def refit_dir(self) -> Path:
+        return self.path / REFIT_DIR
+
+    def refit_work_dir(self) -> Path:
+        return self.path / "work" / REFIT_DIR
+
+    def refit_done(self) -> bool:
+        """A finished refit (its marker is written last): it is never trained again."""
+        return (self.refit_dir() / REFIT_MARKER).exists()
+
+    def write_refit(self, name: str, classes: list[str], fingerprint: str, test_ids: np.ndarray,
+                    test_proba: np.ndarray, history: list[dict[str, Any]],
+                    info: dict[str, Any]) -> None:
+        """The refit model's test prediction and history, then its marker (last). It has no
+        OOF: every training row trained it."""
+        cols = column_names(name, classes)
+        df = pd.DataFrame({"id": np.asarray(test_ids, dtype=object).astype(str)})
+        df[cols] = np.asarray(test_proba, dtype=np.float64)
+        _write_parquet(self.refit_dir() / "test.parquet", df,
+                       {"run": name, "classes": classes, "fingerprint": fingerprint})
+        hist = pd.DataFrame(history)
+        write_atomic(self.refit_dir() / "history.csv", lambda p: hist.to_csv(p, index=False))
+        write_json(self.refit_dir() / REFIT_MARKER, info)
+
+    def read_refit_info(self) -> dict[str, Any]:
+        return read_json(self.refit_dir() / REFIT_MARKER)
+
     def is_done(self, fold: int) -> bool:
         return (self.parts / f"fold{fold}.json").exists()
 
@@ -254,6 +293,26 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a JSON object, found {type(obj).__name__}")
     return obj
+
+
+def read_refit_test(path: Path, name: str, classes: list[str], fingerprint: str,
+                    test_ids: np.ndarray) -> np.ndarray | None:
+    """The refit model's test probabilities of run folder ``path`` in ``test_ids`` order, None
+    without a finished refit; a file of another run, class order or folds is refused."""
+    where = Path(path) / REFIT_DIR / "test.parquet"
+    if not (Path(path) / REFIT_DIR / REFIT_MARKER).exists():
+        return None
+    df, info = _read_parquet_info(where, ["id"])
+    if (info["run"], info["classes"], info["fingerprint"]) != (name, classes, fingerprint):
+        raise DataError(f"{where}: written for run {info['run']!r} (classes {info['classes']}, "
+                        f"folds {info['fingerprint']}), not this run's {name!r}")
+    pos = {i: n for n, i in enumerate(df["id"].astype(str))}
+    missing = [i for i in np.asarray(test_ids).astype(str) if i not in pos]
+    if missing or len(pos) != len(test_ids):
+        raise DataError(f"{where}: its test ids differ from the run's test.parquet "
+                        f"(e.g. {missing[:3]})")
+    rows = [pos[i] for i in np.asarray(test_ids).astype(str)]
+    return df[column_names(name, classes)].to_numpy(np.float64)[rows]
 
 
 def _read_parquet_info(path: Path, required: list[str]) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -25,6 +25,7 @@ import pandas as pd
 from oof.atomic import disk_full_error, is_disk_full
 from oof.config import RunConfig, config_dict, field_default, save_config
 from oof.datasets import ImageDataset, load_dataset
+from oof.distill import Teacher, distill_targets, load_teacher
 from oof.errors import BusyError, ConfigError, DataError
 from oof.folds import DEFAULT_FOLDS, Folds, check_class_sizes, ensure_folds, load_folds
 from oof.images import cached_images
@@ -32,6 +33,7 @@ from oof.pseudo import PseudoSource, check_source, load_pseudo_source
 from oof.rundir import Run, RunDir, load_run
 from recipe import plan_sizes
 from recipe.losses import parse_class_weights
+from runner.refit import check_refit
 from runner.tasks import FoldImages, load_fold_images, train_one_fold
 from runner.tasks import fold_rows as _fold_rows
 
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 # ``threads`` is not one of them: the thread count of a fold job orders its float reductions.
 RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "device", "out", "data",
                   "folds", "seed", "folds_group", "lr_find", "write_augment", "tensorboard",
-                  "mlflow", "verbose"}
+                  "mlflow", "verbose", "refit_full"}
 
 
 @dataclass
@@ -56,6 +58,7 @@ class RunSummary:
     oof_scores: dict[str, float] = field(default_factory=dict)
     run: Run | None = None
     mlflow_run_id: str | None = None
+    refit: dict[str, Any] | None = None  # meta.json's "refit" (``--refit-full``)
 
 
 def library_versions() -> dict[str, str]:
@@ -217,6 +220,7 @@ class PreparedRun:
     pseudo_test_rows: np.ndarray | None = None  # the source's rows -> the dataset's test rows
     extra_paths: list[str] | None = None  # --extra-train images, joining every training side
     extra_y: np.ndarray | None = None
+    targets: np.ndarray | None = None  # --distill-from: (folds.csv rows, C) soft targets
 
     @property
     def train_seed(self) -> int:
@@ -257,6 +261,26 @@ def extra_training_set(cfg: RunConfig, dataset: ImageDataset
             np.array([index[lab] for lab in labels], dtype=np.int64), info)
 
 
+def _teacher(cfg: RunConfig, backend: Any, dataset: ImageDataset, folds: Folds
+             ) -> tuple[Teacher | None, np.ndarray | None]:
+    """``--distill-from``: the teacher (checked against the run root's folds and classes) and
+    each folds.csv row's soft target, made from the teacher's OOF row of that id only."""
+    if not cfg.distill_from:
+        return None, None
+    flag = f"--distill-from {cfg.distill_from}"
+    for other, name in ((cfg.pseudo_labels, "--pseudo-labels"),
+                        (cfg.extra_train, "--extra-train")):
+        if other:  # rows without an OOF row of the teacher: no leak-free target for them
+            raise ConfigError(f"{flag} with {name}: those images have no out-of-fold "
+                              "prediction of the teacher to learn from; drop one of the two")
+    if not getattr(backend, "soft_targets", False):
+        raise ConfigError(f"{flag}: the {backend.name} family cannot train on soft targets yet "
+                          "(its data path takes integer labels)")
+    teacher = load_teacher(cfg.distill_from, folds, dataset.classes)
+    _, y = _fold_rows(dataset, folds)
+    return teacher, distill_targets(teacher, y, cfg.distill_alpha, cfg.distill_temperature)
+
+
 def prepare_run(cfg: RunConfig) -> PreparedRun:
     """Everything before the first fold: validate and decode the data, folds, run folder, meta.
 
@@ -268,6 +292,7 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     cfg = with_threads(cfg)  # a plan's runs come resolved by the driver; a local run here
     dataset = load_dataset(cfg.data, cfg.layout, cfg.test)
     parse_class_weights(cfg.class_weights, dataset.classes)  # names this dataset's classes?
+    check_refit(cfg)
     pseudo = load_pseudo_source(cfg.pseudo_labels) if cfg.pseudo_labels else None
     extra_paths, extra_y, extra_info = (extra_training_set(cfg, dataset) if cfg.extra_train
                                         else (None, None, None))
@@ -290,6 +315,7 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     pseudo_rows = (check_source(pseudo, dataset.classes, folds.fingerprint,
                                 np.asarray(dataset.test["id"], dtype=str))
                    if pseudo is not None else None)
+    teacher, targets = _teacher(cfg, backend, dataset, folds)
     run = RunDir(root / cfg.resolved_run_name(spec.input_size))
     _check_same_config(run, cfg, folds)
     meta = {
@@ -306,11 +332,14 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
         meta["pseudo_labels"] = pseudo.describe(cfg.pseudo_threshold)
     if extra_info is not None:
         meta["extra_train"] = extra_info
+    if teacher is not None:  # a distilled student: tables flag it, its OOF is optimistic
+        meta["student"] = True
+        meta["teacher"] = teacher.describe(cfg.distill_alpha, cfg.distill_temperature)
     if not run.path.exists() or run.read_meta().get("status") != "complete":
         run.write_meta(meta)
         save_config(cfg, run.path / "config.yaml")
     return PreparedRun(cfg, dataset, root, spec, backend, folds, run, meta, pseudo, pseudo_rows,
-                       extra_paths, extra_y)
+                       extra_paths, extra_y, targets)
 
 
 def train_locked(prep: PreparedRun, todo: list[int],
@@ -344,10 +373,23 @@ def finish_run(prep: PreparedRun) -> RunSummary:
     if len(run.done_folds()) == folds.k:
         test_ids = np.asarray(dataset.test["id"], dtype=object)
         if run.read_meta().get("status") != "complete":
-            summary.run = run.assemble(run.path.name, dataset.classes, folds, test_ids, prep.meta)
+            # the cost is measured before assembling, so meta.json is written once, with it
+            meta = {**prep.meta, **measure_cost(prep)}
+            summary.run = run.assemble(run.path.name, dataset.classes, folds, test_ids, meta)
             shutil.rmtree(run.path / "work", ignore_errors=True)
         else:
             summary.run = load_run(run.path)
+            if "passes_per_image" not in summary.run.meta:  # a run from before issue 30
+                run.write_meta({**summary.run.meta, **measure_cost(prep)})
+                summary.run = load_run(run.path)
+        if prep.cfg.refit_full:
+            from runner.refit import train_refit
+
+            refit = train_refit(prep)
+            if summary.run.meta.get("refit") != refit:
+                run.write_meta({**summary.run.meta, "refit": refit})
+                summary.run = load_run(run.path)
+            summary.refit = refit
         summary.complete = True
         summary.oof_scores = summary.run.scores()
     if prep.cfg.mlflow:
@@ -355,6 +397,17 @@ def finish_run(prep: PreparedRun) -> RunSummary:
 
         summary.mlflow_run_id = track_run(prep.cfg.mlflow, run, summary.complete)
     return summary
+
+
+def measure_cost(prep: PreparedRun) -> dict[str, Any]:
+    """meta.json's cost keys (``runner.cost``), timed on the run's first test images (its
+    training images when it has no test set) at its thread count."""
+    from runner.cost import run_cost
+
+    images = load_fold_images(prep)
+    timed = images.test if len(images.test) else images.train
+    return run_cost(prep.backend, prep.meta, prep.run.checkpoint_dir(), prep.folds.k, timed,
+                    int(prep.cfg.threads or default_threads()))
 
 
 def run_folds(cfg: RunConfig) -> RunSummary:

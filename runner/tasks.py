@@ -55,6 +55,47 @@ def load_fold_images(prep: PreparedRun) -> FoldImages:
     return FoldImages(train, test, order, y)
 
 
+@dataclass
+class TrainingSide:
+    """The rows a model trains on: images (views into the caches), labels, other sizes."""
+
+    x: Any
+    y: np.ndarray
+    at_size: Any  # size -> the same rows decoded at that size (progressive resizing)
+    soft: np.ndarray | None = None  # --distill-from: each row's soft target (rows, C)
+
+
+def training_side(prep: PreparedRun, images: FoldImages, rows: np.ndarray,
+                  pseudo_rows: np.ndarray | None = None,
+                  pseudo_labels: np.ndarray | None = None) -> TrainingSide:
+    """folds.csv ``rows``, then pseudo-labelled test rows, then the ``--extra-train`` images:
+    a fold's training side, or every row for the refit model."""
+    cfg, spec = prep.cfg, prep.spec
+    pseudo_rows = np.zeros(0, dtype=np.int64) if pseudo_rows is None else pseudo_rows
+    x = RowView(images.train, images.order[rows])
+    y = images.y[rows]
+    if len(pseudo_rows):
+        x = JoinedRows([x, RowView(images.test, pseudo_rows)])
+        y = np.concatenate([y, pseudo_labels])
+    if prep.extra_paths:  # --extra-train: every training side, never a held-out one
+        extra = cached_images(prep.extra_paths, spec.input_size, prep.root / "cache", cfg.resize)
+        x = JoinedRows([x, RowView(extra, np.arange(len(extra)))])
+        y = np.concatenate([y, prep.extra_y])
+
+    def at_size(size: int) -> Any:  # progressive resizing: the same rows at another size
+        def rows_of(paths: Any, r: np.ndarray) -> RowView:
+            return RowView(cached_images(list(paths), size, prep.root / "cache", cfg.resize), r)
+        parts = [rows_of(prep.dataset.train["path"], images.order[rows])]
+        if len(pseudo_rows):
+            parts.append(rows_of(prep.dataset.test["path"], pseudo_rows))
+        if prep.extra_paths:
+            parts.append(rows_of(prep.extra_paths, np.arange(len(prep.extra_paths))))
+        return parts[0] if len(parts) == 1 else JoinedRows(parts)
+
+    soft = None if prep.targets is None else prep.targets[rows]  # no pseudo/extra rows then
+    return TrainingSide(x, y, at_size, soft)
+
+
 def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, Any]:
     """Train fold ``k``, predict its held-out rows and the test set, write its part atomically.
 
@@ -67,30 +108,14 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
     f0 = time.perf_counter()
     log.info("fold %d/%d: %d train, %d held out, %d test", k + 1, folds.k, len(tr), len(va),
              len(images.test))
-    x_train, y_train = RowView(images.train, images.order[tr]), images.y[tr]
     pseudo_rows = np.zeros(0, dtype=np.int64)
+    pseudo_labels = np.zeros(0, dtype=np.int64)
     if prep.pseudo is not None:  # fold k's own leak-free pseudo-labels join its training side
-        rows, labels, _ = prep.pseudo.select(k, cfg.pseudo_threshold)
+        rows, pseudo_labels, _ = prep.pseudo.select(k, cfg.pseudo_threshold)
         pseudo_rows = prep.pseudo_test_rows[rows]
-        x_train = JoinedRows([x_train, RowView(images.test, pseudo_rows)])
-        y_train = np.concatenate([y_train, labels])
         log.info("fold %d: %d pseudo-labelled test images join its training side", k, len(rows))
-
-    if prep.extra_paths:  # --extra-train: every fold's training side, never a held-out one
-        extra = cached_images(prep.extra_paths, spec.input_size, prep.root / "cache", cfg.resize)
-        x_train = JoinedRows([x_train, RowView(extra, np.arange(len(extra)))])
-        y_train = np.concatenate([y_train, prep.extra_y])
-
-    def train_at(size: int) -> Any:  # progressive resizing: the same rows at another size
-        def rows_of(paths: Any, rows: np.ndarray) -> RowView:
-            return RowView(cached_images(list(paths), size, prep.root / "cache", cfg.resize),
-                           rows)
-        parts = [rows_of(prep.dataset.train["path"], images.order[tr])]
-        if len(pseudo_rows):
-            parts.append(rows_of(prep.dataset.test["path"], pseudo_rows))
-        if prep.extra_paths:
-            parts.append(rows_of(prep.extra_paths, np.arange(len(prep.extra_paths))))
-        return parts[0] if len(parts) == 1 else JoinedRows(parts)
+    side = training_side(prep, images, tr, pseudo_rows, pseudo_labels)
+    x_train, y_train = side.x, side.y
 
     job = FoldJob(
         spec=spec, cfg=cfg, fold=k, classes=prep.dataset.classes,
@@ -99,7 +124,7 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
         x_test=RowView(images.test, np.arange(len(images.test))),
         checkpoint_path=run.checkpoint_dir() / prep.backend.checkpoint_name(k),
         work_dir=run.work_dir(k), history_path=run.history_path(k), seed=prep.train_seed + k,
-        train_images_at=train_at,
+        train_images_at=side.at_size,
         tensorboard_dir=run.path / "tensorboard" / f"fold{k}" if cfg.tensorboard else None,
     )
     result = prep.backend.train_fold(job)

@@ -1,0 +1,197 @@
+"""Issue 30 on the fold side: a run's cost in meta.json, ``--refit-full`` and ``--distill-from``.
+
+The end-to-end test trains the real timm family in a subprocess (torch never enters the pytest
+process, which may hold TensorFlow from the Keras tests); the distillation targets are checked
+without training, against a teacher folder written by ``oof.rundir.write_run``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from oof.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = r"""
+import json, shutil, sys
+from pathlib import Path
+import numpy as np, pandas as pd
+import backbones
+from backbones.callbacks import Callback
+from ensemble.cost import Cost, meta_cost
+from oof.config import RunConfig
+from oof.rundir import load_run
+from runner.refit import train_refit
+from runner.run import finish_run, prepare_run, run_folds
+from serve.bundle import decode
+
+data, out = Path(sys.argv[1]), Path(sys.argv[2])
+base = dict(data=str(data), folds=2, epochs=2, img_size=16, batch_size=16, progress=False,
+            augment="none", tta="hflip", threads=1)
+
+
+class Kill(Callback):
+    armed = False  # a class attribute: not in the memory the template saves with the state
+
+    def on_epoch_end(self, epoch, logs=None):
+        if Kill.armed and epoch == 1:
+            Kill.armed = False
+            raise KeyboardInterrupt("killed mid-refit")
+
+
+res = {}
+first = run_folds(RunConfig(out=str(out / "a"), **base))  # the folds only, no refit
+run_a = out / "a" / "data" / "timm-resnet10t_16px"
+res["refit_before"] = first.run.refit_test() is None and first.refit is None
+res["meta"] = load_run(run_a).meta
+c = res["meta"]
+res["meta_cost"] = meta_cost(c) == Cost(c["passes_per_image"], c["ms_per_image"])
+shutil.copytree(out / "a", out / "b")
+
+# uninterrupted refit (the Kill callback present but disarmed, as in the resumed one)
+prep = prepare_run(RunConfig(out=str(out / "a"), refit_full=True, **base))
+train_refit(prep, callbacks=[Kill()])
+done = finish_run(prep)  # finds the refit finished: records it, trains nothing
+res["refit_meta"] = load_run(run_a).meta["refit"]
+
+# killed in its last epoch, then resumed
+run_b = out / "b" / "data" / "timm-resnet10t_16px"
+prep = prepare_run(RunConfig(out=str(out / "b"), refit_full=True, **base))
+Kill.armed = True
+try:
+    train_refit(prep, callbacks=[Kill()])
+    res["killed"] = False
+except KeyboardInterrupt:
+    res["killed"] = True
+res["marker_after_kill"] = (run_b / "refit" / "refit.json").exists()
+res["resume_state_after_kill"] = (run_b / "work" / "refit" / "resume.pt").exists()
+info_b = train_refit(prep, callbacks=[Kill()])
+res["resumed_from_epoch"] = info_b["resumed_from_epoch"]
+finish_run(prep)
+a, b = load_run(run_a), load_run(run_b)
+res["refit_equal"] = bool(np.array_equal(a.refit_test(), b.refit_test()))
+res["checkpoint_equal"] = ((run_a / "checkpoints" / "refit.safetensors").read_bytes()
+                           == (run_b / "checkpoints" / "refit.safetensors").read_bytes())
+res["oof_unchanged"] = bool(np.array_equal(a.oof, first.run.oof))
+res["rerun_trains_nothing"] = train_refit(prep)["seconds"] == info_b["seconds"]
+
+# served as predict.py loads a model: the family's predictor on the decoded image files
+family = backbones.get_backend("timm")
+pred = family.load_predictor(a.meta, run_a / a.meta["refit"]["checkpoint"], 1, "cpu")
+files = [data / "test_upload" / f"{i}" for i in a.test_ids]
+served = pred.predict_proba(decode([str(f) for f in files], 16))
+res["served_max_diff"] = float(np.abs(served - a.refit_test()).max())
+res["refit_history"] = pd.read_csv(run_a / "refit" / "history.csv").to_dict("list")
+print(json.dumps(res, default=str))
+"""
+
+
+@pytest.mark.slow
+def test_cost_and_refit_end_to_end(demo_dir: Path, tmp_path: Path) -> None:
+    """meta.json records passes and measured ms; the refit model trains on every row, resumes
+    after a kill bit-identical to an uninterrupted refit, and serves its stored test rows."""
+    from tests.conftest import write_demo_subset
+
+    data = write_demo_subset(demo_dir, tmp_path / "data", 6, 10)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(data), str(tmp_path / "runs")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                               **{k: v for k, v in __import__("os").environ.items()
+                                  if k not in ("PYTHONPATH",)}})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    meta = got["meta"]  # 2 folds x 2 views (hflip)
+    assert meta["passes_per_image"] == 4 and meta["ms_per_pass"] > 0
+    assert meta["ms_per_image"] == pytest.approx(meta["ms_per_pass"] * 4)
+    cost = meta["cost"]
+    assert cost["threads"] == 1 and cost["views"] == 2 and cost["images"] == 10
+    assert cost["cpu"] and cost["checkpoint"] == "checkpoints/fold0.safetensors"
+    assert got["meta_cost"]  # what the level-2 code reads
+
+    refit = got["refit_meta"]
+    assert got["refit_before"] and refit["oof"] is None and "no OOF" in refit["oof_note"]
+    assert refit["n_train"] == 60 and refit["epochs"] == 2 and refit["passes_per_image"] == 2
+    assert refit["predict_weights"] == "last" and refit["seed"] == meta["train_seed"] + 2
+    assert refit["ms_per_image"] == pytest.approx(meta["ms_per_pass"] * 2)
+    assert all(np.isnan(v) for v in got["refit_history"]["val_loss"])  # nothing held out
+
+    assert got["killed"] and not got["marker_after_kill"] and got["resume_state_after_kill"]
+    assert got["resumed_from_epoch"] == 1
+    assert got["refit_equal"] and got["checkpoint_equal"] and got["oof_unchanged"]
+    assert got["rerun_trains_nothing"]
+    assert got["served_max_diff"] < 1e-6
+
+
+def test_refit_epochs_follow_the_folds() -> None:
+    from runner.refit import refit_epochs
+
+    infos = [{"epochs_run": 10, "best_epoch": 3}, {"epochs_run": 7, "best_epoch": 6},
+             {"epochs_run": 10, "best_epoch": 4}]
+    assert refit_epochs(infos, "last")[0] == 10
+    assert refit_epochs(infos, "best")[0] == 5  # median of best epoch + 1: 4, 7, 5
+    assert refit_epochs(infos[:2], "last")[0] == 9  # 8.5 rounds up
+    assert refit_epochs([{"epochs_run": 4, "best_epoch": None}] * 2, "best")[0] == 4
+
+
+# ------------------------------------------------------------------------------ distillation
+@pytest.fixture
+def teacher_root(tmp_path: Path) -> tuple[Path, object, list[str], np.ndarray]:
+    """A run root's folds and a level-2 teacher folder on them with random OOF rows."""
+    from oof.folds import ensure_folds
+    from oof.rundir import write_run
+
+    classes = ["a", "b", "c"]
+    ids = [f"img{i:02d}.png" for i in range(30)]
+    labels = [classes[i % 3] for i in range(30)]
+    folds = ensure_folds(tmp_path, ids, labels, 3, 7)
+    rng = np.random.default_rng(0)
+    oof = rng.dirichlet(np.ones(3), size=30)
+    test_ids = np.array(["t0.png", "t1.png"], dtype=object)
+    write_run(tmp_path / "stack-mean", "stack-mean", classes, folds, oof, test_ids,
+              rng.dirichlet(np.ones(3), size=(3, 2)), {"level": 2, "method": "mean"})
+    return tmp_path / "stack-mean", folds, classes, oof
+
+
+def test_each_target_comes_from_the_teachers_oof_row(teacher_root) -> None:
+    from oof.distill import distill_targets, load_teacher
+
+    stack, folds, classes, _ = teacher_root
+    teacher = load_teacher(stack, folds, classes)
+    y = np.array([classes.index(lab) for lab in folds.labels])
+    alpha, temp = 0.3, 2.0
+    targets = distill_targets(teacher, y, alpha, temp)
+    df = pd.read_parquet(stack / "oof.parquet").set_index("id")
+    for i, row_id in enumerate(folds.ids.astype(str)):  # row by row, from the file itself
+        stored = df.loc[row_id]
+        assert int(stored["fold"]) == int(folds.fold[i])  # made by a model that held it out
+        p = stored[[f"stack-mean__{c}" for c in classes]].to_numpy(np.float64) ** (1 / temp)
+        want = alpha * np.eye(3)[y[i]] + (1 - alpha) * p / p.sum()
+        np.testing.assert_allclose(targets[i], want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-12)
+    assert np.array_equal(distill_targets(teacher, y, 1.0, temp), np.eye(3)[y])  # hard only
+    meta = teacher.describe(alpha, temp)
+    assert meta["fold_fingerprint"] == folds.fingerprint and meta["level"] == 2
+    assert "optimistic" in meta["note"]
+
+
+def test_a_teacher_on_other_folds_or_classes_is_refused(teacher_root, tmp_path: Path) -> None:
+    from oof.distill import load_teacher
+    from oof.folds import make_folds
+
+    stack, folds, classes, _ = teacher_root
+    other = make_folds(list(folds.ids.astype(str)), list(folds.labels.astype(str)), 3, 8)
+    with pytest.raises(ConfigError, match=r"--distill-from .*made on folds .* same folds"):
+        load_teacher(stack, other, classes)
+    with pytest.raises(ConfigError, match=r"class order"):
+        load_teacher(stack, folds, ["c", "b", "a"])
+    with pytest.raises(ConfigError, match=r"--distill-from .*not a run folder"):
+        load_teacher(tmp_path / "nowhere", folds, classes)
