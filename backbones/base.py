@@ -71,6 +71,9 @@ class FoldJob:
     # progressive resizing: the fold's training rows decoded at another size (from the cache)
     train_images_at: Callable[[int], np.ndarray] | None = None
     tensorboard_dir: Path | None = None  # event files of this fold, when asked for
+    # --distill-from: (rows, C) float targets of the training rows (rows as y_train, which keeps
+    # the hard labels); None = the one-hot of y_train. Only families with soft_targets get them
+    y_train_soft: np.ndarray | None = None
 
     def train_images(self, size: int) -> np.ndarray:
         """The training rows at ``size`` px: ``x_train`` itself at the spec's size."""

@@ -260,6 +260,7 @@ class Family(ABC):
     predict_batch_size: int = 256
     publishes_best_checkpoint: bool = False  # also fold{k}.best<suffix> when predicting 'last'
     progress_prints_epochs: bool = False  # its progress bar shows the epoch line already
+    soft_targets: bool = False  # trains on FoldJob.y_train_soft when given (--distill-from)
     #: families sharing a process are loaded in this order: torch's before TensorFlow's
     #: (torchvision or triton imported after TensorFlow aborts the process: both bundle LLVM)
     load_rank: int = 0

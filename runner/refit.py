@@ -137,7 +137,7 @@ def train_refit(prep: PreparedRun, images: FoldImages | None = None,
             x_test=RowView(images.test, np.arange(len(images.test))),
             checkpoint_path=run.checkpoint_dir() / refit_checkpoint_name(prep.backend),
             work_dir=run.refit_work_dir(), history_path=run.refit_dir() / "history_live.csv",
-            seed=prep.train_seed + folds.k, train_images_at=side.at_size,
+            seed=prep.train_seed + folds.k, train_images_at=side.at_size, y_train_soft=side.soft,
             tensorboard_dir=run.path / "tensorboard" / "refit" if cfg.tensorboard else None,
         )
         result = prep.backend.train_fold(job, [*(callbacks or []), StopAfter(epochs)])

@@ -273,7 +273,7 @@ def _teacher(cfg: RunConfig, backend: Any, dataset: ImageDataset, folds: Folds
         if other:  # rows without an OOF row of the teacher: no leak-free target for them
             raise ConfigError(f"{flag} with {name}: those images have no out-of-fold "
                               "prediction of the teacher to learn from; drop one of the two")
-    if not getattr(backend, "soft_targets", False):
+    if not backend.soft_targets:
         raise ConfigError(f"{flag}: the {backend.name} family cannot train on soft targets yet "
                           "(its data path takes integer labels)")
     teacher = load_teacher(cfg.distill_from, folds, dataset.classes)

@@ -124,7 +124,7 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
         x_test=RowView(images.test, np.arange(len(images.test))),
         checkpoint_path=run.checkpoint_dir() / prep.backend.checkpoint_name(k),
         work_dir=run.work_dir(k), history_path=run.history_path(k), seed=prep.train_seed + k,
-        train_images_at=side.at_size,
+        train_images_at=side.at_size, y_train_soft=side.soft,
         tensorboard_dir=run.path / "tensorboard" / f"fold{k}" if cfg.tensorboard else None,
     )
     result = prep.backend.train_fold(job)
