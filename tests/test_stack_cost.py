@@ -253,6 +253,30 @@ def test_nested_cv_chooses_on_k_minus_1_folds_and_scores_the_kth() -> None:
     assert nested_cv(cands, y, folds % 2, "mean", {}, "log_loss", budget) is None  # 2 folds
 
 
+def test_nested_cv_never_lets_the_scored_fold_choose() -> None:
+    """'special' is near-perfect on fold 0 only: over all rows it beats 'steady' (log loss 0.46
+    against 0.51), without fold 0 it loses (0.69). Fold 0's subset must be chosen without it."""
+    n, c = 60, 3
+    y = np.arange(n) % c
+    folds = np.repeat([0, 1, 2], n // 3)
+
+    def sure(p_true: np.ndarray) -> np.ndarray:
+        p = np.repeat(((1 - p_true) / (c - 1))[:, None], c, axis=1)
+        p[np.arange(n), y] = p_true
+        return p
+    steady = sure(np.full(n, 0.6))
+    special = sure(np.where(folds == 0, 0.999, 0.5))
+    cands = [Candidate(_run("steady", steady, y, folds), Cost(3, None)),
+             Candidate(_run("special", special, y, folds), Cost(3, None))]
+    budget = Budget(3)  # one run
+    whole = search(cands, cv_scorer(cands, y, folds, "mean", {}), "log_loss", budget)
+    assert [cands[i].name for i in whole.chosen.members] == ["special"]
+    got = nested_cv(cands, y, folds, "mean", {}, "log_loss", budget)
+    assert [f["chosen"] for f in got.per_fold] == [["steady"], ["special"], ["special"]]
+    np.testing.assert_allclose(got.oof[folds == 0], steady[folds == 0])
+    assert got.scores["log_loss"] > whole.chosen.scores["log_loss"]  # the honest score is worse
+
+
 # ------------------------------------------------------------------------------ stack.py
 
 
