@@ -59,6 +59,7 @@ def show_framework_logs(show: bool) -> None:
 FAMILIES: dict[str, str] = {
     "timm": "backbones.timm",
     "keras": "backbones.keras",
+    "probe": "backbones.probe",
 }
 
 
