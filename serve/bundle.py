@@ -47,24 +47,27 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "foldstack-bundle/1"
-CHECKPOINT_SUFFIX = {"torch": ".safetensors", "tensorflow": ".weights.h5"}
 
 
-class FoldPredictor(Protocol):
-    """What a backend's ``load_predictor`` returns."""
+class RunPredictor(Protocol):
+    """What a family's ``load_run_predictor`` returns: every fold model of one run."""
 
     input_size: int
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """(K, N, C): each fold model's probabilities, fold order."""
+        ...
 
 
 @dataclass
 class RunEntry:
-    """One level-1 run of the ensemble: its meta.json and its fold checkpoints (fold order)."""
+    """One level-1 run of the ensemble: its meta.json, its fold checkpoints (fold order) and
+    the other files its family's predictor reads (``Family.run_files``: the probe's extractor)."""
 
     name: str
     meta: dict[str, Any]
     checkpoints: list[Path]
+    files: list[Path] = field(default_factory=list)
 
     @property
     def family(self) -> str:
@@ -99,18 +102,28 @@ def _run_entry(run_path: Path, name: str) -> RunEntry:
     if int(meta.get("level", 1)) != 1 or "backbone" not in meta:
         raise RunMismatchError(f"{run_path}: run {name!r} is a level-{meta.get('level')} stack; "
                                "only stacks of level-1 runs (fold models) can be served")
-    suffix = CHECKPOINT_SUFFIX.get(meta["backbone"].get("framework", ""))
-    if suffix is None:
-        raise RunMismatchError(f"{run_path}: unknown framework "
-                               f"{meta['backbone'].get('framework')!r}")
-    ckpts = [run_path / "checkpoints" / f"fold{k}{suffix}" for k in range(int(meta["folds"]))]
-    missing = [str(p) for p in ckpts if not p.exists()]
+    family = _family(meta, run_path)
+    ckpts = [run_path / "checkpoints" / family.checkpoint_name(k)
+             for k in range(int(meta["folds"]))]
+    files = [run_path / "checkpoints" / f for f in family.run_files(meta)]
+    missing = [str(p) for p in ckpts + files if not p.exists()]
     if missing:
         old = [p for p in missing if Path(p).with_suffix(".pt").exists()]
         hint = (" (this run has pickled .pt checkpoints from an older foldstack: retrain it so "
                 "its folds are saved as safetensors)") if old else ""
         raise DataError(f"run {name!r}: missing fold checkpoint(s) {missing}{hint}")
-    return RunEntry(name, meta, ckpts)
+    return RunEntry(name, meta, ckpts, files)
+
+
+def _family(meta: dict[str, Any], where: Path) -> Any:
+    """The registered family that trained a run (its light registry entry: no framework)."""
+    import backbones
+
+    name = str(meta["backbone"].get("family", ""))
+    if name not in backbones.FAMILIES:
+        raise RunMismatchError(f"{where}: unknown backbone family {name!r}; known: "
+                               f"{sorted(backbones.FAMILIES)}")
+    return backbones.get_backend(name)
 
 
 def _check_consistent(entries: list[RunEntry], info: dict[str, Any], where: Path) -> None:
@@ -133,35 +146,28 @@ def _check_consistent(entries: list[RunEntry], info: dict[str, Any], where: Path
 
 
 def import_backends(families: set[str]) -> None:
-    """Import the backends serving needs, torch's first.
-
-    torch (timm, torchvision, triton) and TensorFlow both bundle LLVM; torchvision or triton
-    imported after TensorFlow aborts the process ("CommandLine Error: Option ... registered more
-    than once"), while the other order loads fine.
-    """
+    """Load the frameworks of the families serving needs, in the order their ``load_rank``
+    asks (two frameworks in one process may only load in one order: see ``Family``)."""
     import backbones
 
-    for family in sorted(families, key=lambda f: (f != "timm", f)):
-        backbones.get_backend(family)
-
-
-FRAMEWORK_LIBRARIES = {"timm": ("torch", "torchvision", "timm"),
-                       "keras": ("tensorflow", "keras")}  # = the keys of backend.versions()
+    for family in sorted((backbones.get_backend(f) for f in families),
+                         key=lambda f: (f.load_rank, f.name)):
+        family.load()
 
 
 def _framework_versions(family: str) -> dict[str, str]:
-    """Installed versions from package metadata: checking them must not cost a TensorFlow
-    import (seconds) before a bundle is refused or exported; the backend's own report where
-    the metadata lacks one (e.g. tensorflow installed as tensorflow-cpu)."""
+    """Installed versions of the family's ``libraries`` from package metadata: checking them
+    must not cost a TensorFlow import (seconds) before a bundle is refused or exported; the
+    family's own report where the metadata lacks one (e.g. tensorflow as tensorflow-cpu)."""
     from importlib import metadata
 
+    import backbones
+
     out = {}
-    for name in FRAMEWORK_LIBRARIES.get(family, ()):
+    for name in backbones.get_backend(family).libraries:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            import backbones
-
             import_backends({family})
             return backbones.get_backend(family).versions()
     return out
@@ -234,7 +240,7 @@ class Ensemble:
     manifest: dict[str, Any]
     runs: list[RunEntry]
     stacker: SavedStacker | Any
-    predictors: dict[str, list[FoldPredictor]] = field(default_factory=dict)
+    predictors: dict[str, RunPredictor] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
@@ -293,7 +299,8 @@ class Ensemble:
                                    "--allow-version-mismatch")
         entries = [RunEntry(r["name"], _resolve_augment(json.loads((root / r["meta"]).read_text()),
                                                         root),
-                            [root / c["file"] for c in r["checkpoints"]])
+                            [root / c["file"] for c in r["checkpoints"]],
+                            [root / f for f in r.get("files", [])])
                    for r in manifest["runs"]]
         saved = load_stacker(root, STACKER_FILE, allow_version_mismatch=allow)
         _check_consistent(entries, saved.info, root)
@@ -311,11 +318,11 @@ class Ensemble:
         t0 = time.perf_counter()
         import_backends({e.family for e in self.runs})
         for e in self.runs:
-            backend = backbones.get_backend(e.family)
-            self.predictors[e.name] = [backend.load_predictor(e.meta, ck, threads, device)
-                                       for ck in e.checkpoints]
+            family = backbones.get_backend(e.family)
+            self.predictors[e.name] = family.load_run_predictor(e.meta, e.checkpoints, threads,
+                                                                device)
         log.info("loaded %d fold models of %d runs in %.1fs",
-                 sum(map(len, self.predictors.values())), len(self.runs),
+                 sum(len(e.checkpoints) for e in self.runs), len(self.runs),
                  time.perf_counter() - t0)
 
     # -- predicting
@@ -330,8 +337,7 @@ class Ensemble:
         votes: dict[str, np.ndarray] = {}
         for e in self.runs:
             x = decoded[e.input_size]
-            votes[e.name] = np.stack([p.predict_proba(x) for p in self.predictors[e.name]]
-                                     ).mean(axis=0)
+            votes[e.name] = np.asarray(self.predictors[e.name].predict_proba(x)).mean(axis=0)
         X = np.hstack([votes[e.name] for e in self.runs])
         return Prediction(self.stacker.predict_proba(X), votes, self.classes)
 
@@ -403,7 +409,8 @@ def describe_stack(stack_dir: Path, subset: str | list[str] | None = None,
         "runs": [{"name": e.name, "backbone": e.meta["backbone"]["name"],
                   "input_size": e.input_size, "meta": f"runs/{e.name}/meta.json",
                   "checkpoints": [{"fold": k, "file": f"runs/{e.name}/{p.name}"}
-                                  for k, p in enumerate(e.checkpoints)]}
+                                  for k, p in enumerate(e.checkpoints)],
+                  "files": [f"runs/{e.name}/{p.name}" for p in e.files]}
                  for e in entries],
     }
     return manifest, entries, saved
@@ -487,6 +494,8 @@ def export_bundle(stack_dir: str | Path, out: str | Path,
             write_json(tmp / r["meta"], _with_bundled_augment(e, tmp))
             for ck, spec in zip(e.checkpoints, r["checkpoints"]):
                 shutil.copyfile(ck, tmp / spec["file"])
+            for src, rel in zip(e.files, r["files"]):
+                shutil.copyfile(src, tmp / rel)
         manifest["versions"] = {**saved.info["versions"], **json.loads(
             (tmp / "stacker.json").read_text())["versions"]}
         manifest["files"] = {str(p.relative_to(tmp)): sha256_of(p)
