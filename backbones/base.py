@@ -92,4 +92,7 @@ class FoldResult:
     test_proba: np.ndarray
     history: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # --tta-save-views: {"names": [view names], "val": (V, n_val, C), "test": (V, n_test, C)},
+    # each view's probabilities alone (val_proba / test_proba average them)
+    views: dict[str, Any] | None = None
 

@@ -413,6 +413,11 @@ class FoldProcedure:
                           job.spec.input_size, job.seed)
         val_proba = self.predict(job.x_val, views)
         test_proba = self.predict(job.x_test, views)
+        per_view = None
+        if cfg.tta_save_views and len(views) > 1:  # one more pass per view (issue 30 item 3)
+            per_view = {"names": [v.name for v in views],
+                        "val": np.stack([self.predict(job.x_val, [v]) for v in views]),
+                        "test": np.stack([self.predict(job.x_test, [v]) for v in views])}
         self.publish(recalibrated)
         secs = events.seconds
         steady = float(np.median(secs[1:])) if len(secs) > 1 else 0.0
@@ -427,7 +432,7 @@ class FoldProcedure:
             "build_seconds": build_seconds, "first_epoch_seconds": secs[0] if secs else None,
             "steady_epoch_seconds": steady, "train_seconds": train_seconds,
             "predict_seconds": time.perf_counter() - t0 - train_seconds,
-        })
+        }, per_view)
 
     def resume(self, point: ResumePoint | None) -> int:
         """Callbacks on, and the memory of a killed fold back; the first epoch to train."""

@@ -206,6 +206,10 @@ class RunConfig(DatasetConfig):
         [], "extra test-time views zoomed in by these factors (centre crop), e.g. 1.15")
     tta_augment: NonNegativeInt = opt(
         0, "extra test-time views drawn at random from the --augment pipeline (seeded)")
+    tta_save_views: bool = opt(
+        False, "also store each TTA view's held-out and test probabilities (views_oof.parquet, "
+        "views_test_folds.parquet), so a stack can choose views by their OOF; costs one more "
+        "pass per view over the held-out and test rows")
     train_seed: NonNegativeInt | None = opt(
         None, "seed of weights and batches (default: the fold seed)")
     device: str = opt("auto", "auto (GPU when present), cpu or cuda[:N]")

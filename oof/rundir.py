@@ -10,6 +10,9 @@ Layout of ``<run root>/<run>/``::
     test_folds.parquet   id, fold, <run>__<class>...          (each fold model's test prediction;
                                                               a stack's: see FOLD_K_ONLY)
     history.csv          fold, epoch, metrics per epoch
+    views_oof.parquet    optional (``--tta-save-views``): id, label, fold, view, <run>__<class>...
+    views_test_folds.parquet   id, fold, view, <run>__<class>...  (each TTA view alone; the
+                         OOF and test matrices above average the views)
     refit/               optional (``--refit-full``): one model on ALL training rows, no OOF of
                          its own; test.parquet (its test prediction, columns as above),
                          history.csv, refit.json (written last: the marker); its weights are
@@ -63,6 +66,7 @@ class FoldPart:
     test_proba: np.ndarray
     history: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    views: dict[str, Any] | None = None  # FoldResult.views: names, val (V, n, C), test
 
 
 @dataclass
@@ -104,6 +108,36 @@ class Run:
 
     def scores(self) -> dict[str, float]:
         return scores(self.y, self.oof)
+
+    def views_oof(self) -> tuple[list[str], np.ndarray] | None:
+        """(view names, (V, n_train, C)): each TTA view's OOF alone, rows in ``ids`` order;
+        None for a run without ``--tta-save-views`` (the views' mean is ``oof``)."""
+        got = _read_views(self, "views_oof.parquet")
+        if got is None:
+            return None
+        names, df = got
+        pos = {i: n for n, i in enumerate(self.ids)}
+        out = np.full((len(names), len(self.ids), len(self.classes)), np.nan)
+        for v, name in enumerate(names):
+            part = df[df["view"] == name]
+            out[v, [pos[i] for i in part["id"].astype(str)]] = part[self.columns].to_numpy(
+                np.float64)
+        return names, out
+
+    def views_test_per_fold(self) -> tuple[list[str], np.ndarray] | None:
+        """(view names, (V, K, n_test, C)): each fold model's test prediction by each view
+        alone, rows in ``test_ids`` order; None without ``--tta-save-views``."""
+        got = _read_views(self, "views_test_folds.parquet")
+        if got is None:
+            return None
+        names, df = got
+        k = int(df["fold"].max()) + 1
+        pos = {i: n for n, i in enumerate(self.test_ids)}
+        out = np.full((len(names), k, len(self.test_ids), len(self.classes)), np.nan)
+        for (name, f), part in df.groupby(["view", "fold"], sort=False):
+            out[names.index(name), int(f), [pos[i] for i in part["id"].astype(str)]] = part[
+                self.columns].to_numpy(np.float64)
+        return names, out
 
     def refit_test(self) -> np.ndarray | None:
         """(n_test, C): the ``--refit-full`` model's test prediction in ``test_ids`` order, or
@@ -239,6 +273,17 @@ class RunDir:
         write_atomic(self.parts / f"fold{k}_oof.parquet", lambda p: val.to_parquet(p, index=False))
         tst = pd.DataFrame(np.asarray(part.test_proba, dtype=np.float64), columns=list(classes))
         write_atomic(self.parts / f"fold{k}_test.parquet", lambda p: tst.to_parquet(p, index=False))
+        if part.views is not None:  # each view alone: the rows above average them
+            for which, ids in (("val", np.asarray(part.val_ids).astype(str)),
+                               ("test", np.arange(len(part.test_proba)))):
+                frames = []
+                for name, proba in zip(part.views["names"], part.views[which], strict=True):
+                    df = pd.DataFrame({"view": name, "id": ids})
+                    df[list(classes)] = np.asarray(proba, dtype=np.float64)
+                    frames.append(df)
+                table = pd.concat(frames, ignore_index=True)
+                write_atomic(self.parts / f"fold{k}_views_{which}.parquet",
+                             lambda p, t=table: t.to_parquet(p, index=False))
         hist = pd.DataFrame(part.history).assign(fold=k)
         write_atomic(self.history_path(k), lambda p: hist.to_csv(p, index=False))
         write_json(self.parts / f"fold{k}.json", {"fold": k, **part.info})
@@ -280,7 +325,36 @@ class RunDir:
             hist = hist[front + [c for c in hist.columns if c not in front]]
             write_atomic(self.path / "history.csv", lambda p: hist.to_csv(p, index=False))
         meta = {**meta, "fold_info": {k: self.read_fold_info(k) for k in range(folds.k)}}
+        self._assemble_views(name, classes, folds, test_ids)
         return write_run(self.path, name, classes, folds, oof, test_ids, per_fold, meta)
+
+    def _assemble_views(self, name: str, classes: list[str], folds: Folds,
+                        test_ids: np.ndarray) -> None:
+        """views_oof.parquet and views_test_folds.parquet, when every fold stored its views."""
+        parts = [(self.parts / f"fold{k}_views_val.parquet",
+                  self.parts / f"fold{k}_views_test.parquet") for k in range(folds.k)]
+        if not all(v.exists() and t.exists() for v, t in parts):
+            return
+        cols = column_names(name, classes)
+        info = {"run": name, "classes": classes, "fingerprint": folds.fingerprint}
+        label = dict(zip(folds.ids.astype(str), folds.labels.astype(str)))
+        val = pd.concat([pd.read_parquet(v) for v, _ in parts], ignore_index=True)
+        fold_of = dict(zip(folds.ids.astype(str), folds.fold))
+        ids = val["id"].astype(str)
+        oof = pd.DataFrame({"id": ids, "label": ids.map(label), "fold": ids.map(fold_of),
+                            "view": val["view"]})
+        oof[cols] = val[list(classes)].to_numpy(np.float64)
+        _write_parquet(self.path / "views_oof.parquet", oof, info)
+        test_ids = np.asarray(test_ids, dtype=object).astype(str)
+        frames = []
+        for k, (_, t) in enumerate(parts):
+            df = pd.read_parquet(t)
+            out = pd.DataFrame({"id": test_ids[df["id"].to_numpy(np.int64)], "fold": k,
+                                "view": df["view"]})
+            out[cols] = df[list(classes)].to_numpy(np.float64)
+            frames.append(out)
+        _write_parquet(self.path / "views_test_folds.parquet", pd.concat(frames,
+                                                                         ignore_index=True), info)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -293,6 +367,20 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a JSON object, found {type(obj).__name__}")
     return obj
+
+
+def _read_views(run: Run, file: str) -> tuple[list[str], pd.DataFrame] | None:
+    """A per-view file of ``run`` (None if absent), checked to be this run's; view names in
+    the order stored."""
+    path = run.path / file
+    if not path.exists():
+        return None
+    df, info = _read_parquet_info(path, ["id", "view"])
+    if (info["run"], info["classes"], info["fingerprint"]) != (run.name, run.classes,
+                                                               run.fingerprint):
+        raise DataError(f"{path}: written for run {info['run']!r} (classes {info['classes']}, "
+                        f"folds {info['fingerprint']}), not this run's {run.name!r}")
+    return list(dict.fromkeys(df["view"].astype(str))), df
 
 
 def read_refit_test(path: Path, name: str, classes: list[str], fingerprint: str,

@@ -133,7 +133,7 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
             "n_train": int(len(y_train)), "n_val": int(len(va)), "n_pseudo": int(len(pseudo_rows)),
             "epochs_run": result.info.get("epochs_run", len(result.history))}
     run.write_fold(FoldPart(k, folds.ids[va], result.val_proba, result.test_proba,
-                            result.history, info), prep.dataset.classes)
+                            result.history, info, result.views), prep.dataset.classes)
     shutil.rmtree(run.work_dir(k), ignore_errors=True)
     log.info("fold %d done: accuracy %.4f, log loss %.4f, %.1fs", k, fold_scores["accuracy"],
              fold_scores["log_loss"], info["seconds"])

@@ -35,7 +35,7 @@ from serve.bundle import decode
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 base = dict(data=str(data), folds=2, epochs=2, img_size=16, batch_size=16, progress=False,
-            augment="none", tta="hflip", threads=1)
+            augment="none", tta="hflip", threads=1, tta_save_views=True)
 
 
 class Kill(Callback):
@@ -54,6 +54,12 @@ res["refit_before"] = first.run.refit_test() is None and first.refit is None
 res["meta"] = load_run(run_a).meta
 c = res["meta"]
 res["meta_cost"] = meta_cost(c) == Cost(c["passes_per_image"], c["ms_per_image"])
+names, views = first.run.views_oof()
+vnames, vtest = first.run.views_test_per_fold()
+res["view_names"] = [names, vnames]
+res["views_mean_oof_diff"] = float(np.abs(views.mean(axis=0) - first.run.oof).max())
+res["views_mean_test_diff"] = float(np.abs(vtest.mean(axis=0) - first.run.test_per_fold()).max())
+res["views_differ"] = float(np.abs(views[0] - views[1]).max())
 shutil.copytree(out / "a", out / "b")
 
 # uninterrupted refit (the Kill callback present but disarmed, as in the resumed one)
@@ -129,6 +135,26 @@ def test_cost_and_refit_end_to_end(demo_dir: Path, tmp_path: Path) -> None:
     assert got["refit_equal"] and got["checkpoint_equal"] and got["oof_unchanged"]
     assert got["rerun_trains_nothing"]
     assert got["served_max_diff"] < 1e-6
+
+    # --tta-save-views: each view's OOF and per-fold test rows alone; their mean is the run's
+    assert got["view_names"] == [["identity", "hflip"]] * 2
+    assert got["views_mean_oof_diff"] < 1e-6 and got["views_mean_test_diff"] < 1e-6
+    assert got["views_differ"] > 1e-4  # two views, not one stored twice
+
+
+def test_runs_without_refit_or_views_load_as_before(tmp_path: Path) -> None:
+    """A run folder without the issue-30 additions loads, with no refit and no views."""
+    from oof.folds import make_folds
+    from oof.rundir import load_run, write_run
+
+    ids = [f"i{n}" for n in range(12)]
+    folds = make_folds(ids, ["a", "b"] * 6, 3, 1)
+    rng = np.random.default_rng(1)
+    write_run(tmp_path / "r", "r", ["a", "b"], folds, rng.dirichlet([1, 1], 12), ["t0"],
+              rng.dirichlet([1, 1], (3, 1)), {"level": 1})
+    run = load_run(tmp_path / "r")
+    assert run.refit_test() is None and run.views_oof() is None
+    assert run.views_test_per_fold() is None
 
 
 def test_refit_epochs_follow_the_folds() -> None:
