@@ -318,6 +318,11 @@ class Family(ABC):
     def checkpoint_name(self, fold: int, best: bool = False) -> str:
         return f"fold{fold}{'.best' if best else ''}{self.checkpoint_suffix}"
 
+    def passes_per_image(self, models: int, views: int) -> int:
+        """Forward passes per image of ``models`` fold models on ``views`` TTA views: one per
+        model and view (a family whose models share one backbone pass overrides it)."""
+        return models * views
+
     def train_fold(self, job: FoldJob, callbacks: list[Callback] | None = None) -> FoldResult:
         """Train on the fold's training rows, then predict its held-out rows and the test set.
 

@@ -8,7 +8,8 @@ on a fixed slice of the decoded test images after one warm-up call. Every fold m
 has the same architecture and input size, so K fold models cost K times fold 0.
 
 Keys written into ``meta.json`` (``ensemble.cost.meta_cost`` reads the first two):
-``passes_per_image`` (K x V), ``ms_per_image`` (the whole run per image: ms_per_pass x K x V,
+``passes_per_image`` (K x V; ``Family.passes_per_image``: the probe's K heads share one backbone
+pass per view), ``ms_per_image`` (the whole run per image: ms_per_pass x passes,
 what a stack adds up over its runs), ``ms_per_pass`` (one model, one view, per image: a refit
 model costs V of them) and ``cost`` (how and where it was measured).
 """
@@ -74,8 +75,8 @@ def run_cost(family: Any, run_meta: dict[str, Any], checkpoint_dir: Path, folds:
     """The meta.json cost keys of a level-1 run of ``folds`` fold models (see the module)."""
     m = measure_ms_per_pass(family, run_meta, checkpoint_dir / family.checkpoint_name(0),
                             images, threads)
-    passes = folds * m["views"]
-    log.info("cost: %d passes per image (%d folds x %d views), %.3f ms per pass, %.3f ms per "
+    passes = family.passes_per_image(folds, m["views"])
+    log.info("cost: %d passes per image (%d folds, %d views), %.3f ms per pass, %.3f ms per "
              "image on %s, %d threads", passes, folds, m["views"], m["ms_per_pass"],
              m["ms_per_pass"] * passes, m["cpu"], threads)
     return {"passes_per_image": passes, "ms_per_image": m["ms_per_pass"] * passes,

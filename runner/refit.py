@@ -141,7 +141,7 @@ def train_refit(prep: PreparedRun, images: FoldImages | None = None,
             tensorboard_dir=run.path / "tensorboard" / "refit" if cfg.tensorboard else None,
         )
         result = prep.backend.train_fold(job, [*(callbacks or []), StopAfter(epochs)])
-        passes = len(_views(prep))
+        passes = prep.backend.passes_per_image(1, len(_views(prep)))
         info = {
             **result.info, "epochs": epochs, "epochs_rule": rule,
             "epochs_run": result.info.get("epochs_run", len(result.history)),
