@@ -31,6 +31,8 @@ The hooks (``Family``: stateless, one registered instance per family; ``FoldMode
   Family.versions() -> dict                                    ``libraries``' versions
   Family.load_rank / load()                                    import order, import the framework
   Family.predict_dtype / predict_batch_size                    how predict_views accumulates
+  Family.example -> ContractExample                            its smallest model, trained by the
+      contract suite (tests/test_backbone_contract.py); a family without one fails it
 
   FoldModel.stop_training                                      the callbacks' brake
   FoldModel.fit_segment(segment, first_epoch, events)          train the segment's epochs from
@@ -128,6 +130,20 @@ class ResumePoint:
     #: without ``memory``: the best epoch's weights as the family kept them through the kill
     #: (what its ``snapshot()`` returned, e.g. a file), so 'best' still means the best epoch
     best_state: Any = None
+
+
+@dataclass(frozen=True)
+class ContractExample:
+    """A family's smallest model, for the contract every family passes (OOF and test rows
+    complete, same bits after a kill, predictor = stored rows, bad config refused): declared on
+    the family, so a new family cannot be registered without being checked."""
+
+    backbone: str  # a FAMILY/MODEL name that trains in seconds on a CPU, e.g. "timm/resnet10t"
+    img_size: int  # the smallest input size it trains at (px)
+    flags: tuple[str, ...] = ()  # run_folds.py flags it needs besides these (a fast head, ...)
+    #: (flag, value) pairs of run_folds.py the family itself refuses with a ConfigError naming
+    #: the flag (a misspelt model name is checked for every family)
+    bad: tuple[tuple[str, str], ...] = ()
 
 
 def checkpoint_weights(meta: dict[str, Any]) -> str | None:
@@ -264,6 +280,8 @@ class Family(ABC):
     #: families sharing a process are loaded in this order: torch's before TensorFlow's
     #: (torchvision or triton imported after TensorFlow aborts the process: both bundle LLVM)
     load_rank: int = 0
+    #: the smallest model of the family, trained by the contract suite (None fails it)
+    example: ContractExample | None = None
 
     @abstractmethod
     def resolve_spec(self, model_name: str, cfg: RunConfig) -> BackboneSpec: ...

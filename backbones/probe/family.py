@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from backbones.base import BackboneSpec, FoldJob
-from backbones.fold import Family, FoldModel, FoldPlan, ResumePoint
+from backbones.fold import ContractExample, Family, FoldModel, FoldPlan, ResumePoint
 from oof.atomic import atomic_path
 from oof.errors import ConfigError
 from oof.metrics import accuracy, log_loss
@@ -169,6 +169,9 @@ class ProbeFamily(Family):
     load_rank = 0
     predict_dtype = np.float64
     predict_batch_size = 128
+    #: the contract suite's model; lda: no inner CV on its few training rows per class
+    example = ContractExample("probe/resnet10t", 32, ("--probe-head", "lda"),
+                              bad=(("--head-hidden", "64"), ("--img-size", "32,48")))
 
     def resolve_spec(self, model_name: str, cfg: RunConfig) -> BackboneSpec:
         """The timm family's spec of ``model_name`` (name checked, preprocessing from its

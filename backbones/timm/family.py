@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backbones.fold import Family, FoldModel, FoldPlan, FoldPredictor
+from backbones.fold import ContractExample, Family, FoldModel, FoldPlan, FoldPredictor
 
 if TYPE_CHECKING:
     from backbones.base import BackboneSpec, FoldJob
@@ -29,6 +29,9 @@ class TimmFamily(Family):
     predict_dtype = np.float32  # = train.PREDICT_DTYPE: float32 softmax summed over views
     predict_batch_size = 256  # = train.PREDICT_BATCH
     load_rank = 0  # torch before TensorFlow
+    #: the contract suite's model: BatchNorm trains in it, so a batch of one is refused
+    example = ContractExample("timm/resnet10t", 32, bad=(("--batch-size", "1"),
+                                                        ("--pretrained", "no-such.pth")))
 
     def versions(self) -> dict[str, str]:
         import timm
