@@ -122,6 +122,10 @@ class StackResult:
         row = next(r for r in self.rows if r["chosen"])
         lines = [f"chosen: {self.chosen} (level-2 CV accuracy {row['accuracy']:.4f}, "
                  f"log loss {row['log_loss']:.4f}) -> {self.submission}"]
+        if self.report.get("front"):
+            lines += ["", f"cost front ({self.report['budget']['metric']} by level-2 CV; the "
+                      f"chosen point's score is optimistic; {FRONT_PNG} in the stack folder):",
+                      format_table(self.report["front"], FRONT_COLUMNS)]
         if self.held_out:
             lines += ["", f"held-out test labels ({self.report.get('held_out_rows')} images) "
                       "against the CV (OOF) scores:",

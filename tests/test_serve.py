@@ -201,6 +201,39 @@ def test_subset_shows_its_own_level2_score(stack: Path) -> None:
 
 
 @pytest.mark.slow
+def test_budgeted_temperature_stack_predicts_its_own_test_rows(stack: Path, demo_subset: Path,
+                                                               tmp_path: Path) -> None:
+    """stack.py --budget 6 (the timm run costs 3 folds x 2 hflip views, the Keras run 3, both 9)
+    --temperature always over the trained runs: the stack folder holds one run and the T; its
+    exported bundle, through predict.py, reproduces the stack's submission probabilities to
+    1e-6 (issue 30 items 3 and 5)."""
+    from ensemble.calibrate import TemperatureScaled
+    from ensemble.saved import load_stacker
+
+    _py("stack.py", "--data", str(demo_subset), "--out", str(stack.parent.parent), "--method",
+        "logreg", "--compare", "false", "--runs", TIMM_RUN, KERAS_RUN, "--budget", "6",
+        "--temperature", "always", "--name", "stack-budget")
+    out = stack.parent / "stack-budget"
+    report = json.loads((out / "report.json").read_text())
+    cost = {TIMM_RUN: 6, KERAS_RUN: 3}
+    assert {r["model"]: r["passes"] for r in report["table"] if r["level"] == 1} == cost
+    kept = report["budget"]["chosen"]
+    assert len(kept) == 1 and report["budget"]["passes_chosen"] == cost[kept[0]]
+    saved = load_stacker(out)
+    assert saved.runs == kept and isinstance(saved.stacker, TemperatureScaled)
+    assert saved.info["temperature"] == report["temperature"]["temperature"] != 1.0
+    bundle = tmp_path / "bundle"
+    _py("-m", "serve.bundle", str(out), "--out", str(bundle))
+    preds = tmp_path / "preds.csv"
+    _py("predict.py", str(bundle), str(demo_subset / "test_upload"), "--out", str(preds))
+    predicted = pd.read_csv(preds, dtype={"id": str, "label": str}).set_index("id")
+    classes = [str(c) for c in range(10)]
+    sub = pd.read_csv(out / "submission_proba.csv", dtype={"Id": str})
+    np.testing.assert_allclose(predicted.loc[sub["Id"], classes].to_numpy(float),
+                               sub[classes].to_numpy(float), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_subset_naming_a_run_the_stack_lacks_is_refused(stack: Path, bundle: Path,
                                                         demo_subset: Path) -> None:
     """predict.py --subset with an unknown run: exit 2, the flag, the name and the stack's runs,
