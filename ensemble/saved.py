@@ -151,6 +151,8 @@ class Subset:
     level2_scores: dict[str, float]
     full_level2_scores: dict[str, float]
     stacker: Any
+    cost: dict[str, Any]  # passes and ms_per_image of the kept runs (ensemble.cost)
+    full_cost: dict[str, Any]
 
 
 def fit_subset(stack_dir: Path, keep: list[str] | None = None) -> Subset:
@@ -162,6 +164,7 @@ def fit_subset(stack_dir: Path, keep: list[str] | None = None) -> Subset:
     ``--temperature`` refits its temperature on the subset by the same rule.
     """
     from ensemble.calibrate import TemperatureScaled, cross_val_temperature
+    from ensemble.cost import total_cost
     from ensemble.evaluate import cross_val_level2, level1_matrix
     from ensemble.stackers import make_stacker
     from oof.rundir import load_run
@@ -199,4 +202,5 @@ def fit_subset(stack_dir: Path, keep: list[str] | None = None) -> Subset:
         if tcv.applied:
             final, scores = TemperatureScaled(final, tcv.temperature), tcv.scores
     return Subset([r.name for r in chosen], [n for n in names if n not in keep], rule,
-                  scores, info["level2_scores"], final)
+                  scores, info["level2_scores"], final, total_cost(chosen).row(),
+                  total_cost(runs).row())

@@ -22,7 +22,12 @@ from ensemble.budget import (
     nested_cv,
     search,
 )
-from ensemble.calibrate import apply_temperature, cross_val_temperature, fit_temperature
+from ensemble.calibrate import (
+    TemperatureScaled,
+    apply_temperature,
+    cross_val_temperature,
+    fit_temperature,
+)
 from ensemble.cost import Cost, meta_cost, run_cost, tta_view_count
 from ensemble.evaluate import cross_val_level2, full_proba, level1_matrix
 from ensemble.saved import load_stacker
@@ -366,6 +371,17 @@ def test_temperature_is_applied_when_it_lowers_cv_log_loss_and_served(tmp_path: 
     np.testing.assert_allclose(saved.predict_proba(X_test)[[pos[i] for i in sub["Id"]]],
                                sub[runs[0].classes].to_numpy(float), atol=1e-9)
     assert "T = " in (res.out_dir / "report.md").read_text()
+    # a --subset of a stack made with --temperature refits T on the kept runs by the same rule
+    from ensemble.saved import fit_subset
+
+    both = stack_runs(project.cfg(method="mean", compare=False, temperature="auto",
+                                  runs=["sharp", "good"], name="both"))
+    sub_fit = fit_subset(both.out_dir, ["sharp"])
+    assert isinstance(sub_fit.stacker, TemperatureScaled)
+    assert sub_fit.stacker.temperature == pytest.approx(t["temperature"])  # same OOF, same T
+    assert sub_fit.level2_scores == pytest.approx(t["cv_scores"])
+    assert sub_fit.cost == {"passes": 3, "ms_per_image": None}
+    assert sub_fit.full_cost["passes"] == 6
     # off (the default): no row, no T in the saved stacker
     off = stack_runs(project.cfg(method="mean", compare=False, runs=["sharp"],
                                  name="uncalibrated"))
