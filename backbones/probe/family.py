@@ -215,6 +215,10 @@ class ProbeFamily(Family):
 
         return read_head_meta(path)
 
+    def passes_per_image(self, models: int, views: int) -> int:
+        """One extractor pass per view, whatever the number of fold heads reading it."""
+        return views
+
     def run_files(self, run_meta: dict[str, Any]) -> list[str]:
         """Beside the fold heads, a run's predictor needs its frozen extractor."""
         from backbones.probe.features import EXTRACTOR_FILE

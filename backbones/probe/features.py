@@ -9,7 +9,6 @@ the run sees the same features.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from backbones.timm.train import Trainer, seed_everything
 from oof.config import RunConfig, make_config
 from recipe.tta import TTAView
 
-log = logging.getLogger(__name__)
 EXTRACTOR_FILE = "extractor.safetensors"
 
 
