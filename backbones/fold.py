@@ -412,50 +412,69 @@ class FoldProcedure:
         return self.model.predict_views(images, views or [], len(self.job.classes), self.family)
 
     def run(self) -> FoldResult:
-        job, cfg, family = self.job, self.job.cfg, self.family
+        """Set up, train the epochs left, predict with the final weights, publish, report."""
         t0 = time.perf_counter()
-        family.setup_runtime(cfg, job.seed)
-        self.plan = FoldPlan.of(cfg, job.spec.input_size)
-        self.model = family.build(job, self.plan)
-        point = self.model.load_resume(job.work_dir, self.plan)
-        first_epoch = self.resume(point)
-        if job.tensorboard_dir is not None:
-            self.writer = family.tensorboard_writer(job.tensorboard_dir)
+        resumed_from = self.start()
         build_seconds = time.perf_counter() - t0
         events = FoldEvents(self)
-        self.fit(first_epoch, events)
+        self.fit(0 if resumed_from is None else resumed_from, events)
         for cb in self.callbacks:
             cb.on_train_end({})
         if self.writer is not None:
             self.writer.close()
         train_seconds = time.perf_counter() - t0
-        if cfg.predict_weights == "best" and self.best.state is not None:
-            self.model.load_weights(self.best.state)
-        recalibrated = self.model.recalibrate_batchnorm(job.x_train) if cfg.bn_recalibrate else 0
-        views = tta_views(cfg.tta, cfg.tta_scales, cfg.tta_augment, cfg.augment,
-                          job.spec.input_size, job.seed)
-        val_proba = self.predict(job.x_val, views)
-        test_proba = self.predict(job.x_test, views)
-        per_view = None
-        if cfg.tta_save_views and len(views) > 1:  # one more pass per view (issue 30 item 3)
-            per_view = {"names": [v.name for v in views],
-                        "val": np.stack([self.predict(job.x_val, [v]) for v in views]),
-                        "test": np.stack([self.predict(job.x_test, [v]) for v in views])}
+        recalibrated = self.final_weights()
+        val_proba, test_proba, per_view = self.predict_rows()
         self.publish(recalibrated)
         secs = events.seconds
         steady = float(np.median(secs[1:])) if len(secs) > 1 else 0.0
         first_extra = max(0.0, secs[0] - steady) if len(secs) > 1 else 0.0
         return FoldResult(val_proba, test_proba, self.history, {
             **self.model.info(), "epochs_run": len(self.history),
-            "predict_weights": cfg.predict_weights, "best_epoch": self.best.best_epoch,
+            "predict_weights": self.job.cfg.predict_weights, "best_epoch": self.best.best_epoch,
             "bn_recalibrated_layers": recalibrated,
             "phases": [p.to_dict() for p in self.plan.phases],
-            "resumed_from_epoch": first_epoch if point is not None else None,
+            "resumed_from_epoch": resumed_from,
             "epochs_this_session": len(secs), "startup_seconds": build_seconds + first_extra,
             "build_seconds": build_seconds, "first_epoch_seconds": secs[0] if secs else None,
             "steady_epoch_seconds": steady, "train_seconds": train_seconds,
             "predict_seconds": time.perf_counter() - t0 - train_seconds,
         }, per_view)
+
+    def start(self) -> int | None:
+        """Runtime, plan, model, resume and TensorBoard; the epoch a killed fold resumes at."""
+        job, family = self.job, self.family
+        family.setup_runtime(job.cfg, job.seed)
+        self.plan = FoldPlan.of(job.cfg, job.spec.input_size)
+        self.model = family.build(job, self.plan)
+        point = self.model.load_resume(job.work_dir, self.plan)
+        first_epoch = self.resume(point)
+        if job.tensorboard_dir is not None:
+            self.writer = family.tensorboard_writer(job.tensorboard_dir)
+        return first_epoch if point is not None else None
+
+    def final_weights(self) -> int:
+        """The weights that predict: the best epoch's with 'best', then precise BatchNorm;
+        the count of BatchNorm layers recalibrated."""
+        job, cfg = self.job, self.job.cfg
+        if cfg.predict_weights == "best" and self.best.state is not None:
+            self.model.load_weights(self.best.state)
+        return self.model.recalibrate_batchnorm(job.x_train) if cfg.bn_recalibrate else 0
+
+    def predict_rows(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
+        """Held-out and test probabilities averaged over the TTA views, and with
+        ``tta_save_views`` each view's alone (one more pass per view, issue 30 item 3)."""
+        job, cfg = self.job, self.job.cfg
+        views = tta_views(cfg.tta, cfg.tta_scales, cfg.tta_augment, cfg.augment,
+                          job.spec.input_size, job.seed)
+        val_proba = self.predict(job.x_val, views)
+        test_proba = self.predict(job.x_test, views)
+        per_view = None
+        if cfg.tta_save_views and len(views) > 1:
+            per_view = {"names": [v.name for v in views],
+                        "val": np.stack([self.predict(job.x_val, [v]) for v in views]),
+                        "test": np.stack([self.predict(job.x_test, [v]) for v in views])}
+        return val_proba, test_proba, per_view
 
     def resume(self, point: ResumePoint | None) -> int:
         """Callbacks on, and the memory of a killed fold back; the first epoch to train."""
