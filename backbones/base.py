@@ -75,6 +75,11 @@ class FoldJob:
     # the hard labels); None = the one-hot of y_train. Only families with soft_targets get them
     y_train_soft: np.ndarray | None = None
 
+    def train_targets(self) -> np.ndarray:
+        """What the training rows learn: ``y_train_soft`` (rows, C) when given, else the class
+        indices ``y_train``."""
+        return self.y_train if self.y_train_soft is None else self.y_train_soft
+
     def train_images(self, size: int) -> np.ndarray:
         """The training rows at ``size`` px: ``x_train`` itself at the spec's size."""
         if size == self.spec.input_size:
