@@ -24,7 +24,7 @@ import numpy as np
 
 from ensemble.cost import Cost, run_cost
 from ensemble.evaluate import cross_val_level2, full_proba
-from ensemble.stackers import make_stacker
+from ensemble.stackers import label_free_proba, make_stacker
 from oof.errors import ConfigError
 from oof.metrics import METRICS, ece, scores
 from oof.rundir import Run
@@ -32,6 +32,15 @@ from oof.rundir import Run
 log = logging.getLogger(__name__)
 
 EXACT_MAX = 12  # candidates up to which every subset is scored (2^12 - 1 = 4095 subsets)
+EXACT_MAX_LEARNED = 6  # the same for a method fitted K times per subset (logreg: seconds each)
+# Methods that learn nothing from the rows they are fitted on (fit only reads the class set):
+# their level-2 CV OOF is the fitted method's prediction of every row, computed in one pass.
+LABEL_FREE = ("mean", "geo")
+
+
+def exact_limit(method: str) -> int:
+    """Candidates up to which ``search`` scores every subset with ``method``."""
+    return EXACT_MAX if method in LABEL_FREE else EXACT_MAX_LEARNED
 
 
 @dataclass(frozen=True)
@@ -117,16 +126,20 @@ def cv_scorer(cands: list[Candidate], y: np.ndarray, folds: np.ndarray, method: 
               params: dict[str, Any], rows: np.ndarray | None = None) -> Scorer:
     """Level-2 CV score of ``method`` on a subset, over the stored folds of ``rows`` (all rows
     by default; the other folds' rows in nested CV), cached per subset."""
-    rows = np.arange(len(y)) if rows is None else rows
     n_classes = cands[0].oof.shape[1]
     cache: dict[tuple[int, ...], dict[str, float]] = {}
+    y_rows, folds_rows = (y, folds) if rows is None else (y[rows], folds[rows])
 
     def score(members: tuple[int, ...]) -> dict[str, float]:
         if members not in cache:
-            X = np.hstack([cands[i].oof[rows] for i in members])
-            level2 = cross_val_level2(method, make_stacker(method, **params), X, y[rows],
-                                      folds[rows], n_classes)
-            cache[members] = {**level2.scores, "ece": ece(y[rows], level2.oof)}
+            X = np.hstack([cands[i].oof if rows is None else cands[i].oof[rows]
+                           for i in members])
+            if method in LABEL_FREE and not params and len(np.unique(y_rows)) == n_classes:
+                oof = label_free_proba(method, X, n_classes)
+            else:
+                oof = cross_val_level2(method, make_stacker(method, **params), X, y_rows,
+                                       folds_rows, n_classes).oof
+            cache[members] = {**scores(y_rows, oof), "ece": ece(y_rows, oof)}
         return cache[members]
     return score
 

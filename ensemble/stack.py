@@ -17,7 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from ensemble.budget import Budget, Search, candidates, cv_scorer, fit_predict, nested_cv, search
+from ensemble.budget import (
+    Budget,
+    Search,
+    candidates,
+    cv_scorer,
+    exact_limit,
+    fit_predict,
+    nested_cv,
+    search,
+)
 from ensemble.calibrate import (
     TemperatureCV,
     TemperatureScaled,
@@ -604,8 +613,10 @@ def choose_under_budget(runs: list[Run], folds: Folds, cfg: StackConfig) -> Budg
     y = runs[0].y
     log.info("budget %s: scoring subsets of %d runs by level-2 CV of %s", budget.describe(),
              len(cands), method)
-    found = search(cands, cv_scorer(cands, y, folds.fold, method, params), cfg.metric, budget)
-    nested = nested_cv(cands, y, folds.fold, method, params, cfg.metric, budget)
+    limit = exact_limit(method)
+    found = search(cands, cv_scorer(cands, y, folds.fold, method, params), cfg.metric, budget,
+                   limit)
+    nested = nested_cv(cands, y, folds.fold, method, params, cfg.metric, budget, limit)
     choice = BudgetChoice(budget, method, params, cfg.metric, cands, found, nested, y)
     log.info("budget: %s chosen (%s), %d subsets scored", choice.names(found.chosen.members),
              found.chosen.cost.row(), len(found.points))

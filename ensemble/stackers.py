@@ -628,6 +628,23 @@ class LightGBMStacker(_Stacker):
         return out
 
 
+def label_free_proba(method: str, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """What ``MeanBlend()`` or ``GeometricMean()`` fitted on any rows predicts for ``X`` (they
+    learn nothing from the rows), in the same arithmetic without scikit-learn's input checks:
+    the budget search scores thousands of subsets this way (ensemble.budget)."""
+    P = _blocks(X, n_classes, method)
+    out = np.empty((len(X), n_classes))
+    w = np.full(P.shape[1], 1.0 / P.shape[1])
+    for rows in _row_blocks(len(X)):
+        if method == "mean":
+            out[rows] = _normalise(np.einsum("nrc,r->nc", P[rows], w))
+        elif method == "geo":
+            out[rows] = _softmax(np.log(np.clip(P[rows], LOG_FLOOR, None)).mean(axis=1))
+        else:
+            raise ValueError(f"{method!r} learns from its rows; only 'mean' and 'geo' do not")
+    return out
+
+
 STACKERS: dict[str, type[_Stacker]] = {
     "mean": MeanBlend,
     "geo": GeometricMean,

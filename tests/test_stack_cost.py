@@ -221,6 +221,24 @@ def test_budget_search_stays_within_budget_and_equals_brute_force(case) -> None:
         assert found.chosen in front
 
 
+@pytest.mark.parametrize("method", ["mean", "geo"])
+def test_label_free_fast_path_is_the_level2_cv(method: str) -> None:
+    """The search scores mean/geo subsets in one pass: the same numbers as their CV."""
+    from ensemble.stackers import label_free_proba
+
+    rng = np.random.default_rng(2)
+    n, c = 90, 4
+    y = np.arange(n) % c
+    folds = rng.permutation(np.arange(n) % 3)
+    X = np.hstack([rng.dirichlet(np.ones(c), n) for _ in range(3)])
+    cv = cross_val_level2(method, make_stacker(method), X, y, folds, c)
+    np.testing.assert_array_equal(label_free_proba(method, X, c), cv.oof)
+    cands = [Candidate(_run(f"r{i}", X[:, i * c:(i + 1) * c], y, folds), Cost(1, None))
+             for i in range(3)]
+    assert cv_scorer(cands, y, folds, method, {})((0, 1, 2)) == {**cv.scores,
+                                                                 "ece": ece(y, cv.oof)}
+
+
 def test_front_keeps_only_points_better_than_every_cheaper_one() -> None:
     from ensemble.budget import Point
 
