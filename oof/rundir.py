@@ -15,6 +15,7 @@ Layout of ``<run root>/<run>/``::
                          OOF and test matrices above average the views)
     refit/               optional (``--refit-full``): one model on ALL training rows, no OOF of
                          its own; test.parquet (its test prediction, columns as above),
+                         views_test.parquet (with --tta-save-views: id, view, columns),
                          history.csv, refit.json (written last: the marker); its weights are
                          checkpoints/refit<suffix>; meta.json "refit" describes it
 
@@ -139,6 +140,23 @@ class Run:
                 self.columns].to_numpy(np.float64)
         return names, out
 
+    def refit_views_test(self) -> tuple[list[str], np.ndarray] | None:
+        """(view names, (V, n_test, C)): the refit model's test prediction by each view alone;
+        None without a refit stored with ``--tta-save-views``."""
+        if not (self.path / REFIT_DIR / REFIT_MARKER).exists():
+            return None
+        got = _read_views(self, f"{REFIT_DIR}/views_test.parquet")
+        if got is None:
+            return None
+        names, df = got
+        pos = {i: n for n, i in enumerate(self.test_ids)}
+        out = np.full((len(names), len(self.test_ids), len(self.classes)), np.nan)
+        for v, name in enumerate(names):
+            part = df[df["view"] == name]
+            out[v, [pos[i] for i in part["id"].astype(str)]] = part[self.columns].to_numpy(
+                np.float64)
+        return names, out
+
     def refit_test(self) -> np.ndarray | None:
         """(n_test, C): the ``--refit-full`` model's test prediction in ``test_ids`` order, or
         None when the run has no finished refit (runs before it never do)."""
@@ -237,14 +255,20 @@ class RunDir:
 
     def write_refit(self, name: str, classes: list[str], fingerprint: str, test_ids: np.ndarray,
                     test_proba: np.ndarray, history: list[dict[str, Any]],
-                    info: dict[str, Any]) -> None:
-        """The refit model's test prediction and history, then its marker (last). It has no
-        OOF: every training row trained it."""
+                    info: dict[str, Any], views: dict[str, Any] | None = None) -> None:
+        """The refit model's test prediction (and each view's, with ``--tta-save-views``) and
+        history, then its marker (last). It has no OOF: every training row trained it."""
         cols = column_names(name, classes)
-        df = pd.DataFrame({"id": np.asarray(test_ids, dtype=object).astype(str)})
+        ids = np.asarray(test_ids, dtype=object).astype(str)
+        meta = {"run": name, "classes": classes, "fingerprint": fingerprint}
+        df = pd.DataFrame({"id": ids})
         df[cols] = np.asarray(test_proba, dtype=np.float64)
-        _write_parquet(self.refit_dir() / "test.parquet", df,
-                       {"run": name, "classes": classes, "fingerprint": fingerprint})
+        _write_parquet(self.refit_dir() / "test.parquet", df, meta)
+        if views is not None:
+            frames = [pd.DataFrame({"id": ids, "view": n}).assign(**dict(zip(cols, p.T)))
+                      for n, p in zip(views["names"], views["test"], strict=True)]
+            _write_parquet(self.refit_dir() / "views_test.parquet",
+                           pd.concat(frames, ignore_index=True), meta)
         hist = pd.DataFrame(history)
         write_atomic(self.refit_dir() / "history.csv", lambda p: hist.to_csv(p, index=False))
         write_json(self.refit_dir() / REFIT_MARKER, info)

@@ -157,7 +157,7 @@ def train_refit(prep: PreparedRun, images: FoldImages | None = None,
             info["ms_per_image"] = float(ms) * passes
         run.write_refit(run.path.name, prep.dataset.classes, folds.fingerprint,
                         np.asarray(prep.dataset.test["id"], dtype=object), result.test_proba,
-                        result.history, info)
+                        result.history, info, result.views)
         job.history_path.unlink(missing_ok=True)
         shutil.rmtree(run.refit_work_dir(), ignore_errors=True)
         with contextlib.suppress(OSError):  # the run's work folder, when nothing else is in it

@@ -95,7 +95,10 @@ pred = family.load_predictor(a.meta, run_a / a.meta["refit"]["checkpoint"], 1, "
 files = [data / "test_upload" / f"{i}" for i in a.test_ids]
 served = pred.predict_proba(decode([str(f) for f in files], 16))
 res["served_max_diff"] = float(np.abs(served - a.refit_test()).max())
+rnames, rviews = a.refit_views_test()
+res["refit_views"] = [rnames, float(np.abs(rviews.mean(axis=0) - a.refit_test()).max())]
 res["refit_history"] = pd.read_csv(run_a / "refit" / "history.csv").to_dict("list")
+
 print(json.dumps(res, default=str))
 """
 
@@ -140,6 +143,7 @@ def test_cost_and_refit_end_to_end(demo_dir: Path, tmp_path: Path) -> None:
     assert got["view_names"] == [["identity", "hflip"]] * 2
     assert got["views_mean_oof_diff"] < 1e-6 and got["views_mean_test_diff"] < 1e-6
     assert got["views_differ"] > 1e-4  # two views, not one stored twice
+    assert got["refit_views"][0] == ["identity", "hflip"] and got["refit_views"][1] < 1e-6
 
 
 def test_runs_without_refit_or_views_load_as_before(tmp_path: Path) -> None:
@@ -153,7 +157,7 @@ def test_runs_without_refit_or_views_load_as_before(tmp_path: Path) -> None:
     write_run(tmp_path / "r", "r", ["a", "b"], folds, rng.dirichlet([1, 1], 12), ["t0"],
               rng.dirichlet([1, 1], (3, 1)), {"level": 1})
     run = load_run(tmp_path / "r")
-    assert run.refit_test() is None and run.views_oof() is None
+    assert run.refit_test() is None and run.views_oof() is None and run.refit_views_test() is None
     assert run.views_test_per_fold() is None
 
 
