@@ -53,6 +53,15 @@ def main(argv: list[str] | None = None, prog: str = "foldstack-run-folds") -> in
         s = summary.oof_scores
         print(f"OOF accuracy {s['accuracy']:.4f}  log loss {s['log_loss']:.4f}"
               f"  -> {summary.run_dir}")
+        meta = summary.run.meta if summary.run is not None else {}
+        if meta.get("passes_per_image") is not None:
+            print(f"cost: {meta['passes_per_image']} passes per image, "
+                  f"{meta['ms_per_image']:.2f} ms per image (measured)")
+        if summary.refit is not None:
+            r = summary.refit
+            print(f"refit model: {r['epochs_run']} epochs on all {r['n_train']} training rows, "
+                  f"{r['passes_per_image']} passes per image -> {r['checkpoint']} (no OOF of "
+                  "its own: the OOF above estimates it)")
     else:
         print(f"run incomplete: folds done {[r['fold'] for r in summary.fold_rows]} "
               f"-> {summary.run_dir}")
