@@ -85,9 +85,10 @@ def test_timm_tensorboard_and_mlflow(demo_subset: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_keras_tensorboard(demo_subset: Path, tmp_path: Path) -> None:
+    """Fold 0's board is read, so fold 0 alone is trained."""
     out = tmp_path / "runs"
     proc = run_script(["--data", str(demo_subset), "--out", str(out), "--img-size", "32",
-                       "--epochs", "2", "--folds", "2", "--progress", "false",
+                       "--epochs", "2", "--folds", "2", "--fold", "0", "--progress", "false",
                        "--backbone", "keras/MobileNetV3Small", "--tensorboard"], tmp_path,
                       timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
