@@ -215,6 +215,7 @@ def test_probe_run_resumes_without_redoing_fold_0(chain: dict) -> None:
     run = chain["run"]
     meta = json.loads((run / "meta.json").read_text())
     assert meta["status"] == "complete" and meta["backbone"]["family"] == "probe"
+    assert meta["passes_per_image"] == 2  # hflip: 2 extractor passes shared by the 3 heads
     assert chain["fold0_stamp_before"] == chain["fold0_stamp_after"]
     log = "\n".join(chain["resumed_log"])
     assert "fold 0 done" not in log and "fold 1 done" in log and "fold 2 done" in log
