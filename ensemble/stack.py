@@ -132,7 +132,8 @@ class StackResult:
         lines = [f"chosen: {self.chosen} (level-2 CV accuracy {row['accuracy']:.4f}, "
                  f"log loss {row['log_loss']:.4f}) -> {self.submission}"]
         if self.report.get("front"):
-            lines += ["", f"cost front ({self.report['budget']['metric']} by level-2 CV; the "
+            b = self.report["budget"]
+            lines += ["", f"cost front ({b['metric']} by the level-2 CV of {b['method']}; the "
                       f"chosen point's score is optimistic; {FRONT_PNG} in the stack folder):",
                       format_table(self.report["front"], FRONT_COLUMNS)]
         if self.held_out:
