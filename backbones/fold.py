@@ -179,13 +179,9 @@ def predict_views(images: np.ndarray, views: list[TTAView],
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-class FoldModel(ABC):
-    """One fold's trainable model, as a family wraps it (see the module docstring)."""
-
-    stop_training: bool = False
-
-    @abstractmethod
-    def fit_segment(self, segment: Segment, first_epoch: int, events: FoldEvents) -> None: ...
+class PredictingModel(ABC):
+    """What predicts for a ``FoldPredictor``: a fold's model as trained (``FoldModel``) or as
+    a family loads it for serving (which may predict its batches another way)."""
 
     @abstractmethod
     def predict_batch(self, images: np.ndarray, batch_size: int) -> np.ndarray: ...
@@ -200,6 +196,15 @@ class FoldModel(ABC):
         (the probe averages features) overrides this."""
         return predict_views(images, views, self.predict_batch, num_classes,
                              family.predict_batch_size, family.predict_dtype)
+
+
+class FoldModel(PredictingModel):
+    """One fold's trainable model, as a family wraps it (see the module docstring)."""
+
+    stop_training: bool = False
+
+    @abstractmethod
+    def fit_segment(self, segment: Segment, first_epoch: int, events: FoldEvents) -> None: ...
 
     @abstractmethod
     def snapshot(self) -> Any: ...
@@ -232,7 +237,7 @@ class FoldPredictor:
     """One fold model loaded for serving: ``predict_proba`` is the loop that made its OOF rows
     (``predict_views``) with the run's TTA views."""
 
-    def __init__(self, family: Family, model: FoldModel, views: list[TTAView],
+    def __init__(self, family: Family, model: PredictingModel, views: list[TTAView],
                  meta: dict[str, Any], input_size: int, num_classes: int) -> None:
         self.family, self.model, self.views, self.input_size = family, model, views, input_size
         self.meta = {**meta}

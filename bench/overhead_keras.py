@@ -53,10 +53,10 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
     import tensorflow as tf
 
     from backbones.base import FoldJob
+    from backbones.keras import compiled as kc
     from backbones.keras import data as kd
     from backbones.keras import model as km
     from backbones.keras import runtime as kr
-    from backbones.keras import train as kt
     from bench.train_overhead import interleaved_rounds
     from oof.config import RunConfig
 
@@ -70,7 +70,7 @@ def measure(steps: int = 60, backbone: str = "keras/MobileNetV3Small", img_size:
                   x_val=x[:0], y_val=y[:0], x_test=x[:0], checkpoint_path=Path("unused"),
                   work_dir=Path("unused"), history_path=Path("unused"), seed=0)
     t0 = time.perf_counter()
-    model = kt._compiled_model(job, steps_per_epoch, km.DEFAULT_BN_MOMENTUM, policy).model
+    model = kc.compiled_model(job, steps_per_epoch, km.DEFAULT_BN_MOMENTUM)[0]
     epochs = max(1, round(steps / steps_per_epoch))
     timed_steps = epochs * steps_per_epoch
     model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[batches])  # traces

@@ -39,7 +39,7 @@ PROBE = """
 import json, os, sys
 import numpy as np
 from backbones.keras import callbacks as kcb, data as kd, model as km, optim as ko
-from backbones.keras import runtime as kr, train as kt
+from backbones.keras import compiled as kc, runtime as kr
 from oof.config import RunConfig
 from oof.errors import ConfigError
 out = {"torch_loaded": "torch" in sys.modules}
@@ -94,7 +94,7 @@ first, again = mixer.load(np.int64(0)), mixer.load(np.int64(0))
 out["mixing"] = {"same": bool(np.array_equal(first[0], again[0])),
                  "soft": bool((first[1].max(axis=1) < 1).any()),
                  "sums": [round(float(v), 5) for v in first[1].sum(axis=1)]}
-out["steps_per_execution"] = [kt.steps_per_execution(n) for n in (1, 3, 6, 7, 100)]
+out["steps_per_execution"] = [kc.steps_per_execution(n) for n in (1, 3, 6, 7, 100)]
 # an epoch of 6 steps at 4 per call: the last call runs 2 steps, every batch is trained once
 import contextlib, io
 from keras import ops
@@ -106,7 +106,7 @@ kd.EpochBatches.load = lambda self, b: (loaded.append((self.epoch, int(b))), six
 six_data, six_steps, six_batches = kd.make_train_dataset(six_x, np.arange(48) % 4, 4, six_cfg, 0)
 six_model = km.build_model(km.resolve_spec(sys.argv[2], six_cfg), 4)
 six_model.compile(optimizer="sgd", loss="categorical_crossentropy",
-                  steps_per_execution=kt.steps_per_execution(six_steps))
+                  steps_per_execution=kc.steps_per_execution(six_steps))
 shown = io.StringIO()
 with contextlib.redirect_stdout(shown):
     six_model.fit(six_data, epochs=2, verbose=2, callbacks=[six_batches], shuffle=False)
@@ -117,7 +117,7 @@ kd.EpochBatches.load = six_load
 out["phase_keys"] = error(lambda: km.resolve_spec(
     sys.argv[2], RunConfig(backbone="keras/" + sys.argv[2], head_epochs=5, epochs=2)))
 # BackupAndRestore hands the epoch it restored to fit through Model._initial_epoch, which fit
-# prefers to its initial_epoch argument and never clears (kt.forget_restored_epoch clears it)
+# prefers to its initial_epoch argument and never clears (kc.forget_restored_epoch clears it)
 tiny = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
 tiny.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
 tiny_xy = (np.zeros((4, 3), np.float32), np.zeros(4, np.int64))
@@ -133,7 +133,7 @@ epochs_run(epochs=3, backup=True)  # leaves a backup at epoch 3
 out["restored_epoch"] = {"resumed": epochs_run(epochs=5, backup=True),
                          "attribute": tiny._initial_epoch,
                          "stale": epochs_run(epochs=2, initial_epoch=0)}
-kt.forget_restored_epoch(tiny)
+kc.forget_restored_epoch(tiny)
 out["restored_epoch"]["forgotten"] = epochs_run(epochs=2, initial_epoch=0)
 # TensorFlow's C++ log level: set before its import (only fatal lines by default), a user's
 # own TF_CPP_MIN_LOG_LEVEL obeyed, -v (FOLDSTACK_FRAMEWORK_LOGS) shows every line
@@ -266,10 +266,10 @@ def test_keras_run_stacks_with_a_timm_run(demo_subset: Path, tmp_path: Path, pro
         ckpt = keras_run.path / "checkpoints" / f"fold{k}.weights.h5"
         with h5py.File(ckpt, "r") as fh:
             assert json.loads(fh.attrs["foldstack"])["fold"] == k
-            assert json.loads(fh.attrs["foldstack"])["weights"] == "last"  # the default
+            assert json.loads(fh.attrs["foldstack"])["predict_weights"] == "last"  # the default
         best = keras_run.path / "checkpoints" / f"fold{k}.best.weights.h5"
         with h5py.File(best, "r") as fh:  # ModelCheckpoint's best weights are in the run too
-            assert json.loads(fh.attrs["foldstack"])["weights"] == "best"
+            assert json.loads(fh.attrs["foldstack"])["predict_weights"] == "best"
     assert len(pd.read_csv(user_csv)) == 1  # the last fold's single epoch
     assert not (keras_run.path / "work").exists()
     info = meta["fold_info"]
@@ -389,7 +389,7 @@ def test_keras_batches_mix_as_timm_does(probe: dict) -> None:
 
 
 def test_fit_starts_at_its_initial_epoch_after_a_restored_fold(probe: dict) -> None:
-    """Pins the private ``Model._initial_epoch`` that ``kt.forget_restored_epoch`` writes: if
+    """Pins the private ``Model._initial_epoch`` that ``kc.forget_restored_epoch`` writes: if
     Keras stops setting it on a restore, or stops preferring it to ``initial_epoch``, this
     fails and the reset in ``train_fold`` must change with it."""
     assert probe["restored_epoch"] == {"resumed": [3, 4], "attribute": 3, "stale": [],

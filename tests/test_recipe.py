@@ -232,7 +232,7 @@ import dataclasses, json, sys
 from pathlib import Path
 import numpy as np
 import keras
-from backbones.keras import data as kd, model as km, train as kt
+from backbones.keras import compiled as kc, data as kd, model as km
 from backbones.base import FoldJob
 from oof.config import RunConfig
 from recipe import plan_phases
@@ -250,12 +250,12 @@ y = rng.integers(0, 4, 64)
 job = FoldJob(spec, cfg, 0, ["a", "b", "c", "d"], x, y, x[:8], y[:8], x[:8], Path("unused"),
               Path("unused"), Path("unused"), seed=0)
 head, full = plan_phases(cfg)
-model = kt._fresh_model(job, km.DEFAULT_BN_MOMENTUM)
+model = kc.fresh_model(job, km.DEFAULT_BN_MOMENTUM)
 ds, steps, batches = kd.make_train_dataset(x, y, 4, cfg, 0)
 application = km.application_of(model)
 before = [w.copy() for w in application.get_weights()]  # kernels and BatchNorm statistics
 head_before = model.get_layer("logits").get_weights()[0].copy()
-kt._compile_phase(model, job, steps, head)
+kc.compile_phase(model, job, steps, head)
 out = {"head_trainable": len(model.trainable_variables),
        "zero_head": not head_before.any(),
        "uniform": bool(np.allclose(model.predict(x[:4], verbose=0), 0.25, atol=1e-6))}
@@ -263,7 +263,7 @@ model.fit(ds, epochs=1, callbacks=[batches], verbose=0)
 after = application.get_weights()
 out["backbone_unchanged"] = all(np.array_equal(a, b) for a, b in zip(before, after))
 out["head_changed"] = not np.array_equal(head_before, model.get_layer("logits").get_weights()[0])
-kt._compile_phase(model, job, steps, full)
+kc.compile_phase(model, job, steps, full)
 out["scales"] = sorted(set(round(s, 6) for s in model.optimizer.lr_scales))
 out["optimizer"] = type(model.optimizer).__name__
 model.fit(ds, initial_epoch=1, epochs=2, callbacks=[batches], verbose=0)
@@ -275,7 +275,7 @@ model.fit(ds, initial_epoch=1, epochs=2, callbacks=[batches], verbose=0)
 # BatchNorm frozen by default with pretrained weights: statistics, scale and shift as loaded
 out["bn_frozen"] = len(bns) > 10 and all(
     np.array_equal(a, b) for a, b in zip(bn_before, [w for ly in bns for w in ly.get_weights()]))
-kt._compile_phase(model, job, steps, plan_phases(dataclasses.replace(cfg, freeze_bn=False))[1])
+kc.compile_phase(model, job, steps, plan_phases(dataclasses.replace(cfg, freeze_bn=False))[1])
 model.fit(ds, initial_epoch=1, epochs=2, callbacks=[batches], verbose=0)
 out["bn_trained"] = not all(
     np.array_equal(a, b) for a, b in zip(bn_before, [w for ly in bns for w in ly.get_weights()]))

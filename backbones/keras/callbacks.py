@@ -1,62 +1,51 @@
-"""Keras callbacks of a fold: validation metrics in the logs, the user's callbacks by name,
-the backup a killed fold resumes from, and the history it writes."""
+"""Keras callbacks of a fold: the template's epoch events fired from inside ``model.fit``, the
+user's callbacks by name, and the backup a killed fold resumes from (BackupAndRestore, repaired
+when a kill damaged it)."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import logging
-import math
-import time
+import shutil
 from pathlib import Path
-from typing import Any
-
-import keras
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from backbones import close_names
-from backbones.callbacks import read_history
-from backbones.keras.serving import predict_proba
+from backbones.keras.runtime import keras
 from oof.atomic import atomic_path
 from oof.errors import ConfigError
-from oof.metrics import accuracy, log_loss
+
+if TYPE_CHECKING:
+    from backbones.fold import FoldEvents
 
 log = logging.getLogger(__name__)
 
-class FoldMetrics(keras.callbacks.Callback):
-    """Adds timm's per-epoch keys to ``logs`` before any other callback reads them.
 
-    ``val_loss``/``val_accuracy`` are the plain log loss and accuracy of ``oof.metrics`` on the
-    held-out rows (no label smoothing), exactly what the timm loop logs, so ModelCheckpoint and
-    EarlyStopping monitor the same number in both families.
+class EpochEvents(keras.callbacks.Callback):
+    """The template's epoch events (``backbones.fold.FoldEvents``) as a Keras callback, first
+    after ``EpochBatches`` in ``fit``'s list.
+
+    ``epoch_end`` completes ``logs`` in place (validation on the held-out rows through the
+    template's prediction loop, seconds, images/s; history, CSV, log line, best weights, the
+    template's callbacks), so every Keras callback after this one (TensorBoard, EarlyStopping,
+    BackupAndRestore) reads the same numbers as the timm loop logs. Keras' ``learning_rate``
+    becomes ``lr``, as timm names it.
     """
 
-    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, fold: int, epochs: int,
-                 echo: bool = True, n_train: int = 0) -> None:
+    def __init__(self, events: FoldEvents) -> None:
         super().__init__()
-        self.x_val, self.y_val, self.fold, self.epochs = x_val, y_val, fold, epochs
-        self.n_train = n_train
-        self.echo = echo
-        self.seconds: list[float] = []
-        self._t0 = 0.0
+        self.events = events
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self._t0 = time.perf_counter()
+        self.events.epoch_begin(epoch)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs if logs is not None else {}
-        val = predict_proba(self.model, self.x_val)
         logs.pop("learning_rate", None)
         logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        logs["val_loss"] = log_loss(self.y_val, val)
-        logs["val_accuracy"] = accuracy(self.y_val, val)
-        logs["seconds"] = time.perf_counter() - self._t0
-        logs["images_per_second"] = self.n_train / logs["seconds"]
-        self.seconds.append(logs["seconds"])
-        # Keras' progress bar already prints these numbers: echo them only without it
-        (log.info if self.echo else log.debug)(
-            "fold %d epoch %d/%d %s", self.fold, epoch + 1, self.epochs,
-            " ".join(f"{k}={float(v):.4g}" for k, v in logs.items()))
+        if self.events.epoch_end(epoch, logs):
+            self.model.stop_training = True
 
 
 def user_callbacks(specs: list[Any]) -> list[keras.callbacks.Callback]:
@@ -88,15 +77,6 @@ def user_callbacks(specs: list[Any]) -> list[keras.callbacks.Callback]:
         except TypeError as exc:
             raise ConfigError(f"callbacks[{i}] {name}: {exc}") from exc
     return out
-
-
-def _best_so_far(history_path: Path, monitor: str = "val_loss") -> float | None:
-    """On resume, the best monitored value of the epochs already trained (ModelCheckpoint's
-    memory is not part of the backup)."""
-    rows = read_history(history_path)
-    values = [r[monitor] for r in rows if isinstance(r.get(monitor), float)
-              and math.isfinite(r[monitor])]
-    return min(values) if values else None
 
 
 BACKUP_WEIGHTS, BACKUP_META = "latest.weights.h5", "training_metadata.json"
@@ -135,8 +115,6 @@ def repair_backup(backup_dir: Path) -> int | None:
     if epoch is None:
         log.warning("fold backup in %s is damaged and has no good previous copy: the fold "
                     "starts over", backup_dir)
-        import shutil
-
         shutil.rmtree(backup_dir)
         return None
     log.warning("fold backup in %s is damaged (killed while writing it): resuming from the "
@@ -145,3 +123,10 @@ def repair_backup(backup_dir: Path) -> int | None:
         with atomic_path(dest) as tmp:
             tmp.write_bytes(src.read_bytes())
     return epoch
+
+
+def backup_and_restore(backup_dir: Path) -> keras.callbacks.BackupAndRestore:
+    """Keras' own resume state of one ``fit`` (weights, optimizer, epoch) after every epoch;
+    the previous pair is kept, for ``repair_backup``."""
+    return keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False,
+                                            double_checkpoint=True)

@@ -9,15 +9,12 @@ own ``preprocess_input`` as its first layer.
 
 from __future__ import annotations
 
-import keras
 import numpy as np
-import tensorflow as tf
 
+from backbones.keras.runtime import keras, tf
 from oof.config import RunConfig
 from recipe.augment import SeededAugment, batch_rng, build_seeded_augment, epoch_order, mix_batch
 from recipe.batches import train_batches
-
-# ---------------------------------------------------------------------------------- the data
 
 
 class EpochBatches(keras.callbacks.Callback):
@@ -37,17 +34,12 @@ class EpochBatches(keras.callbacks.Callback):
         self.mixing = mixing  # (mixup_alpha, cutmix_alpha, prob): the same draws as timm's
         self.images, self.labels, self.batch, self.augment = images, labels, batch, augment
         self.seed, self.epoch = int(seed), 0
-        self.log_size = False
         self.eye = np.eye(num_classes, dtype=np.float32)
         self._order: tuple[int, np.ndarray] | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch = int(epoch)
         reseed_layers(self.model, self.seed, self.epoch)
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.log_size and logs is not None:  # progressive resizing: the size in the history
-            logs["img_size"] = int(self.images.shape[1])
 
     def load(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         epoch = self.epoch

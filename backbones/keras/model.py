@@ -13,12 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 
 from backbones import close_names
 from backbones.base import BackboneSpec
-from backbones.keras.runtime import FRAMEWORK
+from backbones.keras.runtime import FRAMEWORK, keras
 from oof.config import RunConfig
 from oof.errors import ConfigError
 from recipe import plan_phases

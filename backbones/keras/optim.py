@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import keras
 import numpy as np
-import tensorflow as tf
 
 from backbones.keras.model import _iter_layers, application_of
+from backbones.keras.runtime import keras, tf
 from oof.config import RunConfig
 from oof.errors import ConfigError
 from recipe import lr_table, peak_lr, phase_lengths

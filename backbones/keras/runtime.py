@@ -1,7 +1,8 @@
 """The Keras family's process set-up: TensorFlow's logs, threads, device, seeds, serving.
 
-Imported first by ``backbones.keras`` (its ``__init__``), so TensorFlow's C++ log level is set
-and its load-time lines are dropped before any other module of the family imports Keras.
+The one module of the family that imports Keras and TensorFlow: the others take ``keras`` and
+``tf`` from here, so TensorFlow's C++ log level is set, and its load-time lines dropped, before
+it loads, whichever module of the family a process imports first.
 """
 
 from __future__ import annotations
@@ -129,10 +130,14 @@ def configure_runtime(cfg: RunConfig) -> tuple[str, str]:
         gpus = []
     elif cfg.device.startswith("cuda") and not gpus:
         raise ConfigError(f"--device {cfg.device}: TensorFlow sees no GPU")
-    device = "gpu" if gpus else "cpu"
-    policy = "mixed_float16" if device == "gpu" and cfg.amp else "float32"
-    keras.mixed_precision.set_global_policy(policy)
-    return device, policy
+    keras.mixed_precision.set_global_policy("mixed_float16" if gpus and cfg.amp else "float32")
+    return runtime_in_use()
+
+
+def runtime_in_use() -> tuple[str, str]:
+    """(device, dtype policy) this process computes with, as ``configure_runtime`` left them."""
+    device = "gpu" if tf.config.get_visible_devices("GPU") else "cpu"
+    return device, keras.mixed_precision.global_policy().name
 
 
 def seed_python(seed: int) -> None:
@@ -150,8 +155,6 @@ def seed_python(seed: int) -> None:
 def configure_serving(threads: int | None = None) -> None:
     """Share a process politely: GPU memory grown on demand (so torch can have the rest),
     ``threads`` intra-op threads, float32 weights whatever the run's training policy."""
-    import contextlib
-
     for gpu in tf.config.list_physical_devices("GPU"):
         # RuntimeError: the GPU (or the thread pools) are initialised already: settings stay
         with contextlib.suppress(RuntimeError):
@@ -163,7 +166,7 @@ def configure_serving(threads: int | None = None) -> None:
     keras.mixed_precision.set_global_policy("float32")
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     """Resident memory now (Linux /proc), else the peak; to check folds do not pile up."""
     try:
         with open("/proc/self/statm") as fh:
