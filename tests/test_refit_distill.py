@@ -99,6 +99,21 @@ rnames, rviews = a.refit_views_test()
 res["refit_views"] = [rnames, float(np.abs(rviews.mean(axis=0) - a.refit_test()).max())]
 res["refit_history"] = pd.read_csv(run_a / "refit" / "history.csv").to_dict("list")
 
+# distilled students of run a (a level-1 run's OOF is leak-free too), fold 0 only: with
+# alpha = 1 the targets are the exact one-hot labels, so the soft-target path must reproduce
+# run a's fold 0 bit for bit; with alpha = 0.3 the stack's probabilities change the model
+from runner.run import train_locked
+for alpha in (1.0, 0.3):
+    name = f"student{alpha:g}"
+    prep = prepare_run(RunConfig(out=str(out / "a"), run_name=name, fold=0, distill_from=str(
+        run_a), distill_alpha=alpha, distill_temperature=2.0, **base))
+    train_locked(prep, prep.todo())
+    got = pd.read_parquet(out / "a" / "data" / name / "parts" / "fold0_oof.parquet")
+    want = pd.read_parquet(run_a / "parts" / "fold0_oof.parquet")
+    res[name] = {"equal": bool(got.equals(want)),
+                 "diff": float(np.abs(got[a.classes].to_numpy() - want[a.classes].to_numpy()
+                                      ).max()),
+                 "meta": json.loads((out / "a" / "data" / name / "meta.json").read_text())}
 print(json.dumps(res, default=str))
 """
 
@@ -144,6 +159,16 @@ def test_cost_and_refit_end_to_end(demo_dir: Path, tmp_path: Path) -> None:
     assert got["views_mean_oof_diff"] < 1e-6 and got["views_mean_test_diff"] < 1e-6
     assert got["views_differ"] > 1e-4  # two views, not one stored twice
     assert got["refit_views"][0] == ["identity", "hflip"] and got["refit_views"][1] < 1e-6
+
+    # --distill-from: the soft targets reach the loss (alpha 0.3 moves the model), and the
+    # soft-target path itself changes nothing (alpha 1: one-hot targets, bit-identical)
+    assert got["student1"]["equal"], got["student1"]["diff"]
+    assert got["student0.3"]["diff"] > 1e-4
+    for name, alpha in (("student1", 1.0), ("student0.3", 0.3)):
+        meta = got[name]["meta"]
+        assert meta["student"] is True and meta["teacher"]["alpha"] == alpha
+        assert meta["teacher"]["fold_fingerprint"] == got["meta"]["fold_fingerprint"]
+        assert meta["teacher"]["temperature"] == 2.0 and "optimistic" in meta["teacher"]["note"]
 
 
 def test_runs_without_refit_or_views_load_as_before(tmp_path: Path) -> None:

@@ -25,14 +25,15 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray,
                  augment: SeededAugment | None) -> None:
         self.images, self.augment = images, augment
-        self.labels = np.asarray(labels, dtype=np.int64)  # once, not per batch
+        labels = np.asarray(labels)  # once, not per batch: class indices, or (N, C) soft targets
+        self.labels = labels.astype(np.float32 if labels.ndim == 2 else np.int64)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.__getitems__([key])
-        return images[0], int(labels[0])
+        return images[0], labels[0]
 
     def __getitems__(self, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch in one call (torch's batched fetch): one gather from the cache, one

@@ -29,6 +29,7 @@ class TimmFamily(Family):
     predict_dtype = np.float32  # = train.PREDICT_DTYPE: float32 softmax summed over views
     predict_batch_size = 256  # = train.PREDICT_BATCH
     load_rank = 0  # torch before TensorFlow
+    soft_targets = True  # the loader passes FoldJob.y_train_soft rows to the recipe loss
     #: the contract suite's model: BatchNorm trains in it, so a batch of one is refused
     example = ContractExample("timm/resnet10t", 32, bad=(("--batch-size", "1"),
                                                         ("--pretrained", "no-such.pth")))

@@ -156,9 +156,12 @@ class Trainer(FoldModel):
         cfg = self.cfg
         eye = np.eye(self.model.num_classes, dtype=np.float32)
         for b, (images, labels) in enumerate(bar):
-            target = None
+            target = labels if labels.ndim == 2 else None  # --distill-from: soft targets
+            if labels.ndim == 2:  # accuracy: agreement with the target's top class
+                labels = labels.argmax(1)
             if cfg.mixup_alpha or cfg.cutmix_alpha:  # soft targets; CrossEntropyLoss takes them
-                mixed, soft = mix_batch(images.numpy(), eye[labels.numpy()], cfg.mixup_alpha,
+                rows = eye[labels.numpy()] if target is None else target.numpy()
+                mixed, soft = mix_batch(images.numpy(), rows, cfg.mixup_alpha,
                                         cfg.cutmix_alpha, cfg.mix_prob,
                                         batch_rng(self.seed, epoch, b))
                 images, target = torch.from_numpy(mixed), torch.from_numpy(soft)
@@ -185,8 +188,8 @@ class Trainer(FoldModel):
         if job is None:
             raise RuntimeError("this Trainer was not built for a fold (family.build)")
         if size not in self.loaders:
-            self.loaders[size] = make_loader(job.train_images(size), job.y_train, self.cfg,
-                                             job.seed, self.device)
+            self.loaders[size] = make_loader(job.train_images(size), job.train_targets(),
+                                             self.cfg, job.seed, self.device)
         return self.loaders[size]
 
     def fit_segment(self, segment: Segment, first_epoch: int, events: FoldEvents) -> None:
@@ -285,7 +288,8 @@ def build_trainer(job: FoldJob, steps_per_epoch: int) -> Trainer:
 def build(job: FoldJob, plan: FoldPlan) -> Trainer:
     """The family's ``build`` hook: the fold's loader at its size and its trainer, with
     training batches of one refused where BatchNorm trains."""
-    loader = make_loader(job.x_train, job.y_train, job.cfg, job.seed, pick_device(job.cfg))
+    loader = make_loader(job.x_train, job.train_targets(), job.cfg, job.seed,
+                         pick_device(job.cfg))
     trainer = new_trainer(job, len(loader))
     trainer.job, trainer.loaders = job, {job.spec.input_size: loader}
     trainer.check_batches(job, plan.phases)
