@@ -250,3 +250,25 @@ def test_a_teacher_on_other_folds_or_classes_is_refused(teacher_root, tmp_path: 
         load_teacher(stack, folds, ["c", "b", "a"])
     with pytest.raises(ConfigError, match=r"--distill-from .*not a run folder"):
         load_teacher(tmp_path / "nowhere", folds, classes)
+
+
+def test_distillation_refusals_name_the_flag(teacher_root) -> None:
+    """Rows without a teacher OOF row, and a family whose loader takes only class indices, are
+    refused before the teacher is read; --refit-full with --pseudo-labels too."""
+    import backbones
+    from oof.config import RunConfig
+    from runner.refit import check_refit
+    from runner.run import _teacher
+
+    stack, folds, classes, _ = teacher_root
+    timm, keras = backbones.get_backend("timm"), backbones.get_backend("keras")
+    for extra, name in (({"extra_train": "x"}, "--extra-train"),
+                        ({"pseudo_labels": "y"}, "--pseudo-labels")):
+        cfg = RunConfig(distill_from=str(stack), **extra)
+        with pytest.raises(ConfigError, match=f"--distill-from .* with {name}"):
+            _teacher(cfg, timm, None, folds)
+    with pytest.raises(ConfigError, match="keras family cannot train on soft targets"):
+        _teacher(RunConfig(distill_from=str(stack)), keras, None, folds)
+    with pytest.raises(ConfigError, match="--refit-full with --pseudo-labels"):
+        check_refit(RunConfig(refit_full=True, pseudo_labels="z"))
+    assert _teacher(RunConfig(), timm, None, folds) == (None, None)
