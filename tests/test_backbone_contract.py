@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +176,7 @@ def contract(request: pytest.FixtureRequest, tiny: Path,
     """The three runs of one family (see the module docstring) and what they left."""
     name = request.param
     example = example_of(name)
+    t0, cpu0 = time.perf_counter(), children_cpu()
     root = tmp_path_factory.mktemp(f"contract-{name}")
     bad = [("--backbone", example.backbone + "x"), *example.bad]
     bad_outs = [str(root / f"bad{i}") for i in range(len(bad))]
@@ -198,10 +201,17 @@ def contract(request: pytest.FixtureRequest, tiny: Path,
     assert reference.returncode == 0, ref_log[-5000:]
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     r = json.loads(report.read_text())
+    print(f"contract {name}: {time.perf_counter() - t0:.0f} s wall, "
+          f"{children_cpu() - cpu0:.0f} s CPU in its three runs")
     return {"name": name, "example": example, "reference": r, "ref_dir": Path(r["run_dir"]),
             "killed": killed, "resumed": resumed.stderr, "run_b": run_b,
             "fold0_before": before, "fold0_after": read_parts(run_b, 0),
             "bad": list(zip(bad, bad_outs)), "tiny": tiny}
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def kill_as_fold_1_starts(cmd: list[str], cwd: Path) -> str:
