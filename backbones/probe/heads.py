@@ -24,6 +24,8 @@ from oof.errors import DataError
 #: the inverse regularisation strengths the inner CV tries (half-decade steps)
 LOGREG_CS = tuple(float(c) for c in np.logspace(-4, 1, 11))
 INNER_FOLDS = 5
+#: the temperatures lda's inner CV tries (its raw scores are far too confident)
+LDA_TEMPERATURES = tuple(float(t) for t in np.logspace(-1, 3, 41))
 FORMAT = "foldstack-probe-head/1"
 ARRAYS = ("mean", "scale", "coef", "intercept", "classes")
 
@@ -93,12 +95,13 @@ def fit_head(head: str, features: np.ndarray, y: np.ndarray, n_classes: int, see
         if head == "logreg":
             clf, info = _fit_logreg(xs, y, seed, where)
         elif head == "lda":
-            clf, info = _fit_lda(xs, y)
+            clf, info = _fit_lda(xs, y, seed, where)
         else:
             raise ValueError(f"unknown probe head {head!r}; known: {HEADS}")
+    t = info.get("temperature", 1.0)  # scores / t: still a linear head
     return LinearHead(scaler.mean_.copy(), scaler.scale_.copy(),
-                      np.asarray(clf.coef_, dtype=np.float64),
-                      np.asarray(clf.intercept_, dtype=np.float64).reshape(-1),
+                      np.asarray(clf.coef_, dtype=np.float64) / t,
+                      np.asarray(clf.intercept_, dtype=np.float64).reshape(-1) / t,
                       np.asarray(clf.classes_, dtype=np.int64), int(n_classes),
                       {"head": head, **info})
 
@@ -119,13 +122,31 @@ def _fit_logreg(x: np.ndarray, y: np.ndarray, seed: int, where: str) -> tuple[An
                  "n_iter": int(np.max(clf.n_iter_))}
 
 
-def _fit_lda(x: np.ndarray, y: np.ndarray) -> tuple[Any, dict]:
-    """Linear discriminant analysis with Ledoit-Wolf shrinkage: a shared covariance that
-    stays well-conditioned with fewer images than features, and needs no inner CV."""
+def _fit_lda(x: np.ndarray, y: np.ndarray, seed: int, where: str) -> tuple[Any, dict]:
+    """Linear discriminant analysis with Ledoit-Wolf shrinkage (a shared covariance that stays
+    well-conditioned with fewer images than features), its scores divided by a temperature
+    chosen by inner CV on log loss: with 1,280 features and 211 photos the raw LDA
+    probabilities were nearly all 0 or 1 (OOF log loss 4.53 at 0.80 accuracy)."""
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-    clf = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, y)
-    return clf, {"shrinkage": "ledoit-wolf"}
+    from oof.metrics import log_loss
+
+    def lda(rows: np.ndarray) -> Any:
+        return LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x[rows], y[rows])
+
+    cv = inner_cv(y, seed, where)
+    n_classes, d = int(y.max()) + 1, x.shape[1]
+    losses = np.zeros(len(LDA_TEMPERATURES))
+    for tr, te in cv.split(x, y):
+        clf = lda(tr)
+        for i, t in enumerate(LDA_TEMPERATURES):
+            head = LinearHead(np.zeros(d), np.ones(d), clf.coef_ / t, clf.intercept_ / t,
+                              clf.classes_, n_classes, {})
+            losses[i] += log_loss(y[te], head.predict_proba(x[te])) * len(te) / len(y)
+    best = float(LDA_TEMPERATURES[int(np.argmin(losses))])
+    return lda(np.arange(len(y))), {
+        "shrinkage": "ledoit-wolf", "temperature": best, "inner_folds": int(cv.get_n_splits()),
+        "inner_log_loss": {f"{t:.4g}": float(v) for t, v in zip(LDA_TEMPERATURES, losses)}}
 
 
 def save_head(path: Path, head: LinearHead, meta: dict[str, Any]) -> None:
