@@ -1,11 +1,13 @@
 """Stacks under a budget: which candidates enter the stack, by level-2 CV, within a cost limit.
 
-A candidate is a run served one way (``variant``) with its own cost and OOF: today each run's K
-fold models ("folds"); a refit model or a subset of TTA views becomes another candidate of the
-same run with fewer passes (and at most one candidate per run enters a stack). Every subset is
-scored by the level-2 CV over the stored folds of one method (exact search over all subsets up to
-``EXACT_MAX`` candidates, a greedy cost-aware forward selection beyond); the chosen subset is the
-best score within the budget, and the front is every point better than all cheaper ones.
+A candidate is a run served one way (``variant``, ``ensemble.variants``) with its own cost and
+OOF: each run's K fold models ("folds"), its refit model when it has one ("refit": no OOF of its
+own, chosen by its run's OOF) and each subset of its stored TTA views, of either; at most one
+candidate per run enters a stack. Every subset is scored by the level-2 CV over the stored folds
+of one method (exact search over all valid subsets while they number at most 2^``EXACT_MAX`` - 1,
+as many as ``EXACT_MAX`` runs served one way each give; a greedy cost-aware forward selection
+beyond); the chosen subset is the best score within the budget, and the front is every point
+better than all cheaper ones.
 
 Choosing among many subsets by the same CV that scores them flatters the winner, so
 ``nested_cv`` scores the rule itself: for each fold k the subset is chosen by CV over the other
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ensemble.cost import Cost, run_cost
+from ensemble.cost import Cost, Variant, run_cost
 from ensemble.evaluate import cross_val_level2, full_proba
 from ensemble.stackers import label_free_proba, make_stacker
 from oof.errors import ConfigError
@@ -47,13 +49,14 @@ def exact_limit(method: str) -> int:
 class Candidate:
     """One way to serve one run: its cost and the OOF / fold-mean test it would give."""
 
-    run: Run
+    run: Run  # as the variant serves it (ensemble.variants.variant_run)
     cost: Cost
-    variant: str = "folds"  # the run's K fold models, as trained
+    variant: Variant = Variant()  # the run's K fold models on all its views, as trained
 
     @property
     def name(self) -> str:
-        return self.run.name if self.variant == "folds" else f"{self.run.name}[{self.variant}]"
+        return self.run.name if self.variant == Variant() else \
+            f"{self.run.name}[{self.variant.label}]"
 
     @property
     def oof(self) -> np.ndarray:
@@ -64,9 +67,17 @@ class Candidate:
         return self.run.test
 
 
-def candidates(runs: list[Run]) -> list[Candidate]:
-    """Each run as trained (its fold models and TTA views)."""
-    return [Candidate(r, run_cost(r)) for r in runs]
+def candidates(runs: list[Run], variants: bool = True) -> list[Candidate]:
+    """Each run as trained and, with ``variants``, every other way it can be served (refit
+    model, TTA view subsets: ``ensemble.variants.run_variants``), a run's candidates in a row."""
+    from ensemble.variants import run_variants, variant_run
+
+    out = []
+    for r in runs:
+        for v in run_variants(r) if variants else [Variant()]:
+            vr = variant_run(r, v)
+            out.append(Candidate(vr, run_cost(vr), v))
+    return out
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,30 @@ def better_key(metric: str) -> Callable[[Point], tuple[float, float, float]]:
         return (sign * p.scores[metric], p.scores["log_loss"],
                 float(p.cost.passes if p.cost.passes is not None else np.inf))
     return key
+
+
+def run_groups(cands: list[Candidate]) -> list[list[int]]:
+    """Candidate indices grouped by run, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        groups.setdefault(c.run.name, []).append(i)
+    return list(groups.values())
+
+
+def valid_subsets(cands: list[Candidate]) -> list[tuple[int, ...]]:
+    """Every subset with at most one candidate per run: by size, then in ascending index order
+    (``itertools.combinations``' order, without enumerating the invalid ones)."""
+    groups = run_groups(cands)
+    out: list[tuple[int, ...]] = []
+    for size in range(1, len(groups) + 1):
+        out += sorted(tuple(sorted(pick)) for chosen in itertools.combinations(groups, size)
+                      for pick in itertools.product(*chosen))
+    return out
+
+
+def subset_count(cands: list[Candidate]) -> int:
+    """How many subsets ``valid_subsets`` gives: one candidate or none of each run, not none."""
+    return int(np.prod([len(g) + 1 for g in run_groups(cands)])) - 1
 
 
 def valid_subset(cands: list[Candidate], members: tuple[int, ...]) -> bool:
@@ -172,18 +207,15 @@ def cost_front(points: list[Point], metric: str) -> list[Point]:
 
 def search(cands: list[Candidate], score: Scorer, metric: str, budget: Budget,
            exact_max: int = EXACT_MAX) -> Search:
-    """The best-scoring subset within ``budget``: exact over all subsets up to ``exact_max``
-    candidates, else greedy forward selection by gain per added pass."""
+    """The best-scoring subset within ``budget``: exact over all valid subsets while they are
+    at most 2^``exact_max`` - 1, else greedy forward selection by gain per added pass."""
     if not any(budget.allows(c.cost) for c in cands):
         cheapest = min(cands, key=lambda c: (c.cost.passes or 0, c.cost.ms_per_image or 0))
         raise ConfigError(f"budget of {budget.describe()}: no run fits; the cheapest is "
                           f"{cheapest.name} ({cheapest.cost.row()})")
     key = better_key(metric)
-    if len(cands) <= exact_max:
-        points = [Point(m, subset_cost(cands, m), score(m))
-                  for size in range(1, len(cands) + 1)
-                  for m in itertools.combinations(range(len(cands)), size)
-                  if valid_subset(cands, m)]
+    if subset_count(cands) <= 2 ** exact_max - 1:
+        points = [Point(m, subset_cost(cands, m), score(m)) for m in valid_subsets(cands)]
         exact = True
     else:
         points = _greedy(cands, score, metric, budget)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ensemble.cost import Variant
 from oof.atomic import write_atomic, write_json
 from oof.errors import DataError, RunMismatchError
 
@@ -83,7 +84,8 @@ def save_stacker(out_dir: Path, stacker: Any, method: str, runs: list[Any], clas
                  file: str = STACKER_FILE) -> Path:
     """Write ``stacker`` (fitted on the OOF of ``runs``, hstacked in that order) and its record.
 
-    ``runs`` are ``oof.rundir.Run`` objects; ``level2_scores`` the method's honest CV scores.
+    ``runs`` are ``oof.rundir.Run`` objects (a ``VariantRun`` records its variant);
+    ``level2_scores`` the method's honest CV scores.
     A ``TemperatureScaled`` stacker is pickled whole (whatever loads it applies its T); the
     record shows the method's parameters and ``temperature``.
     """
@@ -102,7 +104,9 @@ def save_stacker(out_dir: Path, stacker: Any, method: str, runs: list[Any], clas
         "temperature": float(stacker.temperature) if scaled else None,
         "classes": list(classes), "fold_fingerprint": fingerprint,
         "runs": [{"run": r.name, "path": str(r.path), "fingerprint": r.fingerprint,
-                  "level": int(r.meta.get("level", 1))} for r in runs],
+                  "level": int(r.meta.get("level", 1)),
+                  # how the run is served (fold models or refit, which views): ensemble.variants
+                  "variant": getattr(r, "variant", Variant()).to_dict()} for r in runs],
         "level2_scores": level2_scores, "versions": installed_versions(),
     }
     write_json(Path(out_dir) / file.replace(".joblib", ".json"), info)
@@ -167,11 +171,11 @@ def fit_subset(stack_dir: Path, keep: list[str] | None = None) -> Subset:
     from ensemble.cost import total_cost
     from ensemble.evaluate import cross_val_level2, level1_matrix
     from ensemble.stackers import make_stacker
-    from oof.rundir import load_run
+    from ensemble.variants import load_variant_run
 
     info = read_stacker_info(stack_dir)
     report = json.loads((Path(stack_dir) / "report.json").read_text())
-    runs = [load_run(r["path"]) for r in info["runs"]]
+    runs = [load_variant_run(r) for r in info["runs"]]  # each as the stack serves it
     names = [r.name for r in runs]
     ref = runs[0]
     rule = "explicit list"

@@ -33,7 +33,7 @@ from ensemble.calibrate import (
     apply_temperature,
     cross_val_temperature,
 )
-from ensemble.cost import run_cost, total_cost
+from ensemble.cost import Variant, run_cost, total_cost
 from ensemble.evaluate import Level2, cross_val_level2, describe, full_proba, level1_matrix
 from ensemble.pseudo import (
     fold_k_test_matrix,
@@ -44,6 +44,7 @@ from ensemble.pseudo import (
 from ensemble.saved import save_stacker
 from ensemble.stackers import STACKERS, make_stacker
 from ensemble.submission import build_submission, submission_ids
+from ensemble.variants import REFIT_NOTE, VariantRun
 from oof.atomic import write_atomic, write_json, write_text
 from oof.cli import format_table
 from oof.config import (
@@ -108,6 +109,13 @@ class StackConfig(DatasetConfig):
     budget_ms: PositiveFloat | None = opt(
         None, "milliseconds per image the stack may cost (every run must have measured "
         "ms_per_image in its meta.json)")
+    budget_refit: bool = opt(
+        True, "under a budget, a run with a --refit-full model may be served by it (V passes "
+        "instead of K x V; chosen by its run's OOF, as it has none of its own, so at equal "
+        "score the cheaper refit wins)")
+    budget_views: bool = opt(
+        True, "under a budget, a run trained with --tta-save-views may be served on a subset of "
+        "its TTA views")
     threads: PositiveInt = opt(1, "lightgbm threads")
     seed: NonNegativeInt = opt(0, "seed of the stackers' inner CV splits")
 
@@ -247,6 +255,19 @@ def _note(method: str, level2: Level2) -> str:
 def _backbone(run: Run) -> str:
     bb = run.meta.get("backbone")
     return str(bb.get("name", "")) if isinstance(bb, dict) else str(bb or "")
+
+
+def variant_name(run: Run) -> str:
+    """'<run>[refit]', '<run>[folds:identity]'...: a run as a budget serves it."""
+    return f"{run.name}[{run.variant.label}]" if isinstance(run, VariantRun) else run.name
+
+
+def variant_note(run: VariantRun) -> str:
+    """What a variant row's OOF scores mean (a refit model has no OOF of its own)."""
+    views = "" if run.variant.views is None else f"TTA views {'+'.join(run.variant.views)} only"
+    if run.variant.models == "refit":
+        return REFIT_NOTE + (f"; {views}" if views else "")
+    return f"its {run.meta.get('folds', '')} fold models, {views} (OOF = their mean)"
 
 
 def choose(results: dict[str, Level2], metric: str) -> str:
@@ -397,7 +418,8 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     all_runs, budgeted = runs, None
     if cfg.budget is not None or cfg.budget_ms is not None:
         budgeted = choose_under_budget(runs, folds, cfg)
-        runs = [all_runs[i] for i in budgeted.search.chosen.members]
+        # each chosen run as the budget serves it (fold models or refit, some or all views)
+        runs = [budgeted.cands[i].run for i in budgeted.search.chosen.members]
         ref, names = runs[0], [r.name for r in runs]
     X, X_test = level1_matrix(runs)
     y, n_classes = ref.y, len(ref.classes)
@@ -430,10 +452,15 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     level = 1 + max(run_level(r) for r in runs)  # a stack of stacks is level 3
     cost = total_cost(runs).row()
     left_out = [r for r in all_runs if r.name not in names]
+    variants = [r for r in runs if isinstance(r, VariantRun)]  # served not as trained
     rows = [{"model": r.name, "level": run_level(r), **r.scores(), "ece": ece(r.y, r.oof),
              **run_cost(r).row(), "seconds": None, "chosen": "",
-             "note": _backbone(r) + (" (left out by the budget)" if r in left_out else "")}
+             "note": _backbone(r) + (" (left out by the budget)" if r in left_out else "")
+             + "".join(f" (served as {v.variant.label})" for v in variants if v.name == r.name)}
             for r in all_runs]
+    rows += [{"model": variant_name(r), "level": run_level(r), **r.scores(),
+              "ece": ece(r.y, r.oof), **run_cost(r).row(), "seconds": None, "chosen": "",
+              "note": variant_note(r)} for r in variants]
     rows += [{"model": f"stack-{m}", "level": level, **res.scores, "ece": ece(y, res.oof),
               **cost, "seconds": round(res.seconds, 2),
               "chosen": "*" if m == chosen and not (tcv and tcv.applied) else "",
@@ -449,13 +476,16 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     # folder that does not look complete, and a rerun redoes it.
     level2 = results[chosen]
     inputs = [{"run": r.name, "path": str(r.path), "fingerprint": r.fingerprint,
-               "oof_metrics": r.scores(), **run_cost(r).row()} for r in runs]
+               "oof_metrics": r.scores(), **run_cost(r).row(),
+               "variant": getattr(r, "variant", Variant()).to_dict()} for r in runs]
     begin_output(out_dir)
     sub_path = out_dir / "submission.csv"
     sub.write(sub_path, out_dir / "submission_proba.csv")
     test_acc = _held_out_accuracy(sub_path, dataset.root)
     held_out, n_truth = _held_out_table(dataset.root, ref, [
         *((r.name, run_level(r), r.scores(), r.test, run_cost(r).row()) for r in all_runs),
+        *((variant_name(r), run_level(r), r.scores(), r.test, run_cost(r).row())
+          for r in variants),
         *((f"stack-{m}", level, res.scores, res.test_per_fold.mean(axis=0), cost)
           for m, res in results.items()),
         *([] if tcv is None else [(
@@ -598,7 +628,9 @@ def choose_under_budget(runs: list[Run], folds: Folds, cfg: StackConfig) -> Budg
     under auto: nothing learned, and cheap enough to score every subset), and score the rule by
     nested CV."""
     budget = Budget(cfg.budget, cfg.budget_ms)
-    cands = candidates(runs)
+    cands = [c for c in candidates(runs)
+             if (cfg.budget_refit or c.variant.models == "folds")
+             and (cfg.budget_views or c.variant.views is None)]
     no_ms = [c.name for c in cands if c.cost.ms_per_image is None]
     if cfg.budget_ms is not None and no_ms:
         raise ConfigError(f"--budget-ms {cfg.budget_ms:g}: no measured ms_per_image in the "
@@ -612,8 +644,8 @@ def choose_under_budget(runs: list[Run], folds: Folds, cfg: StackConfig) -> Budg
     method = "mean" if cfg.method == "auto" else cfg.method
     params = stacker_params(method, cfg)
     y = runs[0].y
-    log.info("budget %s: scoring subsets of %d runs by level-2 CV of %s", budget.describe(),
-             len(cands), method)
+    log.info("budget %s: scoring subsets of %d candidates (%d runs, each served one way at "
+             "most) by level-2 CV of %s", budget.describe(), len(cands), len(runs), method)
     limit = exact_limit(method)
     found = search(cands, cv_scorer(cands, y, folds.fold, method, params), cfg.metric, budget,
                    limit)

@@ -8,6 +8,11 @@ models were saved (a pickled scikit-learn estimator is only promised to load in 
 version), the fold fingerprint and class order shared by every run and the stacker, and, for an
 exported bundle, the SHA-256 of every file before any of them is read.
 
+A stack made under a budget may serve a run another way than as trained (``stacker.json``
+runs[i].variant, ``ensemble.cost.Variant``): by its one ``--refit-full`` model, and/or on a subset
+of its TTA views; the run's entry then loads that checkpoint and keeps those views only, so the
+served probabilities are the ones the stack's test rows were made of.
+
 ``python -m serve.bundle STACK_DIR --out DIR [--subset greedy]`` (or ``foldstack-bundle``; options
 in ``serve.config.BundleConfig``) exports a self-contained folder (manifest, stacker, each run's
 meta and fold weights) that runs without the run root.
@@ -29,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ensemble.cost import Cost, Variant, variant_cost
 from ensemble.saved import (
     STACKER_FILE,
     SavedStacker,
@@ -68,6 +74,12 @@ class RunEntry:
     meta: dict[str, Any]
     checkpoints: list[Path]
     files: list[Path] = field(default_factory=list)
+    variant: Variant = field(default_factory=Variant)  # fold models or refit, which views
+
+    @property
+    def cost(self) -> Cost:
+        """Passes and milliseconds per image of this run as it is served."""
+        return variant_cost(self.meta, self.variant)
 
     @property
     def family(self) -> str:
@@ -93,7 +105,7 @@ class Prediction:
 # ------------------------------------------------------------------------------ describing
 
 
-def _run_entry(run_path: Path, name: str) -> RunEntry:
+def _run_entry(run_path: Path, name: str, variant: Variant | None = None) -> RunEntry:
     meta_path = run_path / "meta.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -103,8 +115,15 @@ def _run_entry(run_path: Path, name: str) -> RunEntry:
         raise RunMismatchError(f"{run_path}: run {name!r} is a level-{meta.get('level')} stack; "
                                "only stacks of level-1 runs (fold models) can be served")
     family = _family(meta, run_path)
-    ckpts = [run_path / "checkpoints" / family.checkpoint_name(k)
-             for k in range(int(meta["folds"]))]
+    variant = variant or Variant()
+    if variant.models == "refit":
+        if not (meta.get("refit") or {}).get("checkpoint"):
+            raise DataError(f"run {name!r} ({run_path}): served by its refit model, but its "
+                            "meta.json records none (run_folds.py --refit-full)")
+        ckpts = [run_path / str(meta["refit"]["checkpoint"])]
+    else:
+        ckpts = [run_path / "checkpoints" / family.checkpoint_name(k)
+                 for k in range(int(meta["folds"]))]
     files = [run_path / "checkpoints" / f for f in family.run_files(meta)]
     missing = [str(p) for p in ckpts + files if not p.exists()]
     if missing:
@@ -112,7 +131,24 @@ def _run_entry(run_path: Path, name: str) -> RunEntry:
         hint = (" (this run has pickled .pt checkpoints from an older foldstack: retrain it so "
                 "its folds are saved as safetensors)") if old else ""
         raise DataError(f"run {name!r}: missing fold checkpoint(s) {missing}{hint}")
-    return RunEntry(name, meta, ckpts, files)
+    return RunEntry(name, meta, ckpts, files, variant)
+
+
+def keep_views(predictor: Any, views: tuple[str, ...], where: str) -> None:
+    """Serve ``predictor`` (a family's run predictor) on the named TTA views only, in their
+    trained order: each fold predictor's ``views`` (or the run predictor's own, the probe's)."""
+    holders = list(getattr(predictor, "folds", None) or [predictor])
+    for h in holders:
+        have = getattr(h, "views", None)
+        if have is None:
+            raise RunMismatchError(f"{where}: its family's predictor cannot serve a subset of "
+                                   "TTA views")
+        names = [v.name for v in have]
+        unknown = [v for v in views if v not in names]
+        if unknown:
+            raise RunMismatchError(f"{where}: no TTA view(s) {unknown}; it predicts with "
+                                   f"{names}")
+        h.views = [v for v in have if v.name in views]
 
 
 def _family(meta: dict[str, Any], where: Path) -> Any:
@@ -300,7 +336,8 @@ class Ensemble:
         entries = [RunEntry(r["name"], _resolve_augment(json.loads((root / r["meta"]).read_text()),
                                                         root),
                             [root / c["file"] for c in r["checkpoints"]],
-                            [root / f for f in r.get("files", [])])
+                            [root / f for f in r.get("files", [])],
+                            Variant.from_dict(r.get("variant")))
                    for r in manifest["runs"]]
         saved = load_stacker(root, STACKER_FILE, allow_version_mismatch=allow)
         _check_consistent(entries, saved.info, root)
@@ -321,6 +358,9 @@ class Ensemble:
             family = backbones.get_backend(e.family)
             self.predictors[e.name] = family.load_run_predictor(e.meta, e.checkpoints, threads,
                                                                 device)
+            if e.variant.views is not None:
+                keep_views(self.predictors[e.name], e.variant.views,
+                           f"run {e.name!r} served as {e.variant.label}")
         log.info("loaded %d fold models of %d runs in %.1fs",
                  sum(len(e.checkpoints) for e in self.runs), len(self.runs),
                  time.perf_counter() - t0)
@@ -333,7 +373,8 @@ class Ensemble:
         return {s: decode(images, s, names) for s in self.sizes}
 
     def predict_decoded(self, decoded: dict[int, np.ndarray]) -> Prediction:
-        """Each run's fold-mean, then the stacker on the runs side by side (stacker order)."""
+        """Each run's fold-mean (its refit model's prediction when served by it), then the
+        stacker on the runs side by side (stacker order)."""
         votes: dict[str, np.ndarray] = {}
         for e in self.runs:
             x = decoded[e.input_size]
@@ -349,13 +390,19 @@ class Ensemble:
         return self.predict(images).proba
 
     def health(self) -> dict[str, Any]:
-        """What ``GET /health`` shows: models, classes, versions, scores, subset."""
+        """What ``GET /health`` shows: models, classes, versions, scores, subset, and the cost
+        (forward passes and milliseconds per image, issue 30 item 1) of each run as served and
+        of the whole ensemble (ms blank where a run's was not measured)."""
         m = self.manifest
         return {"status": "ok", "classes": self.classes, "fold_fingerprint":
                 m["fold_fingerprint"],
                 "models": [{"run": e.name, "backbone": e.meta["backbone"]["name"],
-                            "input_size": e.input_size, "folds": len(e.checkpoints),
-                            "tta": e.meta["config"].get("tta")} for e in self.runs],
+                            "input_size": e.input_size, "folds": int(e.meta["folds"]),
+                            "tta": e.meta["config"].get("tta"), "served_as": e.variant.label,
+                            "models": len(e.checkpoints),
+                            "views": None if e.variant.views is None else list(e.variant.views),
+                            **e.cost.row()} for e in self.runs],
+                "cost": sum((e.cost for e in self.runs), Cost(0, 0.0)).row(),
                 "stacker": {"method": m["stacker"]["method"],
                             "level2_scores": m["stacker"]["level2_scores"]},
                 "subset": m.get("subset"), "versions": m["versions"],
@@ -391,14 +438,16 @@ def describe_stack(stack_dir: Path, subset: str | list[str] | None = None,
         keep = fitted.kept
         subset_info = {"rule": fitted.rule, "kept": fitted.kept, "dropped": fitted.dropped,
                        "level2_scores": fitted.level2_scores,
-                       "full_level2_scores": fitted.full_level2_scores}
+                       "full_level2_scores": fitted.full_level2_scores,
+                       "cost": fitted.cost, "full_cost": fitted.full_cost}
         info = {**info, "runs": [r for r in info["runs"] if r["run"] in keep],
                 "level2_scores": fitted.level2_scores}
         saved = SavedStacker(fitted.stacker, info)
         log.info("serving %d of %d runs (%s): level-2 %s vs %s with all runs", len(keep),
                  len(keep) + len(fitted.dropped), subset_info["rule"], fitted.level2_scores,
                  fitted.full_level2_scores)
-    entries = [_run_entry(Path(r["path"]), r["run"]) for r in info["runs"]]
+    entries = [_run_entry(Path(r["path"]), r["run"], Variant.from_dict(r.get("variant")))
+               for r in info["runs"]]
     _check_consistent(entries, info, stack_dir)
     manifest = {
         "format": FORMAT, "source": str(stack_dir.resolve()), "classes": info["classes"],
@@ -408,10 +457,13 @@ def describe_stack(stack_dir: Path, subset: str | list[str] | None = None,
         "subset": subset_info, "versions": info["versions"],
         "runs": [{"name": e.name, "backbone": e.meta["backbone"]["name"],
                   "input_size": e.input_size, "meta": f"runs/{e.name}/meta.json",
-                  "checkpoints": [{"fold": k, "file": f"runs/{e.name}/{p.name}"}
+                  "variant": e.variant.to_dict(), **e.cost.row(),
+                  "checkpoints": [{"fold": "refit" if e.variant.models == "refit" else k,
+                                   "file": f"runs/{e.name}/{p.name}"}
                                   for k, p in enumerate(e.checkpoints)],
                   "files": [f"runs/{e.name}/{p.name}" for p in e.files]}
                  for e in entries],
+        "cost": sum((e.cost for e in entries), Cost(0, 0.0)).row(),
     }
     return manifest, entries, saved
 
@@ -484,9 +536,9 @@ def export_bundle(stack_dir: str | Path, out: str | Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        from oof.rundir import load_run
+        from ensemble.variants import load_variant_run
 
-        runs = [load_run(Path(r["path"])) for r in saved.info["runs"]]
+        runs = [load_variant_run(r) for r in saved.info["runs"]]  # variants recorded again
         save_stacker(tmp, saved.stacker, saved.info["method"], runs, saved.info["classes"],
                      saved.info["fold_fingerprint"], saved.info["level2_scores"])
         for e, r in zip(entries, manifest["runs"]):

@@ -28,7 +28,7 @@ from ensemble.calibrate import (
     cross_val_temperature,
     fit_temperature,
 )
-from ensemble.cost import Cost, meta_cost, run_cost, tta_view_count
+from ensemble.cost import Cost, Variant, meta_cost, run_cost, tta_view_count, variant_cost
 from ensemble.evaluate import cross_val_level2, full_proba, level1_matrix
 from ensemble.saved import load_stacker
 from ensemble.stack import stack_runs
@@ -175,10 +175,13 @@ def _budget_case(draw: st.DrawFn):
 
 
 def _brute_force(cands, y, folds, budget, metric):
-    """Every subset within the budget scored by the mean blend's level-2 CV; the best."""
+    """Every subset within the budget (one candidate per run at most) scored by the mean
+    blend's level-2 CV; the best."""
     best = None
     for size in range(1, len(cands) + 1):
         for m in itertools.combinations(range(len(cands)), size):
+            if len({cands[i].run.name for i in m}) < len(m):
+                continue  # two ways of serving one run
             passes = sum(cands[i].cost.passes for i in m)
             ms = sum(cands[i].cost.ms_per_image for i in m)
             if passes > budget.passes or (budget.ms is not None and ms > budget.ms):
@@ -219,6 +222,71 @@ def test_budget_search_stays_within_budget_and_equals_brute_force(case) -> None:
     assert [p.cost.passes for p in front] == sorted({p.cost.passes for p in front})
     if budget.ms is None:
         assert found.chosen in front
+
+
+@st.composite
+def _variant_case(draw: st.DrawFn):
+    """1-3 runs, each served 1-3 ways (fold models, refit, a view subset), each its own OOF
+    and cost (a refit's OOF is its run's: the same rows, fewer passes)."""
+    n, c = 45, 3
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    y = np.arange(n) % c
+    folds = rng.permutation(np.arange(n) % 3)
+    ways = [Variant(), Variant("refit"), Variant("folds", ("identity",))]
+    cands = []
+    for i in range(draw(st.integers(1, 3))):
+        z = rng.normal(size=(n, c))
+        z[np.arange(n), y] += rng.uniform(0, 3)
+        base = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        for v in ways[:draw(st.integers(1, 3))]:
+            p = base
+            if v.views is not None:  # another view: other rows
+                z2 = z + rng.normal(size=(n, c))
+                p = np.exp(z2) / np.exp(z2).sum(1, keepdims=True)
+            cands.append(Candidate(_run(f"r{i}", p, y, folds),
+                                   Cost(draw(st.integers(1, 12)), draw(st.floats(0.5, 20.0))),
+                                   v))
+    budget = Budget(draw(st.integers(min(c.cost.passes for c in cands),
+                                     sum(c.cost.passes for c in cands))),
+                    draw(st.none() | st.floats(10.0, 60.0)))
+    return cands, y, folds, budget, draw(st.sampled_from(["log_loss", "accuracy"]))
+
+
+@given(_variant_case())
+@FAST
+def test_budget_search_with_variants_keeps_one_per_run_and_equals_brute_force(case) -> None:
+    cands, y, folds, budget, metric = case
+    expect = _brute_force(cands, y, folds, budget, metric)
+    score = cv_scorer(cands, y, folds, "mean", {})
+    if expect is None:
+        with pytest.raises(ConfigError, match="no run fits"):
+            search(cands, score, metric, budget)
+        return
+    found = search(cands, score, metric, budget)
+    per_run = [sum(c.run.name == f"r{i}" for c in cands) for i in range(3)]
+    assert found.exact and len(found.points) == np.prod([k + 1 for k in per_run]) - 1
+    assert all(len({cands[i].run.name for i in p.members}) == len(p.members)
+               for p in found.points)
+    assert found.chosen.members == expect[1] and budget.allows(found.chosen.cost)
+    greedy = search(cands, score, metric, budget, exact_max=0)
+    assert budget.allows(greedy.chosen.cost)
+    assert all(len({cands[i].run.name for i in p.members}) == len(p.members)
+               for p in greedy.points)
+
+
+def test_variant_cost_is_the_refit_or_the_share_of_views_kept() -> None:
+    meta = {"folds": 3, "config": {"tta": "flips"}, "passes_per_image": 12, "ms_per_image": 6.0,
+            "refit": {"passes_per_image": 4, "ms_per_image": 2.0}}
+    assert variant_cost(meta, Variant()) == Cost(12, 6.0)
+    assert variant_cost(meta, Variant("refit")) == Cost(4, 2.0)
+    assert variant_cost(meta, Variant("folds", ("identity",))) == Cost(3, 1.5)
+    assert variant_cost(meta, Variant("refit", ("identity", "hflip"))) == Cost(2, 1.0)
+    assert variant_cost({**meta, "refit": None}, Variant("refit")) == Cost(None, None)
+    for v in (Variant(), Variant("refit"), Variant("folds", ("hflip", "vflip"))):
+        assert Variant.from_dict(v.to_dict()) == v
+    assert Variant.from_dict(None) == Variant()  # stacks saved before variants
+    with pytest.raises(ValueError, match="'folds' or 'refit'"):
+        Variant.from_dict({"models": "student"})
 
 
 @pytest.mark.parametrize("method", ["mean", "geo"])
