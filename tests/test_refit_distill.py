@@ -254,21 +254,23 @@ def test_a_teacher_on_other_folds_or_classes_is_refused(teacher_root, tmp_path: 
 
 def test_distillation_refusals_name_the_flag(teacher_root) -> None:
     """Rows without a teacher OOF row, and a family whose loader takes only class indices, are
-    refused before the teacher is read; --refit-full with --pseudo-labels too."""
+    refused before the teacher is read (the probe fits a classifier on class indices);
+    --refit-full with --pseudo-labels too."""
     import backbones
     from oof.config import RunConfig
     from runner.refit import check_refit
     from runner.run import _teacher
 
     stack, folds, classes, _ = teacher_root
-    timm, keras = backbones.get_backend("timm"), backbones.get_backend("keras")
+    timm, probe = backbones.get_backend("timm"), backbones.get_backend("probe")
     for extra, name in (({"extra_train": "x"}, "--extra-train"),
                         ({"pseudo_labels": "y"}, "--pseudo-labels")):
         cfg = RunConfig(distill_from=str(stack), **extra)
         with pytest.raises(ConfigError, match=f"--distill-from .* with {name}"):
             _teacher(cfg, timm, None, folds)
-    with pytest.raises(ConfigError, match="keras family cannot train on soft targets"):
-        _teacher(RunConfig(distill_from=str(stack)), keras, None, folds)
+    assert backbones.get_backend("keras").soft_targets  # Keras trains on them too
+    with pytest.raises(ConfigError, match="probe family cannot train on soft targets"):
+        _teacher(RunConfig(distill_from=str(stack)), probe, None, folds)
     with pytest.raises(ConfigError, match="--refit-full with --pseudo-labels"):
         check_refit(RunConfig(refit_full=True, pseudo_labels="z"))
     assert _teacher(RunConfig(), timm, None, folds) == (None, None)

@@ -32,7 +32,9 @@ class EpochBatches(keras.callbacks.Callback):
                  mixing: tuple[float, float, float] | None = None) -> None:
         super().__init__()
         self.mixing = mixing  # (mixup_alpha, cutmix_alpha, prob): the same draws as timm's
-        self.images, self.labels, self.batch, self.augment = images, labels, batch, augment
+        self.images, self.batch, self.augment = images, batch, augment
+        labels = np.asarray(labels)  # class indices, or (N, C) soft targets (--distill-from)
+        self.labels = labels.astype(np.float32) if labels.ndim == 2 else labels
         self.seed, self.epoch = int(seed), 0
         self.eye = np.eye(num_classes, dtype=np.float32)
         self._order: tuple[int, np.ndarray] | None = None
@@ -49,7 +51,7 @@ class EpochBatches(keras.callbacks.Callback):
         x = self.images[rows]  # sorted rows: a memory-mapped cache reads forward
         if self.augment is not None:
             x = self.augment.batch(x, epoch, rows)
-        y = self.eye[self.labels[rows]]
+        y = self.labels[rows] if self.labels.ndim == 2 else self.eye[self.labels[rows]]
         if self.mixing is not None:
             x, y = mix_batch(x, y, *self.mixing, batch_rng(self.seed, epoch, int(b)))
         return np.ascontiguousarray(x, dtype=np.uint8), y

@@ -25,6 +25,7 @@ class KerasFamily(Family):
     name = "keras"
     framework = "tensorflow"
     checkpoint_suffix = ".weights.h5"
+    soft_targets = True  # EpochBatches hands FoldJob.y_train_soft rows to the loss
     libraries = ("tensorflow", "keras")
     predict_dtype = np.float64  # the views' probabilities are summed in float64
     predict_batch_size = 256  # = serving.PREDICT_BATCH

@@ -109,7 +109,7 @@ class KerasFoldModel(FoldModel):
         if size not in self.data:  # the fold's rows at this size, from the image cache
             cfg, job = self.job.cfg, self.job
             weights = class_weight_vector(cfg.class_weights, job.classes, job.y_train)
-            self.data[size] = make_train_dataset(job.train_images(size), job.y_train,
+            self.data[size] = make_train_dataset(job.train_images(size), job.train_targets(),
                                                  len(job.classes), cfg, job.seed, weights)
         return self.data[size]
 
@@ -180,7 +180,8 @@ def build(job: FoldJob, plan: FoldPlan) -> KerasFoldModel:
     bn = DEFAULT_BN_MOMENTUM if cfg.bn_momentum is None else float(cfg.bn_momentum)
     user = user_callbacks(cfg.callbacks)  # bad names fail before any work
     weights = class_weight_vector(cfg.class_weights, job.classes, job.y_train)
-    data = make_train_dataset(job.x_train, job.y_train, len(job.classes), cfg, job.seed, weights)
+    data = make_train_dataset(job.x_train, job.train_targets(), len(job.classes), cfg, job.seed,
+                              weights)
     phased = len(plan.segments) > 1 or plan.phases[0].layer_decay is not None
     if phased:
         model, reused = fresh_model(job, bn, any_size=plan.progressive), False
