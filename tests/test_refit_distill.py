@@ -95,6 +95,18 @@ pred = family.load_predictor(a.meta, run_a / a.meta["refit"]["checkpoint"], 1, "
 files = [data / "test_upload" / f"{i}" for i in a.test_ids]
 served = pred.predict_proba(decode([str(f) for f in files], 16))
 res["served_max_diff"] = float(np.abs(served - a.refit_test()).max())
+
+# predict.py on a stack whose budget (2 passes: the refit's, not the 4 of the fold models)
+# chose to serve run a by its refit model: the stack's rows are the refit's
+from ensemble.stack import StackConfig, stack_runs
+from serve.predict import predict_files
+stacked = stack_runs(StackConfig(data=str(data), out=str(out / "a"), method="mean", budget=2,
+                                 budget_views=False, compare=False, name="stack-refit"))
+info = json.loads((out / "a" / "data" / "stack-refit" / "stacker.json").read_text())
+res["stack_variant"] = info["runs"][0]["variant"]
+table = predict_files(out / "a" / "data" / "stack-refit", [data / "test_upload"], None)
+table = table.set_index("id").loc[list(a.test_ids)]
+res["predict_py_refit_diff"] = float(np.abs(table[a.classes].to_numpy() - a.refit_test()).max())
 rnames, rviews = a.refit_views_test()
 res["refit_views"] = [rnames, float(np.abs(rviews.mean(axis=0) - a.refit_test()).max())]
 res["refit_history"] = pd.read_csv(run_a / "refit" / "history.csv").to_dict("list")
@@ -153,6 +165,8 @@ def test_cost_and_refit_end_to_end(demo_dir: Path, tmp_path: Path) -> None:
     assert got["refit_equal"] and got["checkpoint_equal"] and got["oof_unchanged"]
     assert got["rerun_trains_nothing"]
     assert got["served_max_diff"] < 1e-6
+    assert got["stack_variant"]["models"] == "refit"  # the budget's choice, served as chosen
+    assert got["predict_py_refit_diff"] < 1e-6
 
     # --tta-save-views: each view's OOF and per-fold test rows alone; their mean is the run's
     assert got["view_names"] == [["identity", "hflip"]] * 2
