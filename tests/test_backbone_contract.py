@@ -9,11 +9,13 @@ thread, hflip TTA), three ``run_folds.py`` processes: torch and TensorFlow never
 process, and the family must never load the other framework.
 
 - reference: one uninterrupted run (its FoldResults watched as they pass), then the run's
-  predictor loaded as predict.py loads it, and the bad configs refused;
+  predictor loaded as predict.py loads it, then the bad configs refused;
 - killed: a second run SIGKILLed as fold 1 starts (fold 0's part written);
 - resumed: that run again, to the end. Fold 0 is not redone, and every matrix equals the
   reference bit for bit: fold 0 came from a fresh process (same seeds, same bits), fold 1
   after the kill.
+
+The reference runs beside the other two (two processes at a time, one thread each).
 """
 
 from __future__ import annotations
@@ -85,18 +87,7 @@ from runner.run import run_folds
 from serve.bundle import _run_entry, decode, import_backends
 
 name, argv, bad, report = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-r = {"refused": []}
-for flag, value, where in bad:  # refused before anything is written under --out
-    args = [*argv, flag, value]
-    args[args.index("--out") + 1] = where
-    try:
-        run_folds(parse_config(RunConfig, args, "run_folds.py", ""))
-        r["refused"].append([flag, value, "ACCEPTED", ""])
-    except ConfigError as exc:
-        r["refused"].append([flag, value, "ConfigError", str(exc)])
-    except Exception as exc:
-        r["refused"].append([flag, value, type(exc).__name__, str(exc)])
-
+r = {}
 family = backbones.get_backend(name)
 results = []
 train_fold = family.train_fold
@@ -147,6 +138,20 @@ r["predictor"] = {
     "test_mean": float(np.abs(got_test.mean(0) - run.test).max()),
 }
 r["modules"] = sorted(m for m in ("torch", "tensorflow") if m in sys.modules)
+
+# after the run: checking a bad value may start the framework (Keras builds the model to count
+# its BatchNorm layers), and TensorFlow's thread count is then fixed for the process
+r["refused"] = []
+for flag, value, where in bad:  # refused before anything is written under --out
+    args = [*argv, flag, value]
+    args[args.index("--out") + 1] = where
+    try:
+        run_folds(parse_config(RunConfig, args, "run_folds.py", ""))
+        r["refused"].append([flag, value, "ACCEPTED", ""])
+    except ConfigError as exc:
+        r["refused"].append([flag, value, "ConfigError", str(exc)])
+    except Exception as exc:
+        r["refused"].append([flag, value, type(exc).__name__, str(exc)])
 Path(report).write_text(json.dumps(r, default=str))
 """
 
@@ -180,11 +185,13 @@ def contract(request: pytest.FixtureRequest, tiny: Path,
     root = tmp_path_factory.mktemp(f"contract-{name}")
     bad = [("--backbone", example.backbone + "x"), *example.bad]
     bad_outs = [str(root / f"bad{i}") for i in range(len(bad))]
-    report = root / "reference.json"
-    reference = subprocess.Popen(
-        [sys.executable, "-c", REFERENCE, name, json.dumps(run_args(example, tiny, root / "a")),
-         json.dumps([[f, v, o] for (f, v), o in zip(bad, bad_outs)]), str(report)],
-        cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    report, ref_log = root / "reference.json", root / "reference.log"
+    with ref_log.open("w") as ref_out:  # a file, not a pipe: nothing waits on its reader
+        reference = subprocess.Popen(
+            [sys.executable, "-c", REFERENCE, name,
+             json.dumps(run_args(example, tiny, root / "a")),
+             json.dumps([[f, v, o] for (f, v), o in zip(bad, bad_outs)]), str(report)],
+            cwd=root, env=env(), stdout=ref_out, stderr=subprocess.STDOUT)
     try:
         killed = kill_as_fold_1_starts([sys.executable, str(REPO / "run_folds.py"),
                                         *run_args(example, tiny, root / "b")], root)
@@ -193,12 +200,12 @@ def contract(request: pytest.FixtureRequest, tiny: Path,
         resumed = subprocess.run([sys.executable, str(REPO / "run_folds.py"),
                                   *run_args(example, tiny, root / "b")], cwd=root, env=env(),
                                  capture_output=True, text=True, timeout=600)
-        ref_log = reference.communicate(timeout=600)[0]
+        reference.wait(timeout=600)
     finally:
         if reference.poll() is None:
             reference.kill()
             reference.wait()
-    assert reference.returncode == 0, ref_log[-5000:]
+    assert reference.returncode == 0, ref_log.read_text()[-5000:]
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     r = json.loads(report.read_text())
     print(f"contract {name}: {time.perf_counter() - t0:.0f} s wall, "
@@ -218,8 +225,8 @@ def kill_as_fold_1_starts(cmd: list[str], cwd: Path) -> str:
     """Run ``cmd`` and SIGKILL its process group when it logs the start of fold 1 (fold 0's
     part is written by then); its stderr up to the kill."""
     lines = []
-    with subprocess.Popen(cmd, cwd=cwd, env=env(), stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
+    with subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
         assert proc.stderr is not None
         for line in proc.stderr:
             lines.append(line)
