@@ -169,7 +169,7 @@ class ProbeFamily(Family):
     load_rank = 0
     predict_dtype = np.float64
     predict_batch_size = 128
-    #: the contract suite's model; lda: no inner CV on its few training rows per class
+    #: the contract suite's model; lda: the quicker head (its inner CV fits 5 LDAs, not 55 logregs)
     example = ContractExample("probe/resnet10t", 32, ("--probe-head", "lda"),
                               bad=(("--head-hidden", "64"), ("--img-size", "32,48")))
 
