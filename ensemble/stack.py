@@ -57,6 +57,7 @@ from oof.config import (
     opt,
     save_config,
 )
+from oof.distill import STUDENT_FOOTNOTE, is_student, marked, teacher_runs
 from oof.errors import ConfigError, DataError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
 from oof.metrics import METRICS, accuracy, ece, log_loss
@@ -99,6 +100,10 @@ class StackConfig(DatasetConfig):
     allow_pseudo_mix: bool = opt(
         False, "stack a pseudo-labelled run with the runs whose test predictions labelled its "
         "training images (refused by default: their errors on those images are correlated)")
+    allow_teacher_mix: bool = opt(
+        False, "stack a distilled student with its teacher or the runs its teacher stacked "
+        "(refused by default: its OOF is optimistic, its targets came from their OOF, so the "
+        "level-2 CV would overweight it)")
     temperature: str = opt(
         "off", "temperature scaling of the chosen method's output (one T fitted by CV over the "
         "stored folds): auto = applied when it lowers the level-2 CV log loss; always; off",
@@ -151,6 +156,8 @@ class StackResult:
         if self.test_accuracy is not None:
             lines.append(f"submission accuracy on the held-out test labels: "
                          f"{self.test_accuracy:.4f}")
+        if self.report.get("students"):  # under the level-2 table and the held-out table
+            lines.append(STUDENT_FOOTNOTE)
         return "\n".join(lines)
 
 
@@ -258,8 +265,10 @@ def _backbone(run: Run) -> str:
 
 
 def variant_name(run: Run) -> str:
-    """'<run>[refit]', '<run>[folds:identity]'...: a run as a budget serves it."""
-    return f"{run.name}[{run.variant.label}]" if isinstance(run, VariantRun) else run.name
+    """'<run>[refit]', '<run>[folds:identity]'...: a run as a budget serves it (a student's name
+    marked as every table marks it)."""
+    name = f"{run.name}[{run.variant.label}]" if isinstance(run, VariantRun) else run.name
+    return marked(name, run.meta)
 
 
 def variant_note(run: VariantRun) -> str:
@@ -291,6 +300,8 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "bins of top-label confidence). `passes`: forward passes per image (fold models x "
              "TTA views, summed over the runs a stack serves); `ms_per_image`: measured at "
              "training, blank where not measured.", "", format_table(rows, TABLE_COLUMNS), ""]
+    footnote = [STUDENT_FOOTNOTE, ""] if report.get("students") else []
+    lines += footnote
     t = report.get("temperature")
     if t:
         lines += [f"Temperature scaling of {report['chosen']}: T = {t['temperature']:.4f} "
@@ -312,7 +323,8 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                   format_table(report["front"], FRONT_COLUMNS), ""]
     if report.get("held_out"):
         lines += [f"Held-out test labels ({report['held_out_rows']} images) against the CV "
-                  "(OOF) scores:", "", format_table(report["held_out"], HELD_OUT_COLUMNS), ""]
+                  "(OOF) scores:", "", format_table(report["held_out"], HELD_OUT_COLUMNS), "",
+                  *footnote]
     if report.get("test_accuracy") is not None:
         lines += [f"Submission accuracy on held-out test labels: {report['test_accuracy']:.4f}",
                   ""]
@@ -391,6 +403,27 @@ def check_pseudo_mix(runs: list[Run], allowed: bool) -> None:
         log.warning("stacking anyway (--allow-pseudo-mix): %s", line)
 
 
+def check_teacher_mix(runs: list[Run], allowed: bool) -> None:
+    """Refuse a distilled student next to its teacher or the runs its teacher stacked."""
+    names = {r.name for r in runs}
+    clashes = []
+    for r in runs:
+        shared = [n for n in teacher_runs(r.meta) if n in names]
+        if shared:
+            clashes.append(f"{r.name} is a distilled student of "
+                           f"{(r.meta.get('teacher') or {}).get('path')} whose predictions came "
+                           f"from {shared}")
+    if clashes and not allowed:
+        raise RunMismatchError(
+            "these runs should not be stacked together:\n  " + "\n  ".join(clashes)
+            + "\n  (the student's OOF is optimistic: its targets were their OOF rows, so the "
+            "level-2 CV would overweight it; leave one side out with --runs, or pass "
+            "--allow-teacher-mix)")
+    for line in clashes:
+        log.warning("stacking anyway (--allow-teacher-mix; the level-2 CV score is "
+                    "optimistic): %s", line)
+
+
 def stack_runs(cfg: StackConfig) -> StackResult:
     """Check, score (level-2 CV), choose, fit on all rows, write the submission and report."""
     from oof.datasets import load_dataset
@@ -407,6 +440,7 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     ref = runs[0]
     names = [r.name for r in runs]
     check_pseudo_mix(runs, cfg.allow_pseudo_mix)
+    check_teacher_mix(runs, cfg.allow_teacher_mix)
     if ref.classes != [str(c) for c in dataset.classes]:
         raise RunMismatchError(f"{ref.name} ({ref.path}): class order {ref.classes} != the "
                                f"dataset's {dataset.classes} ({dataset.root})")
@@ -453,7 +487,8 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     cost = total_cost(runs).row()
     left_out = [r for r in all_runs if r.name not in names]
     variants = [r for r in runs if isinstance(r, VariantRun)]  # served not as trained
-    rows = [{"model": r.name, "level": run_level(r), **r.scores(), "ece": ece(r.y, r.oof),
+    rows = [{"model": marked(r.name, r.meta), "level": run_level(r), **r.scores(),
+             "ece": ece(r.y, r.oof),
              **run_cost(r).row(), "seconds": None, "chosen": "",
              "note": _backbone(r) + (" (left out by the budget)" if r in left_out else "")
              + "".join(f" (served as {v.variant.label})" for v in variants if v.name == r.name)}
@@ -477,13 +512,15 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     level2 = results[chosen]
     inputs = [{"run": r.name, "path": str(r.path), "fingerprint": r.fingerprint,
                "oof_metrics": r.scores(), **run_cost(r).row(),
+               **({"student": True} if is_student(r.meta) else {}),
                "variant": getattr(r, "variant", Variant()).to_dict()} for r in runs]
     begin_output(out_dir)
     sub_path = out_dir / "submission.csv"
     sub.write(sub_path, out_dir / "submission_proba.csv")
     test_acc = _held_out_accuracy(sub_path, dataset.root)
     held_out, n_truth = _held_out_table(dataset.root, ref, [
-        *((r.name, run_level(r), r.scores(), r.test, run_cost(r).row()) for r in all_runs),
+        *((marked(r.name, r.meta), run_level(r), r.scores(), r.test, run_cost(r).row())
+          for r in all_runs),
         *((variant_name(r), run_level(r), r.scores(), r.test, run_cost(r).row())
           for r in variants),
         *((f"stack-{m}", level, res.scores, res.test_per_fold.mean(axis=0), cost)
@@ -497,6 +534,7 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     front = [] if budgeted is None else budgeted.front_rows(dataset.root, ref, level, y)
     report = {
         "dataset": dataset.name, "run_root": str(run_root), "level": level, "runs": inputs,
+        "students": [r.name for r in all_runs if is_student(r.meta)],
         "folds": {"k": folds.k, "seed": folds.seed, "fingerprint": folds.fingerprint},
         "methods": {m: {"scores": r.scores, "seconds": round(r.seconds, 3), "folds": r.folds}
                     for m, r in results.items()},

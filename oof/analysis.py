@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from oof.distill import is_student, marked
 from oof.errors import DataError, FoldstackError, RunMismatchError
 from oof.folds import load_folds
 from oof.metrics import accuracy, ece, log_loss
@@ -220,11 +221,13 @@ class RunReport:
     confusion: np.ndarray
     reliability: pd.DataFrame
     history: pd.DataFrame | None
+    student: bool = False  # a distilled student: its OOF score is optimistic (oof.distill)
 
     def summary(self) -> dict[str, Any]:
-        """One row of the summary table."""
+        """One row of the summary table (a student's name marked)."""
         acc = self.per_fold["accuracy"]
-        return {"run": self.name, "level": self.level, "backbone": self.backbone,
+        return {"run": marked(self.name, {"student": self.student}), "level": self.level,
+                "backbone": self.backbone,
                 "accuracy": self.accuracy, "log_loss": self.log_loss, "ece": self.ece,
                 "fold_acc_mean": float(acc.mean()), "fold_acc_std": float(acc.std(ddof=0)),
                 "fold_acc_min": float(acc.min()), "fold_acc_max": float(acc.max())}
@@ -244,6 +247,7 @@ def analyze_run(run: Run, n_bins: int = DEFAULT_BINS) -> RunReport:
         per_class=per_class_scores(cm, run.classes),
         per_fold=per_fold_scores(run.y, run.oof, run.folds), confusion=cm,
         reliability=reliability(run.y, run.oof, n_bins), history=load_history(run),
+        student=is_student(run.meta),
     )
 
 
@@ -332,6 +336,11 @@ class Analysis:
     def names(self) -> list[str]:
         return [r.name for r in self.runs]
 
+    @property
+    def students(self) -> list[str]:
+        """The distilled students among the runs (their tables carry STUDENT_FOOTNOTE)."""
+        return [r.name for r in self.runs if r.student]
+
     def summary(self) -> pd.DataFrame:
         """One row per run: accuracy, log loss, ECE and the spread over folds."""
         return pd.DataFrame([r.summary() for r in self.runs])
@@ -357,14 +366,14 @@ class Analysis:
             "classes": self.classes, "fold_fingerprint": self.fingerprint, "rows": self.n_rows,
             "calibration_bins": {"n_bins": self.n_bins, "kind": "equal-width on [0, 1], "
                                  "top-label confidence, bin b = (b/n, (b+1)/n]"},
-            "summary": frame(self.summary()),
+            "summary": frame(self.summary()), "students": self.students,
             "ensemble_mean": {"members": self.ensemble_members, **_plain(self.ensemble)},
             "oracle": _plain(self.oracle),
             "correlation": square(self.correlation),
             "disagreement": square(self.disagreement),
             "one_right_other_wrong": square(self.one_right_other_wrong),
             "runs": {r.name: {
-                "path": r.path, "level": r.level, "backbone": r.backbone,
+                "path": r.path, "level": r.level, "backbone": r.backbone, "student": r.student,
                 "accuracy": _plain(r.accuracy), "log_loss": _plain(r.log_loss),
                 "ece": _plain(r.ece), "per_fold": frame(r.per_fold),
                 "per_class": frame(r.per_class),

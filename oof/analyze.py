@@ -22,6 +22,7 @@ from oof.config import (
     parse_config,
     save_config,
 )
+from oof.distill import STUDENT_FOOTNOTE
 from oof.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m oof.analyze") -> 
     save_config(cfg, out / "analyze_config.yaml")
     rows = analysis.summary().to_dict("records")
     print(format_table(rows, ["run", "level", "accuracy", "log_loss", "ece", "fold_acc_std"]))
+    if analysis.students:
+        print(STUDENT_FOOTNOTE)
     o = analysis.oracle
     print(f"oracle accuracy {o['oracle_accuracy']:.4f} "
           f"(best single {o['best_single_accuracy']:.4f})  "

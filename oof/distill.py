@@ -18,6 +18,7 @@ and a held-out score is the one to trust where there is one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,45 @@ from oof.rundir import Run, load_run
 STUDENT_NOTE = ("distilled student: its training targets came from the teacher's OOF, made by "
                 "models that saw this run's held-out rows, so its OOF score is optimistic; trust "
                 "a held-out score")
+# Every table marks a student's row by this suffix on its name, with STUDENT_FOOTNOTE under it.
+STUDENT_MARK = " [student]"
+STUDENT_FOOTNOTE = (f"{STUDENT_MARK.strip()}: a distilled student (run_folds.py --distill-from): "
+                    "its OOF score is optimistic (its training targets came from models that saw "
+                    "its held-out rows); its held-out score is the one to trust")
+
+
+def is_student(meta: dict[str, Any]) -> bool:
+    """Whether a run's meta.json says it is a distilled student."""
+    return bool(meta.get("student"))
+
+
+def marked(name: str, meta: dict[str, Any]) -> str:
+    """``name`` as a table shows it: with STUDENT_MARK for a student."""
+    return name + STUDENT_MARK if is_student(meta) else name
+
+
+def student_entry(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a bundle manifest and ``/health`` add to a student run's entry ({} for others)."""
+    if not is_student(meta):
+        return {}
+    teacher = meta.get("teacher") or {}
+    return {"student": True, "teacher": teacher.get("run"),
+            "student_note": teacher.get("note", STUDENT_NOTE)}
+
+
+def teacher_runs(meta: dict[str, Any]) -> list[str]:
+    """The runs whose predictions made a student's targets: its teacher and the runs the teacher
+    stacked ([] for a run that is no student). A student recorded before ``stacked_runs`` was
+    kept reads them from the teacher's meta.json where it still is."""
+    teacher = meta.get("teacher") or {}
+    if not is_student(meta) or not teacher:
+        return []
+    stacked = teacher.get("stacked_runs")
+    if stacked is None:
+        path = Path(str(teacher.get("path", ""))) / "meta.json"
+        stacked = (json.loads(path.read_text()).get("stacked_runs", []) if path.is_file()
+                   else [])
+    return list(dict.fromkeys([str(teacher.get("run", "")), *stacked]))
 
 
 @dataclass
@@ -45,6 +85,7 @@ class Teacher:
         return {"path": str(self.path.resolve()), "run": self.run.name,
                 "level": int(self.run.meta.get("level", 1)),
                 "method": self.run.meta.get("method"), "fold_fingerprint": self.run.fingerprint,
+                "stacked_runs": list(self.run.meta.get("stacked_runs", [])),
                 "oof_metrics": self.run.meta.get("oof_metrics"), "alpha": alpha,
                 "temperature": temperature, "note": STUDENT_NOTE}
 

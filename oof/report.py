@@ -23,6 +23,7 @@ import pandas as pd
 from oof.analysis import Analysis
 from oof.atomic import write_text
 from oof.cli import format_table
+from oof.distill import STUDENT_FOOTNOTE
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +422,7 @@ def build_html(a: Analysis, figures: dict[str, bytes | None], thumbs: dict[str, 
         recall_open=len(a.classes) <= MD_CONFUSION_MAX,
         hardest=_hardest(a, thumbs), have_thumbs=bool(thumbs), dup=_duplicates(a, thumbs),
         no_history=[r.name for r in a.runs if r.history is None],
+        student_note=STUDENT_FOOTNOTE if a.students else None,
         provenance=_table(prov, fmt={"level": "{:.0f}"}, left=("run", "path")))
 
 
@@ -441,7 +443,7 @@ def build_markdown(a: Analysis, title: str) -> str:
     out = [f"# {title}", "",
            f"{len(a.runs)} runs, {a.n_rows} OOF rows, {len(a.classes)} classes, "
            f"fold fingerprint `{a.fingerprint}`.", "", "## Runs", "",
-           _md_frame(_summary_frame(a)), "",
+           _md_frame(_summary_frame(a)), "", *([STUDENT_FOOTNOTE, ""] if a.students else []),
            f"Oracle accuracy (some run right): {o['oracle_accuracy']:.4f}; best single run "
            f"{o['best_single_accuracy']:.4f}; oracle gain {o['oracle_gain']:.4f}; rows all runs "
            f"get wrong: {o['rows_all_wrong']} of {o['rows']}.", "",
