@@ -46,6 +46,7 @@ from ensemble.saved import (
     version_mismatches,
 )
 from oof.atomic import write_json
+from oof.distill import student_entry
 from oof.errors import ConfigError, DataError, RunMismatchError
 from serve.config import parse_subset
 
@@ -401,7 +402,7 @@ class Ensemble:
                             "tta": e.meta["config"].get("tta"), "served_as": e.variant.label,
                             "models": len(e.checkpoints),
                             "views": None if e.variant.views is None else list(e.variant.views),
-                            **e.cost.row()} for e in self.runs],
+                            **e.cost.row(), **student_entry(e.meta)} for e in self.runs],
                 "cost": sum((e.cost for e in self.runs), Cost(0, 0.0)).row(),
                 "stacker": {"method": m["stacker"]["method"],
                             "level2_scores": m["stacker"]["level2_scores"]},
@@ -457,7 +458,7 @@ def describe_stack(stack_dir: Path, subset: str | list[str] | None = None,
         "subset": subset_info, "versions": info["versions"],
         "runs": [{"name": e.name, "backbone": e.meta["backbone"]["name"],
                   "input_size": e.input_size, "meta": f"runs/{e.name}/meta.json",
-                  "variant": e.variant.to_dict(), **e.cost.row(),
+                  "variant": e.variant.to_dict(), **e.cost.row(), **student_entry(e.meta),
                   "checkpoints": [{"fold": "refit" if e.variant.models == "refit" else k,
                                    "file": f"runs/{e.name}/{p.name}"}
                                   for k, p in enumerate(e.checkpoints)],
