@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recipe.augment import PRESETS, build_augment, build_seeded_augment, check_augment
 from oof.errors import ConfigError
+from recipe.augment import PRESETS, build_augment, build_seeded_augment, check_augment
 
 
 @pytest.fixture(scope="module")
