@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
                                          str(args.alpha), "--distill-temperature",
                                          str(args.temperature)])):
             t0 = time.perf_counter()
-            name = f"{'student' if extra else 'hard'}_{args.img_size}px_seed{seed}"
+            name = (f"student_a{args.alpha:g}_t{args.temperature:g}" if extra else "hard") \
+                + f"_{args.img_size}px_seed{seed}"  # a rerun reuses a finished twin
             path = train_run(data, runs_out, name, args.backbone, args.img_size, args.folds,
                              args.epochs, seed, args.threads, extra)
             rows.append(row(kind, load_run(path), truth, seed, time.perf_counter() - t0))
