@@ -27,7 +27,28 @@ def test_presets_keep_shape_and_dtype_and_change_pixels(preset: str, image: np.n
     outs = [aug(image, 0, i) for i in range(8)]
     assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
     assert sum(not np.array_equal(o, image) for o in outs) >= 4
-    assert "torch" not in sys.modules  # albumentations must not drag torch into a Keras process
+
+
+def test_augmenting_imports_no_deep_learning_framework() -> None:
+    """albumentations must not drag torch into a Keras process. A fresh interpreter: a pytest
+    worker may already hold torch from an earlier module (the order is not fixed)."""
+    code = """
+import sys
+import numpy as np
+from recipe.augment import PRESETS, build_seeded_augment
+image = np.zeros((48, 48, 3), np.uint8)
+for preset in PRESETS:
+    aug = build_seeded_augment(preset, 48, seed=0)
+    if aug is not None:
+        aug(image, 0, 0)
+loaded = sorted({"torch", "tensorflow", "keras", "timm"} & set(sys.modules))
+print("loaded:", loaded)
+"""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("loaded: []"), done.stdout
 
 
 def test_same_key_same_pixels_other_key_other_pixels(image: np.ndarray) -> None:
