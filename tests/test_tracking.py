@@ -83,18 +83,4 @@ def test_timm_tensorboard_and_mlflow(demo_subset: Path, tmp_path: Path) -> None:
     assert len(client.get_metric_history(run.info.run_id, "fold_accuracy")) == 2
 
 
-@pytest.mark.slow
-def test_keras_tensorboard(demo_subset: Path, tmp_path: Path) -> None:
-    """Fold 0's board is read, so fold 0 alone is trained."""
-    out = tmp_path / "runs"
-    proc = run_script(["--data", str(demo_subset), "--out", str(out), "--img-size", "32",
-                       "--epochs", "2", "--folds", "2", "--fold", "0", "--progress", "false",
-                       "--backbone", "keras/MobileNetV3Small", "--tensorboard"], tmp_path,
-                      timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    board = _scalars(out / demo_subset.name / "keras-MobileNetV3Small_32px" / "tensorboard"
-                     / "fold0")
-    for tag in ("train/epoch_loss", "train/epoch_accuracy", "train/epoch_lr",
-                "train/epoch_images_per_second", "validation/epoch_loss",
-                "validation/epoch_accuracy"):
-        assert len(board[tag]) == 2, (tag, sorted(board))
+# Keras' TensorBoard logging: tests/test_progressive.py::test_keras_tensorboard (shares its run).
