@@ -160,34 +160,37 @@ RUNS = ("timm-resnet10t_16px", "keras-MobileNetV3Small_32px")
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
 def test_two_backbone_plan_on_ray_equals_local_bit_for_bit_on_two_threads(
         cluster, data: Path, tmp_path: Path) -> None:
-    """torch and TensorFlow workers side by side; same files as the local executor, then the
-    stack; a rerun on the cluster redoes nothing. Two threads a fold job, as on a user's 2-core
-    machine (not the suite's one thread): the plan gives no thread count, so both drivers
-    resolve it to the machine's 2 cores and record it as a number, and each Ray worker reserves
-    those 2 CPUs. The timm run's OOF equals the local one bit for bit (Ray's 1-CPU workers
-    computed on 1 thread and did not). A --cpus-per-job that differs from --threads, or a count
-    no node holds, is refused before anything is trained."""
+    """torch and TensorFlow workers side by side, then the stack; the timm run writes the same
+    files as the local executor, the Keras run completes; a rerun on the cluster redoes
+    nothing. Two threads a fold job, as on a user's 2-core machine (not the suite's one
+    thread): the plan gives no thread count, so both drivers resolve it to the machine's 2 cores
+    and record it as a number, and each Ray worker reserves those 2 CPUs. The timm run's OOF
+    equals the local one bit for bit (Ray's 1-CPU workers computed on 1 thread and did not). A
+    --cpus-per-job that differs from --threads, or a count no node holds, is refused before
+    anything is trained."""
     address, env = cluster
     out, procs = {}, {}
     defaults = {k: v for k, v in FAST.items() if k != "threads"}
-    for executor in ("local", "ray"):
+    # the local twin is the timm run alone: the Keras run is checked on Ray (its local twin was
+    # only compared within a tolerance, for a TensorFlow start and two folds traced and trained)
+    for executor, runs, stack in (("local", TWO[:1], None), ("ray", TWO, {"method": "mean"})):
         out[executor] = tmp_path / executor
         plan = write_plan(tmp_path / f"{executor}.yaml",
-                          {**defaults, "data": str(data), "out": str(out[executor])}, TWO,
-                          {"method": "mean"})
+                          {**defaults, "data": str(data), "out": str(out[executor])}, runs, stack)
         extra = ["--address", address] if executor == "ray" else []
         proc = procs[executor] = run_script(["--plan", str(plan), "--executor", executor, *extra],
                                             tmp_path, env, preexec=two_cores)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        assert "chosen: mean" in proc.stdout
+    assert "chosen: mean" in procs["ray"].stdout
+    assert recorded_threads(out["local"] / "data" / RUNS[0]) == (2, 2)
     for run in RUNS:
-        assert recorded_threads(out["local"] / "data" / run) == (2, 2)
         assert recorded_threads(out["ray"] / "data" / run) == (2, 2)
     worst = assert_same_run(out["local"] / "data" / RUNS[0], out["ray"] / "data" / RUNS[0],
                             exact=True)
     print(f"timm, local vs Ray on 2 threads: max abs difference {worst}")
     assert worst == 0.0
-    assert_same_run(out["local"] / "data" / RUNS[1], out["ray"] / "data" / RUNS[1])
+    keras_oof = pd.read_parquet(out["ray"] / "data" / RUNS[1] / "oof.parquet")
+    assert len(keras_oof) == 300 and sorted(keras_oof["fold"].unique()) == [0, 1]
     assert "fold workers of 2 CPU(s)" in procs["ray"].stderr, procs["ray"].stderr[-3000:]
     jobs = status(out["ray"], "ray")["jobs"]
     assert {j["state"] for j in jobs} == {"done"}
