@@ -6,7 +6,8 @@ slow) run ``run_folds.py`` in subprocesses on a tiny dataset (60 scans, 16 px, K
 
 Kills "after the Nth atomic write" use the test-only hook ``FOLDSTACK_FAULT_AFTER_WRITES`` of
 ``oof/atomic.py``; a full disk is ``RLIMIT_FSIZE`` with SIGXFSZ ignored, so writes fail with EFBIG.
-kill -9 of a Ray worker and of a Ray driver: ``tests/test_ray_local.py``.
+kill -9 of a Ray worker and of a Ray driver: ``tests/test_ray_local.py``; the Keras disk full and
+kill -9: ``tests/test_keras_backend.py``.
 """
 
 from __future__ import annotations
@@ -229,26 +230,5 @@ def test_timm_survives_disk_full_locks_and_kills(tiny: Path, baseline: dict[str,
 
 
 # --------------------------------------------------------------------------- end to end (keras)
-@pytest.mark.slow
-def test_keras_disk_full_and_kill_are_resumable(tiny: Path, tmp_path: Path) -> None:
-    """Keras hits the size limit in ModelCheckpoint's HDF5 write: one clear message naming the
-    file; then a kill -9 after a write; the rerun completes every fold. (The damaged
-    BackupAndRestore backup after a kill mid-backup is covered by tests/test_keras_backend.py.)"""
-    args = ["--data", str(tiny), "--out", str(tmp_path / "runs"), *FAST, "--img-size", "32",
-            "--backbone", "keras/MobileNetV3Small"]
-    full = _run(args, tmp_path, fsize=1_000_000)
-    assert "error: no space left on device while writing" in full.stderr, full.stderr[-3000:]
-    assert ".weights.h5" in full.stderr.split("error: no space left")[-1]
-    run_dir = tmp_path / "runs" / "data" / "keras-MobileNetV3Small_32px"
-    assert not (run_dir / "parts" / "fold0.json").exists()
-    killed = _run(args, tmp_path, {FAULT_ENV: "6"})  # kill -9 once more, within fold 0 or 1
-    assert killed.returncode == KILLED, killed.stderr[-3000:]
-    print("keras killed after", killed.stderr.rsplit("after atomic write 6 (", 1)[-1].split(")")[0])
-    again = _run(args, tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert sorted(p.name for p in (run_dir / "parts").glob("fold?.json")) == ["fold0.json",
-                                                                             "fold1.json"]
-    oof = _matrices(run_dir)["oof"]
-    assert np.isfinite(oof).all() and np.allclose(oof.sum(axis=1), 1, atol=1e-4)
-    # not a SIGSEGV from h5py's finalizer after the failed HDF5 write (oof.cli.main_guard)
-    assert full.returncode == 2, full.returncode
+# Disk full, then kill -9 and resume (Keras): tests/test_keras_backend.py::
+# test_disk_full_then_a_kill_with_a_damaged_backup_resume_as_if_never_stopped (one TF sequence).
