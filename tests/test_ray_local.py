@@ -117,9 +117,11 @@ def ray_processes(env: dict[str, str], marker: str) -> list[str]:
 
 
 def ours(processes: list[str]) -> list[str]:
-    """The processes of ``ray_processes`` that run foldstack's code: Ray workers and drivers."""
-    agents = ("dashboard", "runtime_env", "raylet", "gcs_server", "log_monitor", "monitor.py")
-    return [p for p in processes if not any(a in p.lower() for a in agents)]
+    """The processes of ``ray_processes`` that run foldstack's code: Ray workers and drivers.
+    Ray's own processes are known by their command line or their process title (an agent may
+    retitle itself ``ray::RuntimeEnvAgent``), spelled with or without underscores."""
+    agents = ("dashboard", "runtimeenv", "raylet", "gcsserver", "logmonitor", "monitor.py")
+    return [p for p in processes if not any(a in p.lower().replace("_", "") for a in agents)]
 
 
 def wait_until(what: Callable[[], Any], driver: subprocess.Popen | None, log: Path,
