@@ -224,9 +224,15 @@ def test_two_backbone_plan_on_ray_equals_local_bit_for_bit_on_two_threads(
     assert not (tmp_path / "big" / "data").exists()
 
 
-def test_killed_worker_is_retried(cluster, data: Path, tmp_path: Path) -> None:
-    """SIGKILL the worker in the middle of a fold: the job runs again and the run completes,
-    with the same OOF as an uninterrupted local run."""
+def test_killed_worker_is_retried_and_bad_input_fails_once(cluster, data: Path, tmp_path: Path,
+                                                           copy_dataset) -> None:
+    """One Ray plan of two runs (one driver and one set of workers for both checks):
+
+    SIGKILL the worker in the middle of a fold of the good run: the job runs again and the run
+    completes, with the same OOF as an uninterrupted local run.
+
+    A corrupt image of the other run fails that run's job once, with the decoder's message
+    naming the file; the jobs that needed it are skipped, the good run beside it completes."""
     address, env = cluster
     defaults = {**FAST, "epochs": 3, "data": str(data)}
     local = write_plan(tmp_path / "local.yaml", {**defaults, "out": str(tmp_path / "local")},
@@ -234,8 +240,12 @@ def test_killed_worker_is_retried(cluster, data: Path, tmp_path: Path) -> None:
     proc = run_script(["--plan", str(local)], tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+    bad = copy_dataset(data, "bad")
+    broken = sorted((bad / "train").rglob("*.png"))[5]
+    broken.write_text("not an image")
     out = tmp_path / "ray"
-    plan = write_plan(tmp_path / "kill.yaml", {**defaults, "out": str(out)}, [TWO[0]])
+    plan = write_plan(tmp_path / "kill.yaml", {**defaults, "out": str(out)},
+                      [TWO[0], {**TWO[0], "data": str(bad), "run_name": "bad"}])
     proc = run_script(["--plan", str(plan), "--executor", "ray", "--address", address],
                       tmp_path, env, wait=False)
     run_dir = out / "data" / RUNS[0]
@@ -257,35 +267,22 @@ def test_killed_worker_is_retried(cluster, data: Path, tmp_path: Path) -> None:
     assert victim is not None, "no fold was seen training"
     fold_done_at_kill = (run_dir / "parts" / f"fold{victim['fold']}.json").exists()
     stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert proc.returncode == 2, stdout[-3000:] + stderr[-5000:]  # the bad run failed
+
     assert not fold_done_at_kill
-    job = next(j for j in status(out, "kill")["jobs"] if j["job"] == victim["job"])
+    jobs = {j["job"]: j for j in status(out, "kill")["jobs"]}
+    job = jobs[victim["job"]]
     assert job["state"] == "done" and job["attempts"] == 2, job
     assert job["worker"] != victim["worker"]  # a new process took it over
+    assert jobs[f"{RUNS[0]}/assemble"]["state"] == "done"
     assert_same_run(tmp_path / "local" / "data" / RUNS[0], run_dir)
 
-
-def test_bad_input_fails_once_with_its_message(cluster, data: Path, tmp_path: Path,
-                                               copy_dataset) -> None:
-    """A corrupt image fails its run's job once, with the decoder's message naming the file;
-    the jobs that needed it are skipped, a good run beside it completes."""
-    address, env = cluster
-    bad = copy_dataset(data, "bad")
-    victim = sorted((bad / "train").rglob("*.png"))[5]
-    victim.write_text("not an image")
-    runs = [{**TWO[0], "data": str(bad)}, {**TWO[0], "run_name": "good"}]
-    plan = write_plan(tmp_path / "bad.yaml", {**FAST, "data": str(data),
-                                              "out": str(tmp_path / "out")}, runs)
-    proc = run_script(["--plan", str(plan), "--executor", "ray", "--address", address],
-                      tmp_path, env)
-    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "Traceback" not in proc.stderr.split("error:", 1)[-1]
-    assert "1 image(s) could not be read" in proc.stderr and str(victim) in proc.stderr
-    jobs = {j["job"]: j for j in status(tmp_path / "out", "bad")["jobs"]}
+    assert "\nerror: " in stderr, stderr[-5000:]
+    message = stderr.rsplit("\nerror: ", 1)[-1]  # the driver's last words
+    assert "1 image(s) could not be read" in message and str(broken) in message, stderr[-5000:]
+    assert "Traceback" not in message
     failed = [j for j in jobs.values() if j["state"] == "failed"]
-    assert len(failed) == 1 and failed[0]["kind"] == "prepare"
+    assert len(failed) == 1 and failed[0]["job"] == "bad/prepare"
     assert failed[0]["attempts"] == 1  # raised, not retried
     assert "could not be read" in failed[0]["result"]
-    assert jobs[f"{RUNS[0]}/assemble"]["state"] == "skipped"
-    assert jobs["good/assemble"]["state"] == "done"
-    assert (tmp_path / "out" / "data" / "good" / "oof.parquet").is_file()
+    assert jobs["bad/assemble"]["state"] == "skipped"
