@@ -26,8 +26,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # tests but ~8 minutes, to run last on one worker while the other idled. A module not listed
 # counts as 0 (after these, in file order): list a new one that trains for more than ~30 s.
 MODULE_SECONDS = {
-    "test_ray_executor.py": 310, "test_serve.py": 330, "test_keras_backend.py": 300,
-    "test_run_folds.py": 250, "test_faults.py": 135, "test_ray_local.py": 100,
+    "test_ray_executor.py": 240, "test_serve.py": 330, "test_keras_backend.py": 300,
+    "test_run_folds.py": 250, "test_faults.py": 135, "test_ray_local.py": 60,
     "test_progressive.py": 80, "test_recipe.py": 90, "test_tracking.py": 60,
     "test_shape_properties_training.py": 70, "test_stackers.py": 60, "test_stack.py": 60,
     "test_lr_find.py": 60, "test_pseudo_wiring.py": 55, "test_backbone_contract.py": 150,
