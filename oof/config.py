@@ -174,7 +174,8 @@ class RunConfig(DatasetConfig):
                         "and 75 %) or constant; plateau: constant + a ReduceLROnPlateau callback",
                         ("cosine", "onecycle", "cyclic", "step", "constant"))
     warmup_epochs: NonNegativeFloat = opt(1.0, "linear LR warmup length in epochs")
-    label_smoothing: Smoothing = opt(0.1, "label smoothing of the loss's targets")
+    label_smoothing: Smoothing = opt(0.1, "label smoothing of the loss's targets (a distilled "
+                                  "student's: of their one-hot part only)")
     loss: str = opt("ce", "training loss: ce (cross-entropy) or focal (each image's loss times "
                     "(1 - p_true)^gamma: hard images count more)", ("ce", "focal"))
     focal_gamma: NonNegativeFloat = opt(2.0, "focal loss: gamma (0 = cross-entropy)")

@@ -3,9 +3,15 @@
 A distilled student learns the ensemble's probabilities instead of (or mixed with) the hard
 labels (Hinton et al. 2015; AutoGluon's ``distill``). The target of training row i is the
 teacher's OUT-OF-FOLD row i, softened by a temperature T (p^(1/T), renormalised) and mixed with
-the one-hot label by alpha::
+the one-hot label by alpha, the one-hot part smoothed by the run's ``--label-smoothing`` eps::
 
-    target_i = alpha * onehot(y_i) + (1 - alpha) * normalise(oof_i ** (1 / T))
+    target_i = alpha * smooth(onehot(y_i)) + (1 - alpha) * normalise(oof_i ** (1 / T))
+    smooth(e) = (1 - eps) * e + eps / C
+
+Label smoothing regularises one-hot labels only: the teacher's probabilities are soft already,
+and smoothing them again (as the loss smooths every target it is given) taught the student
+targets flatter than the teacher's. A student's fold jobs therefore train with the loss's own
+smoothing off (``runner.tasks.student_config``): the targets carry it.
 
 The teacher's OOF row i was made by models that never trained on row i (level 1: the fold model
 that held row i out; level 2: the fold stacker fitted without row i's fold, on such rows), so a
@@ -130,15 +136,17 @@ def soften(proba: np.ndarray, temperature: float) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def mix_targets(proba: np.ndarray, y: np.ndarray, alpha: float,
-                temperature: float) -> np.ndarray:
-    """``alpha`` x one-hot(y) + (1 - alpha) x soften(proba, T): rows sum to 1."""
-    onehot = np.eye(proba.shape[1])[np.asarray(y, dtype=np.int64)]
-    return alpha * onehot + (1.0 - alpha) * soften(proba, temperature)
+def mix_targets(proba: np.ndarray, y: np.ndarray, alpha: float, temperature: float,
+                label_smoothing: float = 0.0) -> np.ndarray:
+    """``alpha`` x smoothed one-hot(y) + (1 - alpha) x soften(proba, T): rows sum to 1."""
+    n_classes = proba.shape[1]
+    onehot = np.eye(n_classes)[np.asarray(y, dtype=np.int64)]
+    hard = onehot * (1.0 - label_smoothing) + label_smoothing / n_classes
+    return alpha * hard + (1.0 - alpha) * soften(proba, temperature)
 
 
-def distill_targets(teacher: Teacher, y: np.ndarray, alpha: float,
-                    temperature: float) -> np.ndarray:
+def distill_targets(teacher: Teacher, y: np.ndarray, alpha: float, temperature: float,
+                    label_smoothing: float = 0.0) -> np.ndarray:
     """(N, C) float64 targets of the folds.csv rows (their order): the teacher's OOF row of the
-    same id and fold, softened and mixed with label ``y``."""
-    return mix_targets(teacher.run.oof, y, alpha, temperature)
+    same id and fold, softened and mixed with label ``y`` (smoothed by ``label_smoothing``)."""
+    return mix_targets(teacher.run.oof, y, alpha, temperature, label_smoothing)

@@ -278,7 +278,8 @@ def _teacher(cfg: RunConfig, backend: Any, dataset: ImageDataset, folds: Folds
                           "(its data path takes integer labels)")
     teacher = load_teacher(cfg.distill_from, folds, dataset.classes)
     _, y = _fold_rows(dataset, folds)
-    return teacher, distill_targets(teacher, y, cfg.distill_alpha, cfg.distill_temperature)
+    return teacher, distill_targets(teacher, y, cfg.distill_alpha, cfg.distill_temperature,
+                                    cfg.label_smoothing)
 
 
 def prepare_run(cfg: RunConfig) -> PreparedRun:

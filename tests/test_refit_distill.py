@@ -247,9 +247,31 @@ def test_each_target_comes_from_the_teachers_oof_row(teacher_root) -> None:
         np.testing.assert_allclose(targets[i], want, rtol=0, atol=1e-12)
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-12)
     assert np.array_equal(distill_targets(teacher, y, 1.0, temp), np.eye(3)[y])  # hard only
+    # label smoothing eps smooths the one-hot part only; the teacher's part is not flattened
+    eps = 0.1
+    smoothed = distill_targets(teacher, y, alpha, temp, eps)
+    np.testing.assert_allclose(smoothed - targets, alpha * (eps / 3 - eps * np.eye(3)[y]),
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(smoothed.sum(axis=1), 1.0, atol=1e-12)
     meta = teacher.describe(alpha, temp)
     assert meta["fold_fingerprint"] == folds.fingerprint and meta["level"] == 2
     assert "optimistic" in meta["note"]
+
+
+def test_a_students_loss_does_not_smooth_its_targets_again() -> None:
+    """The loss smooths every target it gets; a student's targets carry their smoothing (on the
+    one-hot part), so its fold jobs train with the loss's smoothing off, and other runs keep
+    theirs."""
+    from oof.config import RunConfig
+    from runner.tasks import TrainingSide, student_config
+
+    cfg = RunConfig(label_smoothing=0.1)
+    hard = TrainingSide(x=None, y=np.zeros(3, dtype=np.int64), at_size=None)
+    soft = TrainingSide(x=None, y=np.zeros(3, dtype=np.int64), at_size=None,
+                        soft=np.full((3, 2), 0.5))
+    assert student_config(cfg, hard) is cfg
+    assert student_config(cfg, soft).label_smoothing == 0.0
+    assert cfg.label_smoothing == 0.1  # the run's own config (config.yaml) is untouched
 
 
 def test_a_teacher_on_other_folds_or_classes_is_refused(teacher_root, tmp_path: Path) -> None:
