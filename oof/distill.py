@@ -140,9 +140,11 @@ def mix_targets(proba: np.ndarray, y: np.ndarray, alpha: float, temperature: flo
                 label_smoothing: float = 0.0) -> np.ndarray:
     """``alpha`` x smoothed one-hot(y) + (1 - alpha) x soften(proba, T): rows sum to 1."""
     n_classes = proba.shape[1]
-    onehot = np.eye(n_classes)[np.asarray(y, dtype=np.int64)]
-    hard = onehot * (1.0 - label_smoothing) + label_smoothing / n_classes
-    return alpha * hard + (1.0 - alpha) * soften(proba, temperature)
+    onehot = np.eye(n_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+    # in float32, as the losses smooth (torch and Keras alike): alpha 1 trains bit for bit as a
+    # run on hard labels does
+    hard = onehot * np.float32(1.0 - label_smoothing) + np.float32(label_smoothing / n_classes)
+    return alpha * hard.astype(np.float64) + (1.0 - alpha) * soften(proba, temperature)
 
 
 def distill_targets(teacher: Teacher, y: np.ndarray, alpha: float, temperature: float,

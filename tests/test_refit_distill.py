@@ -251,8 +251,8 @@ def test_each_target_comes_from_the_teachers_oof_row(teacher_root) -> None:
     eps = 0.1
     smoothed = distill_targets(teacher, y, alpha, temp, eps)
     np.testing.assert_allclose(smoothed - targets, alpha * (eps / 3 - eps * np.eye(3)[y]),
-                               rtol=0, atol=1e-12)
-    np.testing.assert_allclose(smoothed.sum(axis=1), 1.0, atol=1e-12)
+                               rtol=0, atol=1e-7)  # the smoothing is float32, as the losses'
+    np.testing.assert_allclose(smoothed.sum(axis=1), 1.0, atol=1e-7)
     meta = teacher.describe(alpha, temp)
     assert meta["fold_fingerprint"] == folds.fingerprint and meta["level"] == 2
     assert "optimistic" in meta["note"]
