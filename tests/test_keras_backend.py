@@ -153,6 +153,23 @@ with kr.cpp_log_lines_dropped(3):  # what the C++ libraries write while loading
                 b"E0000 00:00:1796610671.275274   11355 cuda_platform.cc:52] PLANTED\\n"
                 b"F0000 00:00:1796610671.275274   11355 x.cc:1] PLANTED fatal\\n"
                 b"PLANTED plain\\n")
+# a student's targets carry label smoothing on their one-hot part; its loss smooths no more:
+# alpha 1 is bit for bit the hard-label loss, alpha 0.5 the smoothed one-hot + teacher mix
+from oof.distill import mix_targets
+ls_y = np.arange(6) % 10
+ls_logits = np.random.default_rng(2).normal(size=(6, 10)).astype(np.float32)
+ls_pred = np.exp(ls_logits) / np.exp(ls_logits).sum(axis=1, keepdims=True)
+ls_teacher = np.random.default_rng(3).dirichlet(np.ones(10), size=6)
+def ls_loss(smoothing, target):
+    return float(ko.make_loss(RunConfig(label_smoothing=smoothing))(
+        target.astype(np.float32), ls_pred))
+hard_loss = ls_loss(0.1, np.eye(10)[ls_y])
+mixed = mix_targets(ls_teacher, ls_y, 0.5, 1.0, 0.1)
+want = 0.5 * (np.eye(10)[ls_y] * 0.9 + 0.01) + 0.5 * ls_teacher
+out["student_smoothing"] = {
+    "alpha1_same": ls_loss(0.0, mix_targets(ls_teacher, ls_y, 1.0, 1.0, 0.1)) == hard_loss,
+    "alpha05_gap": abs(ls_loss(0.0, mixed) - float(np.mean(-(want * np.log(ls_pred)).sum(1)))),
+    "smoothed_again_gap": abs(ls_loss(0.1, mixed) - ls_loss(0.0, mixed))}
 # last: TensorFlow has run ops on its default pool, which it cannot resize any more
 out["threads_after_init"] = error(lambda: kr.configure_runtime(RunConfig(threads=3)))
 print("PROBE" + json.dumps(out))
@@ -373,6 +390,16 @@ def test_short_run_predicts_held_out_rows_far_above_chance(demo_dir: Path, tmp_p
     assert run.scores()["accuracy"] > 0.6, run.scores()
     assert run.scores()["log_loss"] < 1.5, run.scores()
     assert all(run.meta["fold_info"][str(k)]["bn_recalibrated_layers"] > 30 for k in range(3))
+
+
+def test_a_students_targets_are_smoothed_once(probe: dict) -> None:
+    """Keras side of oof.distill: with the loss's smoothing off, alpha 1 gives the hard-label
+    loss bit for bit, alpha 0.5 the loss of the smoothed one-hot mixed with the teacher's row;
+    smoothing again (the old behaviour) would move it."""
+    got = probe["student_smoothing"]
+    assert got["alpha1_same"]
+    assert got["alpha05_gap"] < 1e-5
+    assert got["smoothed_again_gap"] > 1e-3
 
 
 def test_every_optimizer_name_is_a_keras_optimizer(probe: dict) -> None:
