@@ -9,7 +9,7 @@ pipeline asks the backbone for input size, mean and std instead of guessing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +74,12 @@ class FoldJob:
     # --distill-from: (rows, C) float targets of the training rows (rows as y_train, which keeps
     # the hard labels); None = the one-hot of y_train. Only families with soft_targets get them
     y_train_soft: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        # soft targets carry their own label smoothing, on their one-hot part only
+        # (oof.distill.mix_targets): the loss, which smooths every target, must not smooth again
+        if self.y_train_soft is not None and self.cfg.label_smoothing:
+            self.cfg = replace(self.cfg, label_smoothing=0.0)
 
     def train_targets(self) -> np.ndarray:
         """What the training rows learn: ``y_train_soft`` (rows, C) when given, else the class

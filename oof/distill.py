@@ -11,7 +11,7 @@ the one-hot label by alpha, the one-hot part smoothed by the run's ``--label-smo
 Label smoothing regularises one-hot labels only: the teacher's probabilities are soft already,
 and smoothing them again (as the loss smooths every target it is given) taught the student
 targets flatter than the teacher's. A student's fold jobs therefore train with the loss's own
-smoothing off (``runner.tasks.student_config``): the targets carry it.
+smoothing off (``backbones.base.FoldJob``): the targets carry it.
 
 The teacher's OOF row i was made by models that never trained on row i (level 1: the fold model
 that held row i out; level 2: the fold stacker fitted without row i's fold, on such rows), so a

@@ -114,7 +114,7 @@ def train_refit(prep: PreparedRun, images: FoldImages | None = None,
     Every fold must be done (its epoch count comes from them). ``callbacks``: extra template
     callbacks (tests)."""
     from backbones.base import FoldJob
-    from runner.tasks import load_fold_images, student_config, training_side
+    from runner.tasks import load_fold_images, training_side
 
     run, folds, cfg = prep.run, prep.folds, prep.cfg
     check_refit(cfg)
@@ -131,8 +131,7 @@ def train_refit(prep: PreparedRun, images: FoldImages | None = None,
         log.info("refit: one model on all %d training rows, %d of --epochs %d (%s); fold %d in "
                  "the epoch lines", len(side.y), epochs, cfg.epochs, rule, folds.k)
         job = FoldJob(
-            spec=prep.spec, cfg=student_config(cfg, side), fold=folds.k,
-            classes=prep.dataset.classes,
+            spec=prep.spec, cfg=cfg, fold=folds.k, classes=prep.dataset.classes,
             x_train=side.x, y_train=side.y,
             x_val=RowView(images.train, images.order[none]), y_val=images.y[none],
             x_test=RowView(images.test, np.arange(len(images.test))),

@@ -7,7 +7,6 @@ the files: a Ray run and a local run of the same config give the same OOF.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -23,7 +22,6 @@ from oof.metrics import scores
 from oof.rundir import FoldPart
 
 if TYPE_CHECKING:
-    from oof.config import RunConfig
     from runner.run import PreparedRun
 
 log = logging.getLogger("runner.run")  # the fold lines users and tests read come from the runner
@@ -65,14 +63,6 @@ class TrainingSide:
     y: np.ndarray
     at_size: Any  # size -> the same rows decoded at that size (progressive resizing)
     soft: np.ndarray | None = None  # --distill-from: each row's soft target (rows, C)
-
-
-def student_config(cfg: RunConfig, side: TrainingSide) -> RunConfig:
-    """The config a fold job trains with: a student's (soft targets) without the loss's label
-    smoothing, which its targets already carry on their one-hot part (``oof.distill``)."""
-    if side.soft is None or not cfg.label_smoothing:
-        return cfg
-    return dataclasses.replace(cfg, label_smoothing=0.0)
 
 
 def training_side(prep: PreparedRun, images: FoldImages, rows: np.ndarray,
@@ -128,7 +118,7 @@ def train_one_fold(prep: PreparedRun, images: FoldImages, k: int) -> dict[str, A
     x_train, y_train = side.x, side.y
 
     job = FoldJob(
-        spec=spec, cfg=student_config(cfg, side), fold=k, classes=prep.dataset.classes,
+        spec=spec, cfg=cfg, fold=k, classes=prep.dataset.classes,
         x_train=x_train, y_train=y_train,
         x_val=RowView(images.train, images.order[va]), y_val=images.y[va],
         x_test=RowView(images.test, np.arange(len(images.test))),

@@ -260,17 +260,21 @@ def test_each_target_comes_from_the_teachers_oof_row(teacher_root) -> None:
 
 def test_a_students_loss_does_not_smooth_its_targets_again() -> None:
     """The loss smooths every target it gets; a student's targets carry their smoothing (on the
-    one-hot part), so its fold jobs train with the loss's smoothing off, and other runs keep
-    theirs."""
+    one-hot part), so a fold job on soft targets trains with the loss's smoothing off, and other
+    jobs keep theirs."""
+    from backbones.base import FoldJob
     from oof.config import RunConfig
-    from runner.tasks import TrainingSide, student_config
 
     cfg = RunConfig(label_smoothing=0.1)
-    hard = TrainingSide(x=None, y=np.zeros(3, dtype=np.int64), at_size=None)
-    soft = TrainingSide(x=None, y=np.zeros(3, dtype=np.int64), at_size=None,
-                        soft=np.full((3, 2), 0.5))
-    assert student_config(cfg, hard) is cfg
-    assert student_config(cfg, soft).label_smoothing == 0.0
+
+    def job(soft: np.ndarray | None) -> FoldJob:
+        y = np.zeros(3, dtype=np.int64)
+        return FoldJob(spec=None, cfg=cfg, fold=0, classes=["a", "b"], x_train=None, y_train=y,
+                       x_val=None, y_val=y, x_test=None, checkpoint_path=Path("c"),
+                       work_dir=Path("w"), history_path=Path("h"), y_train_soft=soft)
+
+    assert job(None).cfg is cfg
+    assert job(np.full((3, 2), 0.5)).cfg.label_smoothing == 0.0
     assert cfg.label_smoothing == 0.1  # the run's own config (config.yaml) is untouched
 
 
