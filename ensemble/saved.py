@@ -79,26 +79,21 @@ class SavedStacker:
         return full_proba(self.stacker, X, len(self.info["classes"]))
 
 
-def save_stacker(out_dir: Path, stacker: Any, method: str, runs: list[Any], classes: list[str],
-                 fingerprint: str, level2_scores: dict[str, float],
-                 file: str = STACKER_FILE) -> Path:
-    """Write ``stacker`` (fitted on the OOF of ``runs``, hstacked in that order) and its record.
+def stacker_record(stacker: Any, method: str, runs: list[Any], classes: list[str],
+                   fingerprint: str, level2_scores: dict[str, float],
+                   file: str = STACKER_FILE) -> dict[str, Any]:
+    """What ``stacker.json`` says of a fitted stacker (its file's SHA-256 is added on saving).
 
     ``runs`` are ``oof.rundir.Run`` objects (a ``VariantRun`` records its variant);
-    ``level2_scores`` the method's honest CV scores.
-    A ``TemperatureScaled`` stacker is pickled whole (whatever loads it applies its T); the
-    record shows the method's parameters and ``temperature``.
+    ``level2_scores`` the method's honest CV scores. A ``TemperatureScaled`` stacker shows the
+    method's parameters and ``temperature``.
     """
-    import joblib
-
     from ensemble.calibrate import TemperatureScaled
 
-    path = Path(out_dir) / file
-    write_atomic(path, lambda p: joblib.dump(stacker, p))
     scaled = isinstance(stacker, TemperatureScaled)
     inner = stacker.estimator if scaled else stacker
-    info = {
-        "file": file, "sha256": sha256_of(path), "method": method,
+    return {
+        "file": file, "sha256": None, "method": method,
         "params": {k: v for k, v in inner.get_params().items()
                    if isinstance(v, (str, int, float, bool, type(None)))},
         "temperature": float(stacker.temperature) if scaled else None,
@@ -109,6 +104,20 @@ def save_stacker(out_dir: Path, stacker: Any, method: str, runs: list[Any], clas
                   "variant": getattr(r, "variant", Variant()).to_dict()} for r in runs],
         "level2_scores": level2_scores, "versions": installed_versions(),
     }
+
+
+def save_stacker(out_dir: Path, stacker: Any, method: str, runs: list[Any], classes: list[str],
+                 fingerprint: str, level2_scores: dict[str, float],
+                 file: str = STACKER_FILE) -> Path:
+    """Write ``stacker`` (fitted on the OOF of ``runs``, hstacked in that order) and its record
+    (``stacker_record``). A ``TemperatureScaled`` stacker is pickled whole (whatever loads it
+    applies its T)."""
+    import joblib
+
+    path = Path(out_dir) / file
+    write_atomic(path, lambda p: joblib.dump(stacker, p))
+    info = {**stacker_record(stacker, method, runs, classes, fingerprint, level2_scores, file),
+            "sha256": sha256_of(path)}
     write_json(Path(out_dir) / file.replace(".joblib", ".json"), info)
     return path
 

@@ -13,6 +13,9 @@ runs[i].variant, ``ensemble.cost.Variant``): by its one ``--refit-full`` model, 
 of its TTA views; the run's entry then loads that checkpoint and keeps those views only, so the
 served probabilities are the ones the stack's test rows were made of.
 
+A level-1 run folder loads too (``describe_run``): the run alone, by its refit model where it
+has one, so a ``--refit-full`` run or a distilled student is served as the one model it is.
+
 ``python -m serve.bundle STACK_DIR --out DIR [--subset greedy]`` (or ``foldstack-bundle``; options
 in ``serve.config.BundleConfig``) exports a self-contained folder (manifest, stacker, each run's
 meta and fold weights) that runs without the run root.
@@ -37,6 +40,7 @@ import numpy as np
 from ensemble.cost import Cost, Variant, variant_cost
 from ensemble.saved import (
     STACKER_FILE,
+    STACKER_INFO,
     SavedStacker,
     installed_versions,
     load_stacker,
@@ -297,7 +301,8 @@ class Ensemble:
     def load(cls, path: str | Path, *, subset: str | list[str] | None = None,
              allow_version_mismatch: bool = False, threads: int | None = None,
              device: str = "cpu") -> Ensemble:
-        """A bundle folder (with manifest.json) or a stack folder written by ``stack.py``.
+        """A bundle folder (with manifest.json), a stack folder written by ``stack.py``, or a
+        level-1 run folder (``describe_run``: its refit model where it has one).
 
         ``subset``: 'greedy' (the runs greedy selection keeps) or run names; only for a stack
         folder (a bundle's subset is chosen when it is exported).
@@ -320,7 +325,7 @@ class Ensemble:
     @classmethod
     def _load_stack(cls, stack_dir: Path, subset: str | list[str] | None,
                     allow: bool) -> Ensemble:
-        manifest, entries, saved = describe_stack(stack_dir, subset, allow)
+        manifest, entries, saved = describe(stack_dir, subset, allow)
         _check_run_versions(entries, allow)
         return cls(stack_dir, manifest, entries, saved)
 
@@ -450,8 +455,58 @@ def describe_stack(stack_dir: Path, subset: str | list[str] | None = None,
     entries = [_run_entry(Path(r["path"]), r["run"], Variant.from_dict(r.get("variant")))
                for r in info["runs"]]
     _check_consistent(entries, info, stack_dir)
-    manifest = {
-        "format": FORMAT, "source": str(stack_dir.resolve()), "classes": info["classes"],
+    return _manifest(stack_dir, info, entries, subset_info), entries, saved
+
+
+def describe_run(run_dir: Path, subset: str | list[str] | None = None
+                 ) -> tuple[dict[str, Any], list[RunEntry], Any]:
+    """A level-1 run folder served alone, as a stack of one run (issue 30 item 4: a run folder
+    is a predictor too): by its ``--refit-full`` model when it has a finished one (one model,
+    the point of a refit run or a distilled student), else by the mean of its fold models, as
+    its test rows were made. The "stacker" is the mean of that one run; its level-2 scores are
+    the run's OOF scores (a refit model is estimated by them; a student's are optimistic)."""
+    from ensemble.saved import stacker_record
+    from ensemble.stackers import make_stacker
+    from ensemble.variants import has_refit, variant_run
+    from oof.metrics import scores
+    from oof.rundir import load_run
+
+    run_dir = Path(run_dir)
+    if parse_subset(subset):
+        raise ConfigError(f"--subset: {run_dir} is one run folder; a subset needs a stack folder")
+    run = load_run(run_dir)
+    served = variant_run(run, Variant("refit") if has_refit(run) else Variant())
+    rows = ~np.isnan(served.oof).any(axis=1)
+    stacker = make_stacker("mean").fit(served.oof[rows], run.y[rows])
+    info = stacker_record(stacker, "mean", [served], run.classes, run.fingerprint,
+                          scores(run.y[rows], served.oof[rows]))
+    entries = [_run_entry(run_dir, run.name, getattr(served, "variant", None))]
+    _check_consistent(entries, info, run_dir)
+    return _manifest(run_dir, info, entries, None), entries, SavedStacker(stacker, info)
+
+
+def describe(path: Path, subset: str | list[str] | None = None,
+             allow_version_mismatch: bool = False) -> tuple[dict[str, Any], list[RunEntry], Any]:
+    """A stack folder's manifest (``describe_stack``), or a level-1 run folder's
+    (``describe_run``): a folder with ``meta.json`` of level 1 and no ``stacker.json``."""
+    path = Path(path)
+    meta = path / "meta.json"
+    if not (path / STACKER_INFO).exists() and meta.exists():
+        try:
+            level = int(json.loads(meta.read_text()).get("level", 1))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise DataError(f"{meta}: cannot read the run's meta ({exc})") from exc
+        if level == 1:
+            return describe_run(path, subset)
+    return describe_stack(path, subset, allow_version_mismatch)
+
+
+def _manifest(source: Path, info: dict[str, Any], entries: list[RunEntry],
+              subset_info: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest of what ``source`` (a stack or run folder) serves: the stacker's record,
+    each run as served (variant, cost, checkpoints, files), the whole's cost."""
+    return {
+        "format": FORMAT, "source": str(source.resolve()), "classes": info["classes"],
         "fold_fingerprint": info["fold_fingerprint"],
         "stacker": {"file": STACKER_FILE, "method": info["method"], "params": info["params"],
                     "level2_scores": info["level2_scores"]},
@@ -466,7 +521,6 @@ def describe_stack(stack_dir: Path, subset: str | list[str] | None = None,
                  for e in entries],
         "cost": sum((e.cost for e in entries), Cost(0, 0.0)).row(),
     }
-    return manifest, entries, saved
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -532,7 +586,7 @@ def export_bundle(stack_dir: str | Path, out: str | Path,
     out = Path(out)
     if out.exists():
         raise ConfigError(f"--out {out}: already exists; choose a new folder")
-    manifest, entries, saved = describe_stack(Path(stack_dir), subset)
+    manifest, entries, saved = describe(Path(stack_dir), subset)
     _check_run_versions(entries, allow=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

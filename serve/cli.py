@@ -14,12 +14,13 @@ from oof.cli import main_guard
 from oof.config import parse_config
 from serve.config import BundleConfig, PredictConfig, ServeConfig
 
-PREDICT_DOC = ("Predict image files with a stack (or an exported bundle): one CSV row per image, "
-               "id,label,<one column per class> (id = the file name).")
-SERVE_DOC = ("Serve a stack (or an exported bundle) over HTTP: an upload page at /, POST /predict "
-             "(multipart field 'file', one or more images) and GET /health, on a waitress WSGI "
-             "server.")
-BUNDLE_DOC = "Export a stack folder as a self-contained bundle (manifest, stacker, fold weights)."
+PREDICT_DOC = ("Predict image files with a stack, an exported bundle or one run folder: one CSV "
+               "row per image, id,label,<one column per class> (id = the file name).")
+SERVE_DOC = ("Serve a stack, an exported bundle or one run folder over HTTP: an upload page at /, "
+             "POST /predict (multipart field 'file', one or more images) and GET /health, on a "
+             "waitress WSGI server.")
+BUNDLE_DOC = ("Export a stack folder (or one run folder) as a self-contained bundle (manifest, "
+              "stacker, model weights).")
 
 
 def predict_main(argv: list[str] | None = None, prog: str = "foldstack-predict") -> int:

@@ -63,7 +63,8 @@ def parse_subset(value: Any) -> Literal["greedy"] | list[str] | None:
 Subset = Annotated[Literal["greedy"] | list[str] | None, BeforeValidator(parse_subset)]
 Port = Annotated[NonNegativeInt, Field(le=65535)]
 
-_STACK_DIR = "stack folder written by stack.py, or a bundle (python -m serve.bundle)"
+_STACK_DIR = ("stack folder written by stack.py, a bundle (python -m serve.bundle), or one "
+              "run folder (its --refit-full model where it has one, else its fold models)")
 _SUBSET = ("serve fewer runs: 'greedy' (those greedy selection keeps) or RUN,RUN; stack folders "
            "only (a bundle's runs are chosen when it is exported)")
 _ALLOW = "load models saved with other library versions (warns)"
@@ -110,7 +111,8 @@ class ServeConfig(ConfigFile):
 class BundleConfig(ConfigFile):
     """Everything ``python -m serve.bundle`` needs: the stack, the new folder, the runs kept."""
 
-    stack_dir: Name = opt(REQUIRED, "stack folder written by stack.py", positional=True)
+    stack_dir: Name = opt(REQUIRED, "stack folder written by stack.py, or one run folder (its "
+                           "--refit-full model where it has one)", positional=True)
     out: Name = opt(REQUIRED, "new folder for the bundle (must not exist)")
     subset: Subset = opt(None, "serve fewer runs: 'greedy' (those greedy selection keeps) or "
                          "RUN,RUN; the manifest shows its score")

@@ -126,6 +126,30 @@ for alpha in (1.0, 0.3):
                  "diff": float(np.abs(got[a.classes].to_numpy() - want[a.classes].to_numpy()
                                       ).max()),
                  "meta": json.loads((out / "a" / "data" / name / "meta.json").read_text())}
+
+# the alpha 0.3 student killed in its fold's last epoch, then resumed: bit-identical to it
+from backbones.callbacks import USER_CALLBACKS
+USER_CALLBACKS["Kill"] = Kill  # a config callback: the resumed run has the same config
+prep = prepare_run(RunConfig(out=str(out / "a"), run_name="student-killed", fold=0,
+                             distill_from=str(run_a), distill_alpha=0.3, distill_temperature=2.0,
+                             callbacks=[{"name": "Kill"}], **base))
+Kill.armed = True
+try:
+    train_locked(prep, prep.todo())
+    res["student_killed"] = False
+except KeyboardInterrupt:
+    res["student_killed"] = True
+killed = out / "a" / "data" / "student-killed"
+res["student_done_after_kill"] = prep.run.is_done(0)
+res["student_resume_state"] = sorted(p.name for p in (killed / "work").rglob("resume*"))
+prep = prepare_run(RunConfig(out=str(out / "a"), run_name="student-killed", fold=0,
+                             distill_from=str(run_a), distill_alpha=0.3, distill_temperature=2.0,
+                             callbacks=[{"name": "Kill"}], **base))
+train_locked(prep, prep.todo())
+res["student_resumed_from"] = prep.run.read_fold_info(0).get("resumed_from_epoch")
+got = pd.read_parquet(killed / "parts" / "fold0_oof.parquet")
+want = pd.read_parquet(out / "a" / "data" / "student0.3" / "parts" / "fold0_oof.parquet")
+res["student_resumed_equal"] = bool(got.equals(want))
 print(json.dumps(res, default=str))
 """
 
@@ -183,6 +207,10 @@ def test_cost_and_refit_end_to_end(demo_dir: Path, tmp_path: Path) -> None:
         assert meta["student"] is True and meta["teacher"]["alpha"] == alpha
         assert meta["teacher"]["fold_fingerprint"] == got["meta"]["fold_fingerprint"]
         assert meta["teacher"]["temperature"] == 2.0 and "optimistic" in meta["teacher"]["note"]
+    # a student resumes after a kill like any fold: no half fold, then the same bits
+    assert got["student_killed"] and not got["student_done_after_kill"]
+    assert got["student_resume_state"], "no resume state left by the killed student fold"
+    assert got["student_resumed_from"] == 1 and got["student_resumed_equal"]
 
 
 def test_runs_without_refit_or_views_load_as_before(tmp_path: Path) -> None:

@@ -334,8 +334,8 @@ def test_export_refuses_an_existing_folder_and_a_non_stack(bundle: Path, stack: 
 
     with pytest.raises(FoldstackError, match="already exists"):
         export_bundle(stack, bundle)
-    with pytest.raises(FoldstackError, match="no stacker.json"):
-        export_bundle(stack.parent / TIMM_RUN, tmp_path / "x")
+    with pytest.raises(FoldstackError, match="no stacker.json"):  # a run root: no stack, no run
+        export_bundle(stack.parent, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

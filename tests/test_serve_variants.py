@@ -94,3 +94,61 @@ def test_refit_and_view_variants_are_chosen_recorded_and_served(
                        for p in answer["predictions"]])
     np.testing.assert_allclose(served, sub.loc[sub.index[:8], CLASSES].to_numpy(float),
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_students_run_folder_is_a_predictor_and_a_bundle(
+        run_root: Path, demo_subset: Path, tmp_path: Path) -> None:
+    """A distilled student trained with --refit-full is served from its run folder as one model
+    (issue 30 item 4): predict.py on the folder and on its exported bundle, and serve.py on the
+    bundle, give the refit model's stored test rows to 1e-6, and say it is a student."""
+    from oof.errors import ConfigError
+    from oof.rundir import load_run
+    from serve.bundle import describe_run
+
+    teacher = _stack(demo_subset, run_root, "stack-teacher", "--runs", RUN)
+    _py("run_folds.py", "--data", str(demo_subset), "--out", str(run_root), "--folds", "2",
+        "--epochs", "1", "--progress", "false", "--threads", "1", "--backbone",
+        "timm/resnet10t", "--img-size", "16", "--run-name", "student", "--distill-from",
+        str(teacher), "--refit-full")
+    student = run_root / demo_subset.name / "student"
+    run = load_run(student)
+    want = pd.DataFrame(run.refit_test(), index=run.test_ids, columns=run.classes)
+    assert run.meta["student"] is True and run.meta["refit"]["passes_per_image"] == 1
+    assert np.abs(run.refit_test() - run.test).max() > 1e-4  # the refit is not the fold mean
+
+    preds = tmp_path / "folder.csv"
+    _py("predict.py", str(student), str(demo_subset / "test_upload"), "--out", str(preds))
+    got = pd.read_csv(preds, dtype={"id": str}).set_index("id")
+    np.testing.assert_allclose(got.loc[want.index, CLASSES].to_numpy(float),
+                               want[CLASSES].to_numpy(float), rtol=0, atol=1e-6)
+
+    bundle = tmp_path / "student-bundle"
+    _py("-m", "serve.bundle", str(student), "--out", str(bundle))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (entry,) = manifest["runs"]
+    assert entry["variant"] == {"models": "refit", "views": None} and entry["passes"] == 1
+    assert entry["student"] is True and entry["teacher"] == "stack-teacher"
+    assert [c["file"] for c in entry["checkpoints"]] == ["runs/student/refit.safetensors"]
+    assert manifest["stacker"]["method"] == "mean" and manifest["cost"]["passes"] == 1
+    preds = tmp_path / "bundle.csv"
+    _py("predict.py", str(bundle), str(demo_subset / "test_upload"), "--out", str(preds))
+    got = pd.read_csv(preds, dtype={"id": str}).set_index("id")
+    np.testing.assert_allclose(got.loc[want.index, CLASSES].to_numpy(float),
+                               want[CLASSES].to_numpy(float), rtol=0, atol=1e-6)
+
+    with _serving(bundle) as url:
+        health = requests.get(url + "/health", timeout=30).json()
+        (model,) = health["models"]
+        assert (model["served_as"], model["models"], model["passes"]) == ("refit", 1, 1)
+        assert model["student"] is True and health["cost"]["passes"] == 1
+        names = list(want.index[:4])
+        files = [("file", (n, (demo_subset / "test_upload" / n).read_bytes(), "image/png"))
+                 for n in names]
+        answer = requests.post(url + "/predict", files=files, timeout=120).json()
+    served = np.array([[p["probabilities"][c] for c in CLASSES]
+                       for p in answer["predictions"]])
+    np.testing.assert_allclose(served, want.loc[names, CLASSES].to_numpy(float), rtol=0,
+                               atol=1e-6)
+    with pytest.raises(ConfigError, match="one run folder"):
+        describe_run(student, "greedy")
