@@ -17,6 +17,7 @@ minutes on 2 cores; ``--train-images 0 --img-size 28 --epochs 8`` is the full de
 
     .venv/bin/python bench/distill.py [--train-images 2000] [--seeds 0 1] [--teacher DIR]
         [--alpha 0.5] [--temperature 2] [--out /tmp/distill_bench]
+    .venv/bin/python bench/distill.py --data DATASET --score RUN_DIR [RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +115,12 @@ def oof_scores(run: Run) -> dict[str, float]:
     return {"accuracy": accuracy(run.y, run.oof), "log_loss": log_loss(run.y, run.oof)}
 
 
-def row(label: str, run: Run, truth: pd.DataFrame, seed: Any, secs: float) -> dict[str, Any]:
+def row(label: str, run: Run, truth: pd.DataFrame, seed: Any, secs: float,
+        refit: bool = False) -> dict[str, Any]:
+    """A table row: OOF and held-out scores of the run's fold models' mean, or with ``refit``
+    of its ``--refit-full`` model (estimated by the same OOF: it has none of its own)."""
+    if refit:
+        run = replace(run, test=run.refit_test())
     o, h = oof_scores(run), held_out(run, truth)
     return {"run": label + (" *" if run.meta.get("student") else ""), "seed": seed,
             "oof_acc": o["accuracy"], "oof_ll": o["log_loss"], "acc": h["accuracy"],
@@ -144,8 +151,27 @@ def main(argv: list[str] | None = None) -> None:
                     "student and its twin (one pair per seed; the folds stay fixed)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("/tmp/distill_bench"))
+    ap.add_argument("--score", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+                    help="train nothing: score these finished run folders of --data (fold "
+                    "models' mean, and the refit model where there is one)")
     args = ap.parse_args(argv)
 
+    if args.score:
+        if args.data is None:
+            raise SystemExit("--score: pass --data, the dataset the runs were trained on")
+        truth = held_out_labels(args.data)
+        if truth is None:
+            raise SystemExit(f"{args.data}: no held-out labels (test_labels.csv)")
+        rows = []
+        for path in args.score:
+            run = load_run(path)
+            rows.append(row(f"{run.name} (folds)", run, truth, run.meta.get("train_seed"), 0.0))
+            if run.refit_test() is not None:
+                rows.append(row(f"{run.name} (refit)", run, truth, run.meta.get("train_seed"),
+                                0.0, refit=True))
+        print(pd.DataFrame(rows).drop(columns="seconds").to_string(
+            index=False, float_format=lambda v: f"{v:.4f}"))
+        return
     if args.teacher is not None and args.data is None:
         raise SystemExit("--teacher: pass --data, the dataset its runs were trained on")
     if args.data is not None:
