@@ -16,8 +16,9 @@ command that makes it:
   ``run_folds.py --config configs/demo/<config>.yaml --out runs --refit-full --tta-save-views``
   (the demo configs use no TTA, so only the refit adds candidates);
 - a student: ``run_folds.py --config configs/demo/resnet10t_28px.yaml --out runs
-  --run-name student-resnet10t_28px --distill-from runs/demo-fashion/stack-logreg
-  --refit-full``;
+  --run-name student-e24 --distill-from runs/demo-fashion/stack-logreg --refit-full
+  --epochs 24`` (3x the runs' epochs: a student of fixed soft targets keeps improving where a
+  run on one-hot labels stops; docs/benchmarks.md);
 - measured ms per image: runs trained before issue 30 record none (blank).
 
     .venv/bin/python bench/serve_cost.py [--root runs/demo-fashion] [--stack stack-logreg]
@@ -135,8 +136,8 @@ def main() -> None:
                        ".yaml --out runs --refit-full --tta-save-views")
     if not students:
         missing.append(f"no student: run_folds.py --config configs/demo/resnet10t_28px.yaml "
-                       f"--out runs --run-name student-resnet10t_28px --distill-from "
-                       f"{args.root}/{args.stack} --refit-full")
+                       f"--out runs --run-name student-e24 --distill-from "
+                       f"{args.root}/{args.stack} --refit-full --epochs 24")
     if full_cost.ms_per_image is None:
         missing.append("ms_per_image not recorded by these runs (trained before issue 30)")
 

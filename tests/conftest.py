@@ -32,7 +32,7 @@ MODULE_SECONDS = {
     "test_shape_properties_training.py": 70, "test_stackers.py": 60, "test_stack.py": 60,
     "test_lr_find.py": 60, "test_pseudo_wiring.py": 55, "test_backbone_contract.py": 150,
     "test_shape_properties_data.py": 40, "test_refit_distill.py": 60, "test_probe.py": 50,
-    "test_keras_family.py": 100, "test_serve_variants.py": 120,
+    "test_keras_family.py": 100, "test_serve_variants.py": 150,
 }
 
 
