@@ -60,7 +60,7 @@ from oof.config import (
 from oof.distill import STUDENT_FOOTNOTE, is_student, marked, teacher_runs
 from oof.errors import ConfigError, DataError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
-from oof.metrics import METRICS, accuracy, ece, log_loss
+from oof.metrics import METRICS, accuracy, ece, ece_floor, log_loss
 from oof.pseudo import PSEUDO_FILE
 from oof.rundir import FOLD_K_ONLY, META_FILE, Run, check_compatible, find_runs, load_run
 
@@ -74,8 +74,15 @@ TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "macro_f1", "top3", "
 # score on those labels. A run's test prediction is the mean of its fold models, a level-2
 # method's the mean of its fold stackers; the submission row is the final stacker's.
 HELD_OUT_COLUMNS = ["model", "level", "oof_accuracy", "oof_log_loss", "held_out_accuracy",
-                    "held_out_log_loss", "held_out_ece", "gain_vs_best_run", "mcnemar_p",
-                    "passes", "ms_per_image"]
+                    "held_out_log_loss", "held_out_ece", "held_out_ece_floor",
+                    "held_out_calibration_p", "gain_vs_best_run", "mcnemar_p", "passes",
+                    "ms_per_image"]
+HELD_OUT_FOOTNOTE = (
+    "`held_out_ece_floor`: the ECE that exactly calibrated probabilities score on these images by "
+    "chance (each image's correctness drawn from its own confidence, 1,000 draws); "
+    "`held_out_calibration_p`: the share of those draws scoring at least `held_out_ece`. A small "
+    "p says the miscalibration is real; a large one that the ECE is within chance on this many "
+    "images.")
 # The budget front: one row per point better than every cheaper one (CV over the stored folds
 # of the search method; the held-out columns where the dataset has held-out labels).
 FRONT_COLUMNS = ["passes", "ms_per_image", "runs", "log_loss", "accuracy", "ece",
@@ -324,7 +331,7 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if report.get("held_out"):
         lines += [f"Held-out test labels ({report['held_out_rows']} images) against the CV "
                   "(OOF) scores:", "", format_table(report["held_out"], HELD_OUT_COLUMNS), "",
-                  *footnote]
+                  HELD_OUT_FOOTNOTE, "", *footnote]
     if report.get("test_accuracy") is not None:
         lines += [f"Submission accuracy on held-out test labels: {report['test_accuracy']:.4f}",
                   ""]
@@ -357,10 +364,12 @@ def held_out_rows(truth: Any, test_ids: np.ndarray, classes: list[str],
     for name, level, oof_scores, proba, *extra in models:
         p = np.asarray(proba)[rows_of]
         right.append(p.argmax(axis=1) == y)
+        floor, calibration_p = ece_floor(y, p)
         out.append({"model": name, "level": level, "oof_accuracy": oof_scores["accuracy"],
                     "oof_log_loss": oof_scores["log_loss"],
                     "held_out_accuracy": accuracy(y, p),
                     "held_out_log_loss": log_loss(y, p), "held_out_ece": ece(y, p),
+                    "held_out_ece_floor": floor, "held_out_calibration_p": calibration_p,
                     **(extra[0] if extra else {})})
     singles = [k for k, row in enumerate(out) if row["level"] == 1]
     if singles:  # every model against the best level-1 run, on the same images

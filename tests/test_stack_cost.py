@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy.stats import binom
 
 from ensemble.budget import (
     Budget,
@@ -34,7 +35,7 @@ from ensemble.saved import load_stacker
 from ensemble.stack import stack_runs
 from ensemble.stackers import make_stacker
 from oof.errors import ConfigError
-from oof.metrics import ece, log_loss
+from oof.metrics import ece, ece_floor, log_loss
 from oof.rundir import Run, load_run
 from tests.synthetic import synthetic_run
 from tests.test_stack import N_TEST, Project
@@ -60,6 +61,46 @@ def test_ece_matches_a_hand_computation() -> None:
     # NaN rows (no fold predicted them) are skipped
     assert ece(np.array([0, 1, 1, 0]), np.vstack([q, [np.nan, np.nan]])) == pytest.approx(
         ece(np.array([0, 1, 1]), q))
+
+
+def test_ece_floor_is_the_exact_chance_ece_of_one_bin() -> None:
+    # 200 rows of confidence 0.8 (one bin): a calibrated predictor's ECE is |hits/n - 0.8| with
+    # hits ~ Binomial(200, 0.8); its exact mean against the 1,000 draws' (s.e. about 0.0007)
+    n, c = 200, 0.8
+    k = np.arange(n + 1)
+    exact = float((binom.pmf(k, n, c) * np.abs(k / n - c)).sum())
+    p = np.tile([c, 1 - c], (n, 1))
+    y = np.r_[np.zeros(150, int), np.ones(50, int)]  # 150 right: ECE |0.75 - 0.8| = 0.05
+    floor, chance_p = ece_floor(y, p)
+    assert floor == pytest.approx(exact, abs=0.003)
+    assert chance_p == pytest.approx(2 * binom.cdf(150, n, c), abs=0.03)  # |dev| >= 10 hits
+    assert ece_floor(y, p) == (floor, chance_p)  # seeded
+    # NaN rows are skipped; certainty that is always right is exactly calibrated
+    assert ece_floor(np.r_[y, 0], np.vstack([p, [np.nan, np.nan]])) == (floor, chance_p)
+    assert ece_floor(np.zeros(5, int), np.tile([1.0, 0.0], (5, 1))) == (0.0, 1.0)
+
+
+def test_ece_floor_tells_chance_from_miscalibration() -> None:
+    rng = np.random.default_rng(3)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        logits = rng.normal(size=(n, 10)) * 2.5
+        q = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        return (rng.random((n, 1)) > q.cumsum(axis=1)).sum(axis=1).clip(0, 9), q
+
+    draws = [sample(2000) for _ in range(20)]
+    observed = [ece(y, q) for y, q in draws]
+    floors, ps = zip(*(ece_floor(y, q) for y, q in draws))
+    # calibrated labels: the floor is their ECE's mean, and p rarely says "miscalibrated"
+    assert np.mean(floors) == pytest.approx(np.mean(observed), rel=0.15)
+    assert sum(p < 0.05 for p in ps) <= 3
+    # over- and underconfident versions of the same rows: ECE far above the floor, p ~ 0
+    y, q = draws[0]
+    for power in (2.0, 0.5):
+        bent = q ** power / (q ** power).sum(axis=1, keepdims=True)
+        assert ece_floor(y, bent)[1] < 0.001
+    # the floor shrinks as 1/sqrt(rows)
+    assert ece_floor(*sample(8000))[0] < 0.6 * np.mean(floors)
 
 
 # ------------------------------------------------------------------------------ temperature
@@ -413,6 +454,8 @@ def test_budgeted_stack_serves_the_chosen_runs_and_shows_cost_and_front(tmp_path
     assert all(p["held_out_accuracy"] is not None for p in front)
     held = {r["model"]: r for r in res.held_out}
     assert held["tta"]["passes"] == 6 and "held_out_ece" in held["good"]
+    good = held["good"]
+    assert good["held_out_ece_floor"] > 0 and 0 <= good["held_out_calibration_p"] <= 1
     assert (res.out_dir / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (res.out_dir / "report.md").read_text()
     assert "front.png" in md and "nested CV" in md and "ms_per_image" in md
