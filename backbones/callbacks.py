@@ -10,6 +10,7 @@ import csv
 import difflib
 import inspect
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,16 +173,22 @@ USER_CALLBACKS: dict[str, type[Callback]] = {
 }
 
 
-def user_callbacks(specs: list[Any]) -> list[Callback]:
-    """``[{name: EarlyStopping, patience: 3}]`` -> the timm loop's callbacks, named and
-    parametrised as in Keras; unknown names or arguments are refused with the closest ones."""
-    out = []
+def callback_specs(specs: list[Any]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(position, name, kwargs) of each item of a YAML ``callbacks:`` list, for either family:
+    ``{name: EarlyStopping, patience: 3}``, the kwargs also allowed under ``kwargs``."""
     for i, item in enumerate(specs):
         if not isinstance(item, dict) or "name" not in item:
             raise ConfigError(f"callbacks[{i}]: expected a mapping with a 'name', got {item!r}")
         kwargs = {k: v for k, v in item.items() if k not in ("name", "kwargs")}
         kwargs.update(item.get("kwargs") or {})
-        name = str(item["name"])
+        yield i, str(item["name"]), kwargs
+
+
+def user_callbacks(specs: list[Any]) -> list[Callback]:
+    """``[{name: EarlyStopping, patience: 3}]`` -> the timm loop's callbacks, named and
+    parametrised as in Keras; unknown names or arguments are refused with the closest ones."""
+    out = []
+    for i, name, kwargs in callback_specs(specs):
         cls = USER_CALLBACKS.get(name)
         if cls is None:
             close = difflib.get_close_matches(name, USER_CALLBACKS, 3, 0.5)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backbones import close_names
+from backbones.callbacks import callback_specs
 from backbones.keras.runtime import keras
 from oof.atomic import atomic_path
 from oof.errors import ConfigError
@@ -53,12 +54,7 @@ def user_callbacks(specs: list[Any]) -> list[keras.callbacks.Callback]:
     (or a dotted import path ``package.module.Class``); kwargs may also sit under ``kwargs``."""
     known = [n for n in dir(keras.callbacks) if n[:1].isupper()]
     out = []
-    for i, item in enumerate(specs):
-        if not isinstance(item, dict) or "name" not in item:
-            raise ConfigError(f"callbacks[{i}]: expected a mapping with a 'name', got {item!r}")
-        kwargs = {k: v for k, v in item.items() if k not in ("name", "kwargs")}
-        kwargs.update(item.get("kwargs") or {})
-        name = str(item["name"])
+    for i, name, kwargs in callback_specs(specs):
         if "." in name:
             module, _, attr = name.rpartition(".")
             try:
