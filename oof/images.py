@@ -33,7 +33,10 @@ from oof.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
+# what Pillow decodes that cameras, scanners and datasets write (the Netpbm family: .pbm 1-bit,
+# .pgm grey, .ppm colour, .pnm any of the three)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
+                    ".pgm", ".pbm", ".pnm")
 MAX_LISTED = 20
 #: how an image becomes a square: squash the whole frame (the default, as before), keep the aspect
 #: ratio and crop the centre (fills the square, loses the ends of the long side), or keep the

@@ -81,6 +81,20 @@ def test_imagefolder_string_classes_and_jpeg(tmp_path: Path) -> None:
     assert images.shape == (12, 8, 8, 3) and images.dtype == np.uint8
 
 
+def test_netpbm_files_are_images(tmp_path: Path) -> None:
+    # Pillow writes P4/P5/P6 Netpbm files for modes 1, L and RGB, under any of the four names
+    root = tmp_path / "scans"
+    for n, (suffix, mode) in enumerate([(".pbm", "1"), (".pgm", "L"), (".ppm", "RGB"),
+                                        (".pnm", "RGB")]):
+        for label in ("a", "b"):
+            (root / "train" / label).mkdir(parents=True, exist_ok=True)
+            _image(mode).save(root / "train" / label / f"img{n}{suffix}", format="PPM")
+    ds = load_dataset(root)
+    assert len(ds.train) == 8 and {Path(i).suffix for i in ds.train["id"]} == {
+        ".pbm", ".pgm", ".ppm", ".pnm"}
+    assert decode_images(list(ds.train["path"]), 8).shape == (8, 8, 8, 3)
+
+
 def test_imagefolder_natural_sort_of_classes_and_files(tmp_path: Path) -> None:
     root = make_imagefolder(tmp_path / "d", {"class10": 1, "class2": 1, "class1": 1},
                             suffix=".png")
@@ -348,6 +362,7 @@ CONVERSIONS = [
     ("BMP", ".bmp", "RGB"), ("BMP", ".bmp", "L"), ("BMP", ".bmp", "P"),
     ("TIFF", ".tif", "RGB"), ("TIFF", ".tiff", "CMYK"), ("TIFF", ".tif", "I;16"),
     ("TIFF", ".tif", "RGBA"), ("GIF", ".gif", "P"),
+    ("PPM", ".ppm", "RGB"), ("PPM", ".pgm", "L"), ("PPM", ".pbm", "1"), ("PPM", ".pnm", "RGB"),
 ]
 
 
