@@ -265,7 +265,8 @@ def cached_images(paths: Sequence[str], size: int, cache_dir: Path, resize: Resi
 
     The key hashes the paths, their sizes and mtimes, the image size and the resize policy, so an
     edited file, a new size or another policy makes a new cache entry instead of silently reusing
-    stale pixels.
+    stale pixels. Processes that want the same missing file build it once (a file lock beside
+    it); the builder first removes the temporary file a killed build left.
     """
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize={resize!r}; choose one of {list(RESIZE_POLICIES)}")
@@ -274,8 +275,21 @@ def cached_images(paths: Sequence[str], size: int, cache_dir: Path, resize: Resi
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     target = cache_path(paths, size, cache_dir, resize)
     if not target.exists():
-        log.info("decoding %d images at %dpx (%s) into %s", len(paths), size, resize, target)
-        build_cache(paths, size, target, resize, workers, progress=progress)
+        from filelock import FileLock
+
+        # One builder per cache file: fold jobs on one machine (a Ray node, two shells) wait for
+        # it instead of decoding the same images again; the OS drops the lock of a killed one.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(target.with_name(f".{target.name}.lock")):
+            if not target.exists():  # built by another process while this one waited
+                for stale in target.parent.glob(f".{target.name}.*.tmp"):
+                    # holding the lock, no build of this file is running: a killed one left it
+                    log.info("removing %s, left by a killed build (%.0f MB)", stale,
+                             stale.stat().st_size / 1e6)
+                    stale.unlink(missing_ok=True)
+                log.info("decoding %d images at %dpx (%s) into %s", len(paths), size, resize,
+                         target)
+                build_cache(paths, size, target, resize, workers, progress=progress)
     return np.load(target, mmap_mode="r")
 
 

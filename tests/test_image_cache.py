@@ -88,12 +88,14 @@ def test_bad_files_are_listed_together_and_nothing_is_kept(photos: list[str],
     bad[0].write_text("not a picture")
     bad[1].write_bytes(Path(photos[0]).read_bytes()[:0])
     cache = tmp_path / "cache"
+    paths = [*photos[:10], str(bad[0]), *photos[10:30], str(bad[1])]
     with pytest.raises(DataError) as err:
-        cached_images([*photos[:10], str(bad[0]), *photos[10:30], str(bad[1])], 16, cache,
-                      workers=2, progress=False)
+        cached_images(paths, 16, cache, workers=2, progress=False)
     assert str(err.value).startswith("2 image(s) could not be read")
     assert all(str(b) in str(err.value) for b in bad)
-    assert not list(cache.iterdir())  # neither the cache nor its temporary file
+    # neither the cache nor its temporary file; only the empty build lock
+    lock = f".{cache_path(paths, 16, cache).name}.lock"
+    assert [p.name for p in cache.iterdir()] == [lock]
 
 
 def test_a_killed_build_is_never_read_as_complete(tmp_path: Path) -> None:
@@ -114,6 +116,27 @@ def test_a_killed_build_is_never_read_as_complete(tmp_path: Path) -> None:
     assert not list(cache.glob("*.npy"))
     full = cached_images(paths, 64, cache, workers=2, progress=False)
     np.testing.assert_array_equal(full, decode_images(paths, 64))
+    # the killed build's temporary file (full size: 60 x 64 x 64 x 3) is gone, not left to pile up
+    assert not list(cache.glob(".*.tmp"))
+
+
+def test_processes_wanting_one_cache_build_it_once(photos: list[str], tmp_path: Path) -> None:
+    """While another process holds the build lock, a caller waits and then reads that process's
+    file instead of decoding again (the sevens prove whose pixels it got)."""
+    target = cache_path(photos, 8, tmp_path)
+    code = ("import sys, time, numpy as np; from filelock import FileLock\n"
+            "with FileLock(sys.argv[2]):\n"
+            "    print('locked', flush=True); time.sleep(1.0)\n"
+            "    np.save(sys.argv[1], np.full((40, 8, 8, 3), 7, np.uint8))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target),
+                             str(target.with_name(f".{target.name}.lock"))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        got = cached_images(photos, 8, tmp_path, workers=1, progress=False)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == 0 and (np.asarray(got) == 7).all()
 
 
 @pytest.fixture
