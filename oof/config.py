@@ -248,6 +248,11 @@ class RunConfig(DatasetConfig):
         False, "after the K folds, train one more model on ALL training rows (same recipe, "
         "stopped at the epoch count the folds used) that can serve in place of the K fold "
         "models; it has no OOF of its own (the run's OOF estimates it); resumable, never redone")
+    remeasure_cost: bool = opt(
+        False, "time a finished run's prediction again on this machine, now (ms_per_image in "
+        "meta.json, its refit model's too; best of 3 calls after a warm-up), e.g. when the "
+        "machine was busy as training ended; nothing is retrained. A stack records its runs' "
+        "costs when written: rerun stack.py after")
     distill_from: str | None = opt(
         None, "stack folder (stack.py's output, on this run root's folds) whose out-of-fold "
         "probabilities are this run's training targets (a distilled student): each training "

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # ``threads`` is not one of them: the thread count of a fold job orders its float reductions.
 RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "device", "out", "data",
                   "folds", "seed", "folds_group", "lr_find", "write_augment", "tensorboard",
-                  "mlflow", "verbose", "refit_full"}
+                  "mlflow", "verbose", "refit_full", "remeasure_cost"}
 
 
 @dataclass
@@ -380,13 +380,17 @@ def finish_run(prep: PreparedRun) -> RunSummary:
             shutil.rmtree(run.path / "work", ignore_errors=True)
         else:
             summary.run = load_run(run.path)
-            if "passes_per_image" not in summary.run.meta:  # a run from before issue 30
+            # a run from before issue 30, or a cost to time again on a quiet machine
+            if "passes_per_image" not in summary.run.meta or prep.cfg.remeasure_cost:
                 run.write_meta({**summary.run.meta, **measure_cost(prep)})
                 summary.run = load_run(run.path)
         if prep.cfg.refit_full:
             from runner.refit import train_refit
 
             refit = train_refit(prep)
+            ms = summary.run.meta.get("ms_per_pass")
+            if ms is not None:  # one model on the run's views: the run's latest timing
+                refit = {**refit, "ms_per_image": float(ms) * int(refit["passes_per_image"])}
             if summary.run.meta.get("refit") != refit:
                 run.write_meta({**summary.run.meta, "refit": refit})
                 summary.run = load_run(run.path)

@@ -89,6 +89,23 @@ res["checkpoint_equal"] = ((run_a / "checkpoints" / "refit.safetensors").read_by
 res["oof_unchanged"] = bool(np.array_equal(a.oof, first.run.oof))
 res["rerun_trains_nothing"] = train_refit(prep)["seconds"] == info_b["seconds"]
 
+# --remeasure-cost: the finished run's cost timed again, the refit's following; nothing else
+import time
+files_before = {q.name: q.read_bytes() for q in run_a.rglob("*.parquet")}
+cost_before = a.meta["cost"]
+time.sleep(1.1)  # measured_at has whole seconds
+finish_run(prepare_run(RunConfig(out=str(out / "a"), refit_full=True, remeasure_cost=True,
+                                 **base)))
+m = load_run(run_a).meta
+res["remeasured"] = {
+    "new_time": m["cost"]["measured_at"] > cost_before["measured_at"],
+    "each": m["cost"]["seconds_each"], "seconds": m["cost"]["seconds"],
+    "ms": [m["ms_per_pass"], m["ms_per_image"], m["refit"]["ms_per_image"]],
+    "files_same": files_before == {q.name: q.read_bytes() for q in run_a.rglob("*.parquet")},
+    "refit_same": {k: v for k, v in m["refit"].items() if k != "ms_per_image"}
+    == {k: v for k, v in a.meta["refit"].items() if k != "ms_per_image"}}
+a = load_run(run_a)
+
 # served as predict.py loads a model: the family's predictor on the decoded image files
 family = backbones.get_backend("timm")
 pred = family.load_predictor(a.meta, run_a / a.meta["refit"]["checkpoint"], 1, "cpu")
@@ -188,6 +205,11 @@ def test_cost_and_refit_end_to_end(demo_dir: Path, tmp_path: Path) -> None:
     assert got["resumed_from_epoch"] == 1
     assert got["refit_equal"] and got["checkpoint_equal"] and got["oof_unchanged"]
     assert got["rerun_trains_nothing"]
+    again = got["remeasured"]  # --remeasure-cost: timed now, best of 3, nothing else moved
+    assert again["new_time"] and again["files_same"] and again["refit_same"]
+    assert len(again["each"]) == 3 and again["seconds"] == min(again["each"])
+    ms_pass, ms_run, ms_refit = again["ms"]
+    assert ms_run == pytest.approx(ms_pass * 4) and ms_refit == pytest.approx(ms_pass * 2)
     assert got["served_max_diff"] < 1e-6
     assert got["stack_variant"]["models"] == "refit"  # the budget's choice, served as chosen
     assert got["predict_py_refit_diff"] < 1e-6
