@@ -94,10 +94,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             raise disk_full_error(exc, path) from exc
         raise
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the normal mode instead
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600 files, and a writer may replace the file with one of its own (as
+        # safetensors does): give the result the mode a plain open() would have
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     except Exception as exc:
         if is_disk_full(exc):

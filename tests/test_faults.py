@@ -72,6 +72,31 @@ def test_kill_after_nth_write_leaves_only_whole_files(tmp_path: Path, n: int) ->
     assert all(files[f"f{i}.txt"] == ("x" * 1000 + str(i)).encode() for i in range(min(n, 4)))
 
 
+def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path: Path) -> None:
+    """mkstemp's 0600 is not kept, even when the writer replaces the temporary file with one of
+    its own (safetensors does: the timm checkpoints were 0600, unreadable to a server's user)."""
+    import torch
+
+    from backbones.timm.serving import save_checkpoint
+    from oof.atomic import write_atomic, write_text
+
+    umask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+
+        def own_file(p: Path) -> None:
+            p.unlink()
+            os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
+
+        write_atomic(tmp_path / "b.bin", own_file)
+        save_checkpoint(tmp_path / "c.safetensors", torch.nn.Linear(2, 2), {"role": "test"})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(umask)
+    modes = {q.name: q.stat().st_mode & 0o777 for q in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["a.txt", "b.bin", "c.safetensors", "plain.txt"], 0o644)
+
+
 @pytest.mark.parametrize("writer", ["text", "parquet", "numpy", "csv"])
 def test_disk_full_names_the_file_and_keeps_the_old_one(tmp_path: Path, writer: str) -> None:
     code = {
