@@ -318,16 +318,17 @@ class Ensemble:
                                   f"{_read_manifest(path).get('subset')}); export another one")
             ens = cls._load_bundle(path, allow_version_mismatch)
         else:
-            ens = cls._load_stack(path, subset, allow_version_mismatch)
+            ens = cls._load_folder(path, subset, allow_version_mismatch)
         ens._load_models(threads, device)
         return ens
 
     @classmethod
-    def _load_stack(cls, stack_dir: Path, subset: str | list[str] | None,
-                    allow: bool) -> Ensemble:
-        manifest, entries, saved = describe(stack_dir, subset, allow)
+    def _load_folder(cls, folder: Path, subset: str | list[str] | None,
+                     allow: bool) -> Ensemble:
+        """A stack folder or a level-1 run folder, as ``describe`` reads either."""
+        manifest, entries, saved = describe(folder, subset, allow)
         _check_run_versions(entries, allow)
-        return cls(stack_dir, manifest, entries, saved)
+        return cls(folder, manifest, entries, saved)
 
     @classmethod
     def _load_bundle(cls, root: Path, allow: bool) -> Ensemble:
