@@ -65,6 +65,11 @@ def top_k_accuracy(y: np.ndarray, proba: np.ndarray, k: int = TOP_K) -> float:
 ECE_BINS = 15
 
 
+def _ece_bins(conf: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin b of each confidence: (b/n, (b+1)/n], a confidence of 0 in bin 0."""
+    return np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+
+
 def ece(y: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error of the top-label confidence (max probability of a row).
 
@@ -77,7 +82,7 @@ def ece(y: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> float:
         return float("nan")
     conf = proba.max(axis=1).astype(np.float64)
     correct = (proba.argmax(axis=1) == y).astype(np.float64)
-    b = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    b = _ece_bins(conf, n_bins)
     count = np.bincount(b, minlength=n_bins)
     gap = np.abs(np.bincount(b, weights=correct, minlength=n_bins)
                  - np.bincount(b, weights=conf, minlength=n_bins))
@@ -105,7 +110,7 @@ def ece_floor(y: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS,
         return float("nan"), float("nan")
     observed = ece(y, proba, n_bins)
     conf = proba.max(axis=1).astype(np.float64)
-    b = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    b = _ece_bins(conf, n_bins)
     conf_sum = np.bincount(b, weights=conf, minlength=n_bins)
     rng = np.random.default_rng(seed)
     chance = np.empty(draws)
