@@ -31,7 +31,7 @@ import pandas as pd
 from oof.distill import is_student, marked
 from oof.errors import DataError, FoldstackError, RunMismatchError
 from oof.folds import load_folds
-from oof.metrics import accuracy, ece, log_loss
+from oof.metrics import accuracy, ece, ece_floor, log_loss
 from oof.rundir import Run, check_compatible, find_runs, load_run
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,8 @@ class RunReport:
     accuracy: float
     log_loss: float
     ece: float
+    ece_floor: float  # what exactly calibrated probabilities score on these rows by chance
+    calibration_p: float  # share of those chance scores at least ``ece``
     per_class: pd.DataFrame
     per_fold: pd.DataFrame
     confusion: np.ndarray
@@ -229,6 +231,7 @@ class RunReport:
         return {"run": marked(self.name, {"student": self.student}), "level": self.level,
                 "backbone": self.backbone,
                 "accuracy": self.accuracy, "log_loss": self.log_loss, "ece": self.ece,
+                "ece_floor": self.ece_floor, "calibration_p": self.calibration_p,
                 "fold_acc_mean": float(acc.mean()), "fold_acc_std": float(acc.std(ddof=0)),
                 "fold_acc_min": float(acc.min()), "fold_acc_max": float(acc.max())}
 
@@ -237,14 +240,15 @@ def analyze_run(run: Run, n_bins: int = DEFAULT_BINS) -> RunReport:
     """Score one run: the numbers, the confusion matrix, calibration and history."""
     pred = predictions(run.oof)
     cm = confusion_matrix(run.y, pred, len(run.classes))
+    floor, calibration_p = ece_floor(run.y, run.oof, n_bins)
     backbone = run.meta.get("backbone") or {}
     name = backbone.get("name") if isinstance(backbone, dict) else str(backbone)
     return RunReport(
         name=run.name, path=str(run.path), level=int(run.meta.get("level", 1)),
         backbone=str(name or run.meta.get("stacker") or ""),
         accuracy=accuracy(run.y, run.oof), log_loss=log_loss(run.y, run.oof),
-        ece=expected_calibration_error(run.y, run.oof, n_bins),
-        per_class=per_class_scores(cm, run.classes),
+        ece=expected_calibration_error(run.y, run.oof, n_bins), ece_floor=floor,
+        calibration_p=calibration_p, per_class=per_class_scores(cm, run.classes),
         per_fold=per_fold_scores(run.y, run.oof, run.folds), confusion=cm,
         reliability=reliability(run.y, run.oof, n_bins), history=load_history(run),
         student=is_student(run.meta),
@@ -375,7 +379,8 @@ class Analysis:
             "runs": {r.name: {
                 "path": r.path, "level": r.level, "backbone": r.backbone, "student": r.student,
                 "accuracy": _plain(r.accuracy), "log_loss": _plain(r.log_loss),
-                "ece": _plain(r.ece), "per_fold": frame(r.per_fold),
+                "ece": _plain(r.ece), "ece_floor": _plain(r.ece_floor),
+                "calibration_p": _plain(r.calibration_p), "per_fold": frame(r.per_fold),
                 "per_class": frame(r.per_class),
                 "confusion": {"rows": "true class", "columns": "predicted class",
                               "values": r.confusion.tolist()},
@@ -427,6 +432,7 @@ def analyze(runs: list[Run], n_bins: int = DEFAULT_BINS, n_hardest: int = DEFAUL
         disagreement=disagreement(preds, names),
         one_right_other_wrong=one_right_other_wrong(correct, names), oracle=oracle(correct),
         ensemble={"accuracy": accuracy(ref.y, mean), "log_loss": log_loss(ref.y, mean),
-                  "ece": expected_calibration_error(ref.y, mean, n_bins)},
+                  "ece": expected_calibration_error(ref.y, mean, n_bins),
+                  **dict(zip(("ece_floor", "calibration_p"), ece_floor(ref.y, mean, n_bins)))},
         hardest=worst, ensemble_members=[r.name for r in members], image_paths=paths,
     )

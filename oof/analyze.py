@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m oof.analyze") -> 
                          thumb_size=cfg.thumb_size)
     save_config(cfg, out / "analyze_config.yaml")
     rows = analysis.summary().to_dict("records")
-    print(format_table(rows, ["run", "level", "accuracy", "log_loss", "ece", "fold_acc_std"]))
+    print(format_table(rows, ["run", "level", "accuracy", "log_loss", "ece", "ece_floor",
+                              "fold_acc_std"]))
     if analysis.students:
         print(STUDENT_FOOTNOTE)
     o = analysis.oracle

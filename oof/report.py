@@ -164,7 +164,8 @@ def reliability_figure(a: Analysis) -> bytes:
                edgecolor="#a50f15", linewidth=0.6, hatch="///", label="share of rows (x0.25)")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_title(f"{_short(r.name, 26)}\nECE {r.ece:.4f}", fontsize=9)
+        ax.set_title(f"{_short(r.name, 26)}\nECE {r.ece:.4f} (chance {r.ece_floor:.4f})",
+                     fontsize=9)
         ax.set_xlabel("confidence", fontsize=8)
         ax.set_ylabel("accuracy", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -23,6 +23,7 @@ from oof.analysis import (
 )
 from oof.errors import ConfigError, RunMismatchError
 from oof.folds import Folds, fold_fingerprint, make_folds, write_folds
+from oof.metrics import ece_floor
 from oof.rundir import check_compatible, load_run, write_run
 from tests.requirements import MAKE_BROWSER, require_program
 from tests.synthetic import synthetic_folds, synthetic_proba, synthetic_run
@@ -169,6 +170,10 @@ def test_cli_writes_html_json_md(tmp_path: Path, capsys) -> None:
     assert len(data["hardest"]) == 5
     good = load_run(p.root / "good")
     assert data["runs"]["good"]["accuracy"] == pytest.approx(good.scores()["accuracy"])
+    # the chance ECE of calibrated probabilities beside each ECE, as the held-out table has it
+    want = ece_floor(good.y, good.oof, 10)
+    assert [data["runs"]["good"][k] for k in ("ece_floor", "calibration_p")] == list(want)
+    assert data["summary"][0]["ece_floor"] == want[0] and "ece_floor" in printed
     md = (out / "report.md").read_text()
     assert "## Between runs" in md and "| good" in md
     html = (out / "report.html").read_text()
