@@ -60,7 +60,7 @@ from oof.config import (
 from oof.distill import STUDENT_FOOTNOTE, is_student, marked, teacher_runs
 from oof.errors import ConfigError, DataError, FoldstackError, RunMismatchError
 from oof.folds import Folds, load_folds
-from oof.metrics import METRICS, accuracy, ece, ece_floor, log_loss
+from oof.metrics import METRICS, accuracy, calibration, log_loss
 from oof.pseudo import PSEUDO_FILE
 from oof.rundir import FOLD_K_ONLY, META_FILE, Run, check_compatible, find_runs, load_run
 
@@ -68,8 +68,8 @@ log = logging.getLogger(__name__)
 
 FRONT_PNG = "front.png"
 METHODS = tuple(STACKERS)  # simplest first: the order of the table and of ties in `auto`
-TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "macro_f1", "top3", "ece", "passes",
-                 "ms_per_image", "seconds", "chosen", "note"]
+TABLE_COLUMNS = ["model", "level", "accuracy", "log_loss", "macro_f1", "top3", "ece", "ece_floor",
+                 "calibration_p", "passes", "ms_per_image", "seconds", "chosen", "note"]
 # Where the dataset ships held-out test labels (the demos): each model's CV (OOF) score beside its
 # score on those labels. A run's test prediction is the mean of its fold models, a level-2
 # method's the mean of its fold stackers; the submission row is the final stacker's.
@@ -77,12 +77,20 @@ HELD_OUT_COLUMNS = ["model", "level", "oof_accuracy", "oof_log_loss", "held_out_
                     "held_out_log_loss", "held_out_ece", "held_out_ece_floor",
                     "held_out_calibration_p", "gain_vs_best_run", "mcnemar_p", "passes",
                     "ms_per_image"]
-HELD_OUT_FOOTNOTE = (
-    "`held_out_ece_floor`: the ECE that exactly calibrated probabilities score on these images by "
-    "chance (each image's correctness drawn from its own confidence, 1,000 draws); "
-    "`held_out_calibration_p`: the share of those draws scoring at least `held_out_ece`. A small "
-    "p says the miscalibration is real; a large one that the ECE is within chance on this many "
-    "images.")
+
+
+def _calibration_footnote(prefix: str, row: str) -> str:
+    """What the floor and p beside an ECE mean, under a table of ``row``s."""
+    return (f"`{prefix}ece_floor`: the ECE that exactly calibrated probabilities score on these "
+            f"{row}s by chance (each {row}'s correctness drawn from its own confidence, 1,000 "
+            f"draws); `{prefix}calibration_p`: the share of those draws scoring at least "
+            f"`{prefix}ece`. A small p says the miscalibration is real; a large one that the ECE "
+            f"is within chance on this many {row}s.")
+
+
+LEVEL2_FOOTNOTE = _calibration_footnote("", "OOF row")
+HELD_OUT_FOOTNOTE = _calibration_footnote("held_out_", "image")
+
 # The budget front: one row per point better than every cheaper one (CV over the stored folds
 # of the search method; the held-out columns where the dataset has held-out labels).
 FRONT_COLUMNS = ["passes", "ms_per_image", "runs", "log_loss", "accuracy", "ece",
@@ -304,9 +312,11 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f"(K={report['folds']['k']}); the stacker scoring fold k was fitted on the other "
              "folds' rows only. With `auto`, picking the best of several scores makes the "
              "chosen score slightly optimistic. `ece`: expected calibration error (15 equal-width "
-             "bins of top-label confidence). `passes`: forward passes per image (fold models x "
+             "bins of top-label confidence); `ece_floor` and `calibration_p`: see the footnote. "
+             "`passes`: forward passes per image (fold models x "
              "TTA views, summed over the runs a stack serves); `ms_per_image`: measured at "
-             "training, blank where not measured.", "", format_table(rows, TABLE_COLUMNS), ""]
+             "training, blank where not measured.", "", format_table(rows, TABLE_COLUMNS), "",
+             LEVEL2_FOOTNOTE, ""]
     footnote = [STUDENT_FOOTNOTE, ""] if report.get("students") else []
     lines += footnote
     t = report.get("temperature")
@@ -364,12 +374,10 @@ def held_out_rows(truth: Any, test_ids: np.ndarray, classes: list[str],
     for name, level, oof_scores, proba, *extra in models:
         p = np.asarray(proba)[rows_of]
         right.append(p.argmax(axis=1) == y)
-        floor, calibration_p = ece_floor(y, p)
         out.append({"model": name, "level": level, "oof_accuracy": oof_scores["accuracy"],
                     "oof_log_loss": oof_scores["log_loss"],
-                    "held_out_accuracy": accuracy(y, p),
-                    "held_out_log_loss": log_loss(y, p), "held_out_ece": ece(y, p),
-                    "held_out_ece_floor": floor, "held_out_calibration_p": calibration_p,
+                    "held_out_accuracy": accuracy(y, p), "held_out_log_loss": log_loss(y, p),
+                    **{f"held_out_{k}": v for k, v in calibration(y, p).items()},
                     **(extra[0] if extra else {})})
     singles = [k for k, row in enumerate(out) if row["level"] == 1]
     if singles:  # every model against the best level-1 run, on the same images
@@ -497,15 +505,14 @@ def stack_runs(cfg: StackConfig) -> StackResult:
     left_out = [r for r in all_runs if r.name not in names]
     variants = [r for r in runs if isinstance(r, VariantRun)]  # served not as trained
     rows = [{"model": marked(r.name, r.meta), "level": run_level(r), **r.scores(),
-             "ece": ece(r.y, r.oof),
-             **run_cost(r).row(), "seconds": None, "chosen": "",
+             **calibration(r.y, r.oof), **run_cost(r).row(), "seconds": None, "chosen": "",
              "note": _backbone(r) + (" (left out by the budget)" if r in left_out else "")
              + "".join(f" (served as {v.variant.label})" for v in variants if v.name == r.name)}
             for r in all_runs]
     rows += [{"model": variant_name(r), "level": run_level(r), **r.scores(),
-              "ece": ece(r.y, r.oof), **run_cost(r).row(), "seconds": None, "chosen": "",
-              "note": variant_note(r)} for r in variants]
-    rows += [{"model": f"stack-{m}", "level": level, **res.scores, "ece": ece(y, res.oof),
+              **calibration(r.y, r.oof), **run_cost(r).row(), "seconds": None,
+              "chosen": "", "note": variant_note(r)} for r in variants]
+    rows += [{"model": f"stack-{m}", "level": level, **res.scores, **calibration(y, res.oof),
               **cost, "seconds": round(res.seconds, 2),
               "chosen": "*" if m == chosen and not (tcv and tcv.applied) else "",
               "note": _note(m, res)}
@@ -593,7 +600,8 @@ def _temperature_row(method: str, level: int, tcv: TemperatureCV, y: np.ndarray,
                      cost: dict[str, Any]) -> dict[str, Any]:
     """The chosen method temperature-scaled: CV scores (T of fold k fitted without fold k)."""
     per_fold = ",".join(f"{t:.3f}" for t in tcv.per_fold.values())
-    return {"model": f"stack-{method}+T", "level": level, **tcv.scores, "ece": ece(y, tcv.oof),
+    return {"model": f"stack-{method}+T", "level": level, **tcv.scores,
+            **calibration(y, tcv.oof),
             **cost, "seconds": None, "chosen": "*" if tcv.applied else "",
             "note": f"temperature {tcv.temperature:.3f} (per fold {per_fold}): "
                     f"{'applied' if tcv.applied else 'not applied'}, {tcv.rule}"}
@@ -630,7 +638,8 @@ class BudgetChoice:
                             "(optimistic: fewer than 3 folds leave no inner CV)"}
         per = "; ".join(f"fold {f['fold']}: {'+'.join(f['chosen'])}"
                         for f in self.nested.per_fold)
-        return {**base, **self.nested.scores, "ece": ece(self.y, self.nested.oof),
+        return {**base, **self.nested.scores,
+                **calibration(self.y, self.nested.oof),
                 "note": f"{self.describe()}: subset chosen on K-1 folds, scored on the K-th "
                         f"({per})"}
 

@@ -31,7 +31,7 @@ import pandas as pd
 from oof.distill import is_student, marked
 from oof.errors import DataError, FoldstackError, RunMismatchError
 from oof.folds import load_folds
-from oof.metrics import accuracy, ece, ece_floor, log_loss
+from oof.metrics import accuracy, calibration, log_loss
 from oof.rundir import Run, check_compatible, find_runs, load_run
 
 log = logging.getLogger(__name__)
@@ -199,12 +199,6 @@ def reliability(y: np.ndarray, proba: np.ndarray, n_bins: int = DEFAULT_BINS) ->
                          "confidence": mean_conf, "accuracy": acc, "weighted_gap": gap})
 
 
-def expected_calibration_error(y: np.ndarray, proba: np.ndarray,
-                               n_bins: int = DEFAULT_BINS) -> float:
-    """ECE of the top-label confidence (see the module docstring for the bins)."""
-    return ece(y, proba, n_bins)
-
-
 @dataclass
 class RunReport:
     """Everything measured on one run's OOF matrix."""
@@ -240,15 +234,13 @@ def analyze_run(run: Run, n_bins: int = DEFAULT_BINS) -> RunReport:
     """Score one run: the numbers, the confusion matrix, calibration and history."""
     pred = predictions(run.oof)
     cm = confusion_matrix(run.y, pred, len(run.classes))
-    floor, calibration_p = ece_floor(run.y, run.oof, n_bins)
     backbone = run.meta.get("backbone") or {}
     name = backbone.get("name") if isinstance(backbone, dict) else str(backbone)
     return RunReport(
         name=run.name, path=str(run.path), level=int(run.meta.get("level", 1)),
         backbone=str(name or run.meta.get("stacker") or ""),
         accuracy=accuracy(run.y, run.oof), log_loss=log_loss(run.y, run.oof),
-        ece=expected_calibration_error(run.y, run.oof, n_bins), ece_floor=floor,
-        calibration_p=calibration_p, per_class=per_class_scores(cm, run.classes),
+        **calibration(run.y, run.oof, n_bins), per_class=per_class_scores(cm, run.classes),
         per_fold=per_fold_scores(run.y, run.oof, run.folds), confusion=cm,
         reliability=reliability(run.y, run.oof, n_bins), history=load_history(run),
         student=is_student(run.meta),
@@ -432,7 +424,6 @@ def analyze(runs: list[Run], n_bins: int = DEFAULT_BINS, n_hardest: int = DEFAUL
         disagreement=disagreement(preds, names),
         one_right_other_wrong=one_right_other_wrong(correct, names), oracle=oracle(correct),
         ensemble={"accuracy": accuracy(ref.y, mean), "log_loss": log_loss(ref.y, mean),
-                  "ece": expected_calibration_error(ref.y, mean, n_bins),
-                  **dict(zip(("ece_floor", "calibration_p"), ece_floor(ref.y, mean, n_bins)))},
+                  **calibration(ref.y, mean, n_bins)},
         hardest=worst, ensemble_members=[r.name for r in members], image_paths=paths,
     )

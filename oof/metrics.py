@@ -123,6 +123,13 @@ def ece_floor(y: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS,
     return float(chance.mean()), float((chance >= observed - 1e-12).mean())
 
 
+def calibration(y: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, float]:
+    """``ece`` beside ``ece_floor`` and ``calibration_p``: an ECE means little without what
+    chance gives a calibrated predictor on the same rows (see ``ece_floor``)."""
+    floor, calibration_p = ece_floor(y, proba, n_bins)
+    return {"ece": ece(y, proba, n_bins), "ece_floor": floor, "calibration_p": calibration_p}
+
+
 def scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     return {"accuracy": accuracy(y, proba), "log_loss": log_loss(y, proba),
             "macro_f1": macro_f1(y, proba), "top3": top_k_accuracy(y, proba)}

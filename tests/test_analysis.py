@@ -16,14 +16,13 @@ import pytest
 from oof.analysis import (
     analyze,
     confusion_matrix,
-    expected_calibration_error,
     load_runs,
     per_class_scores,
     reliability,
 )
 from oof.errors import ConfigError, RunMismatchError
 from oof.folds import Folds, fold_fingerprint, make_folds, write_folds
-from oof.metrics import ece_floor
+from oof.metrics import ece, ece_floor
 from oof.rundir import check_compatible, load_run, write_run
 from tests.requirements import MAKE_BROWSER, require_program
 from tests.synthetic import synthetic_folds, synthetic_proba, synthetic_run
@@ -113,10 +112,10 @@ def test_ece_bins_by_hand() -> None:
     assert rel.loc[13, "confidence"] == pytest.approx(0.91)
     assert rel.loc[9, "accuracy"] == 0.0
     assert math.isnan(rel.loc[0, "accuracy"])  # empty bin
-    assert expected_calibration_error(y, proba) == pytest.approx((2 * 0.09 + 0.61 + 0.30) / 4)
+    assert ece(y, proba) == pytest.approx((2 * 0.09 + 0.61 + 0.30) / 4)
     # four rows at 0.75 confidence with three right: perfectly calibrated
     calibrated = np.array([[0.75, 0.25]] * 4)
-    assert expected_calibration_error(np.array([0, 0, 0, 1]), calibrated) == pytest.approx(0.0)
+    assert ece(np.array([0, 0, 0, 1]), calibrated) == pytest.approx(0.0)
 
 
 def test_confusion_and_undefined_precision() -> None:

@@ -488,6 +488,12 @@ def test_temperature_is_applied_when_it_lowers_cv_log_loss_and_served(tmp_path: 
     assert rows["stack-mean+T"]["log_loss"] < rows["stack-mean"]["log_loss"]
     assert rows["stack-mean+T"]["ece"] < rows["stack-mean"]["ece"]
     assert "applied" in rows["stack-mean+T"]["note"]
+    # every ECE has its chance floor beside it: this overconfidence is real, not chance
+    sharp = load_run(project.root / "sharp")
+    assert (rows["sharp"]["ece_floor"], rows["sharp"]["calibration_p"]) == ece_floor(sharp.y,
+                                                                                     sharp.oof)
+    assert rows["stack-mean"]["calibration_p"] < 0.001 < rows["stack-mean"]["ece_floor"]
+    assert "`ece_floor`: the ECE that exactly" in (res.out_dir / "report.md").read_text()
     saved = load_stacker(res.out_dir)
     assert saved.info["temperature"] == pytest.approx(t["temperature"])
     runs = [load_run(project.root / "sharp")]
