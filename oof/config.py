@@ -154,6 +154,11 @@ class RunConfig(DatasetConfig):
         "logreg", "probe/<timm model>: the classifier fitted per fold on the frozen features: "
         "logreg (L2 logistic regression, C chosen by inner stratified CV on the fold's training "
         "rows) or lda (linear discriminant analysis, Ledoit-Wolf shrinkage)", PROBE_HEADS)
+    probe_feature_store: bool = opt(
+        True, "probe/<timm model>: compute each image's frozen features once per extractor and "
+        "TTA view, in <run root>/cache/features/, and read them in every fold, the refit and "
+        "other probe runs of the same extractor (K times fewer passes; the same features on "
+        "CPU); false: a pass per fold, nothing stored")
     head_epochs: NonNegativeInt | None = opt(
         None, "fine-tuning: first epochs train only the new head on the frozen backbone "
         "(BatchNorm frozen too); part of --epochs (default: 1 with pretrained weights, else 0)")

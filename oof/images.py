@@ -20,7 +20,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
@@ -259,6 +259,30 @@ def cache_path(paths: Sequence[str], size: int, cache_dir: Path, resize: Resize 
     return Path(cache_dir) / f"images_{size}px{policy}_{len(paths)}_{key}.npy"
 
 
+def build_once(target: Path, build: Callable[[], Any], what: str) -> None:
+    """Run ``build`` (which writes ``target`` through ``atomic_path``) unless ``target`` exists.
+
+    Processes that want the same missing file (fold jobs on one machine: a Ray node, two
+    shells) build it once: a file lock beside it, which the OS drops when its holder is killed;
+    the others wait and read the builder's file. Holding the lock, the builder first removes the
+    temporary files a killed build left (no build of this file is running).
+    """
+    if target.exists():
+        return
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(f".{target.name}.lock")):
+        if target.exists():  # built by another process while this one waited
+            return
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            log.info("removing %s, left by a killed build (%.0f MB)", stale,
+                     stale.stat().st_size / 1e6)
+            stale.unlink(missing_ok=True)
+        log.info("%s into %s", what, target)
+        build()
+
+
 def cached_images(paths: Sequence[str], size: int, cache_dir: Path, resize: Resize = "squash",
                   workers: int | None = None, progress: bool = True) -> np.ndarray:
     """Return decoded images from ``cache_dir`` (memory-mapped), building the cache on first use.
@@ -274,22 +298,9 @@ def cached_images(paths: Sequence[str], size: int, cache_dir: Path, resize: Resi
     if not paths:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     target = cache_path(paths, size, cache_dir, resize)
-    if not target.exists():
-        from filelock import FileLock
-
-        # One builder per cache file: fold jobs on one machine (a Ray node, two shells) wait for
-        # it instead of decoding the same images again; the OS drops the lock of a killed one.
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(target.with_name(f".{target.name}.lock")):
-            if not target.exists():  # built by another process while this one waited
-                for stale in target.parent.glob(f".{target.name}.*.tmp"):
-                    # holding the lock, no build of this file is running: a killed one left it
-                    log.info("removing %s, left by a killed build (%.0f MB)", stale,
-                             stale.stat().st_size / 1e6)
-                    stale.unlink(missing_ok=True)
-                log.info("decoding %d images at %dpx (%s) into %s", len(paths), size, resize,
-                         target)
-                build_cache(paths, size, target, resize, workers, progress=progress)
+    build_once(target, lambda: build_cache(paths, size, target, resize, workers,
+                                           progress=progress),
+               f"decoding {len(paths)} images at {size}px ({resize})")
     return np.load(target, mmap_mode="r")
 
 
@@ -317,6 +328,11 @@ class RowView:
         self._offset = int(getattr(base, "offset", 0))
         self._row_bytes = int(np.prod(base.shape[1:], dtype=np.int64)) * base.dtype.itemsize
         self._fd: int | None = None
+
+    def pieces(self) -> list[tuple[str, np.ndarray]] | None:
+        """[(cache file, rows)]: where these rows are read from; None for an in-memory array
+        (what a per-image result cache, the probe's features, is keyed by)."""
+        return [(str(self._file), self.rows)] if self._file else None
 
     def _read(self, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` (ascending) of the cache file, by ``pread``; runs of rows in one call."""
@@ -402,6 +418,11 @@ class JoinedRows:
             raise ValueError(f"cannot join rows of shapes {sorted(shapes)}")
         self.parts = [p for p in parts if len(p)] or parts[:1]
         self.starts = np.cumsum([0, *(len(p) for p in self.parts)])
+
+    def pieces(self) -> list[tuple[str, np.ndarray]] | None:
+        """The parts' (cache file, rows) in order; None if a part is not read from a file."""
+        found = [getattr(p, "pieces", lambda: None)() for p in self.parts]
+        return None if any(f is None for f in found) else [x for f in found for x in f]
 
     @property
     def shape(self) -> tuple[int, ...]:

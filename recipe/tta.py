@@ -20,11 +20,12 @@ class TTAView:
     """One test-time view of a batch: ``view(batch_uint8, rows) -> batch_uint8``.
 
     ``rows`` are the images' positions in the whole set, so a random view of an image is the
-    same whatever batch it falls in (and the same in both frameworks).
+    same whatever batch it falls in (and the same in both frameworks). ``by_row``: the view
+    depends on ``rows`` (a random view), not on the pixels alone.
     """
 
-    def __init__(self, name: str, fn: Any) -> None:
-        self.name, self.fn = name, fn
+    def __init__(self, name: str, fn: Any, by_row: bool = False) -> None:
+        self.name, self.fn, self.by_row = name, fn, by_row
 
     def __call__(self, batch: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self.fn(batch, rows), dtype=np.uint8)
@@ -72,7 +73,8 @@ def tta_views(tta: str, scales: list[float], augment_views: int, augment: str, s
                               "draw random views from")
         for v in range(augment_views):
             aug = build_seeded_augment(augment, size, seed)
-            views.append(TTAView(f"augment{v}", functools.partial(_augment_view, aug, v)))
+            views.append(TTAView(f"augment{v}", functools.partial(_augment_view, aug, v),
+                                 by_row=True))
     return views
 
 

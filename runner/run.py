@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 # ``threads`` is not one of them: the thread count of a fold job orders its float reductions.
 RESUMABLE_KEYS = {"config", "fold", "progress", "num_workers", "device", "out", "data",
                   "folds", "seed", "folds_group", "lr_find", "write_augment", "tensorboard",
-                  "mlflow", "verbose", "refit_full", "remeasure_cost"}
+                  "mlflow", "verbose", "refit_full", "remeasure_cost",
+                  "probe_feature_store"}
 
 
 @dataclass

@@ -71,7 +71,14 @@ class ProbeFoldModel(FoldModel):
                          spec.input_size, self.job.seed)
 
     def train_features(self) -> np.ndarray:
-        """Cached in the work folder: a fold killed after its feature pass resumes after it."""
+        """From the run root's feature store (``features``), else cached in the work folder: a
+        fold killed after its feature pass resumes after it."""
+        x, views = self.job.x_train, self.views()
+        if self.job.cfg.probe_feature_store and self.extractor.storable(x, views):
+            t0 = time.perf_counter()
+            feats = self.extractor.features(x, views, store=True)
+            self.feature_seconds += time.perf_counter() - t0
+            return feats
         path = self.job.work_dir / FEATURES_FILE
         if path.exists():
             try:
@@ -81,7 +88,7 @@ class ProbeFoldModel(FoldModel):
             except (OSError, ValueError) as exc:
                 log.warning("%s is damaged (%s): extracting again", path, exc)
         t0 = time.perf_counter()
-        feats = self.extractor.features(self.job.x_train, self.views())
+        feats = self.extractor.features(x, views)
         self.feature_seconds += time.perf_counter() - t0
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, feats)
@@ -113,7 +120,8 @@ class ProbeFoldModel(FoldModel):
 
         assert self.head is not None, "predict before fit"
         views = views or tta_views("none", [], 0, "none", 0, 0)
-        return self.head.predict_proba(self.extractor.features(images, views))
+        return self.head.predict_proba(self.extractor.features(
+            images, views, store=self.job.cfg.probe_feature_store))
 
     def predict_batch(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         return self.predict_views(images, [], len(self.job.classes), None)  # type: ignore[arg-type]
@@ -156,7 +164,8 @@ class ProbeFoldModel(FoldModel):
         device = self._extractor.trainer.device if self._extractor else self.job.cfg.device
         return {"device": str(device), "probe_head": self.job.cfg.probe_head,
                 "head": self.head.info if self.head is not None else None,
-                "feature_seconds": self.feature_seconds, "fit_seconds": self.fit_seconds}
+                "feature_seconds": self.feature_seconds, "fit_seconds": self.fit_seconds,
+                "feature_passes": self._extractor.passes if self._extractor else 0}
 
 
 class ProbeFamily(Family):
