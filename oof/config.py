@@ -232,7 +232,7 @@ class RunConfig(DatasetConfig):
         "initial values")
     callbacks: list = opt([], "extra Keras callbacks: [{name: EarlyStopping, patience: 3}]",
                           yaml_only=True)
-    progress: bool = opt(True, "show a progress bar per epoch")
+    progress: bool = opt(True, "show progress bars (decoding the images, each epoch)")
     verbose: bool = opt(
         False, "show the frameworks' own log lines (TensorFlow's C++ logs, e.g. 'failed call "
         "to cuInit' on a machine without a GPU), hidden by default; a TF_CPP_MIN_LOG_LEVEL "

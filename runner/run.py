@@ -115,7 +115,7 @@ def refuse_unsplittable(dataset: ImageDataset, root: Path, k: int | None) -> Non
 
 
 def decode_first(dataset: ImageDataset, size: int, root: Path, resize: str = "squash",
-                 with_test: bool = True) -> None:
+                 with_test: bool = True, progress: bool = True) -> None:
     """Decode (and cache) every image before anything else is written to the run root.
 
     ``with_test=False`` decodes the training set only (a progressive-resizing stage size: only
@@ -133,7 +133,7 @@ def decode_first(dataset: ImageDataset, size: int, root: Path, resize: str = "sq
     sets = (("test", dataset.test["path"]),) if with_test else ()
     for what, paths in (*sets, ("train", dataset.train["path"])):
         try:
-            cached_images(list(paths), size, cache, resize)
+            cached_images(list(paths), size, cache, resize, progress=progress)
         except DataError as exc:  # report both sets' bad files in one message
             errors.append(f"{what} set: {exc}")
     if errors:
@@ -303,10 +303,12 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     spec, backend = backbones.resolve(cfg)
     sizes = [s.size for s in plan_sizes(cfg, spec.input_size)]  # refuses a bad size plan
     for size in dict.fromkeys([spec.input_size, *sizes]):  # the predicting size first
-        decode_first(dataset, size, root, cfg.resize, with_test=size == spec.input_size)
+        decode_first(dataset, size, root, cfg.resize, with_test=size == spec.input_size,
+                     progress=cfg.progress)
         if extra_paths:  # validated and cached before the run folder is written
             try:
-                cached_images(extra_paths, size, root / "cache", cfg.resize)
+                cached_images(extra_paths, size, root / "cache", cfg.resize,
+                              progress=cfg.progress)
             except DataError as exc:
                 raise DataError(f"--extra-train {cfg.extra_train}: {exc}") from exc
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
@@ -468,7 +470,7 @@ def lr_find(cfg: RunConfig) -> LRFindSummary:
     refuse_unsplittable(dataset, root, cfg.folds)
     spec, backend = backbones.resolve(cfg)
     x_all = cached_images(list(dataset.train["path"]), spec.input_size, root / "cache",
-                          cfg.resize)
+                          cfg.resize, progress=cfg.progress)
     folds = ensure_folds(root, list(dataset.train["id"]), list(dataset.train["label"]),
                          cfg.folds, cfg.seed, cfg.folds_group,
                          make_groups=lambda: duplicate_groups(dataset, root))

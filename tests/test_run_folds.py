@@ -286,6 +286,7 @@ def test_imagefolder_with_string_classes_and_jpegs(tmp_path: Path) -> None:
     test = pd.read_parquet(run_dir / "test.parquet")
     assert list(test["id"]) == ["t0.jpg", "t1.jpg", "t2.jpg"]
     assert "OOF accuracy" in proc.stdout
+    assert "img/s" not in proc.stderr and "it/s" not in proc.stderr  # --progress false: no bars
 
 
 @pytest.mark.slow
