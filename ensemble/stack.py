@@ -83,9 +83,9 @@ def _calibration_footnote(prefix: str, row: str) -> str:
     """What the floor and p beside an ECE mean, under a table of ``row``s."""
     return (f"`{prefix}ece_floor`: the ECE that exactly calibrated probabilities score on these "
             f"{row}s by chance (each {row}'s correctness drawn from its own confidence, 1,000 "
-            f"draws); `{prefix}calibration_p`: the share of those draws scoring at least "
-            f"`{prefix}ece`. A small p says the miscalibration is real; a large one that the ECE "
-            f"is within chance on this many {row}s.")
+            f"draws, fewer above 50,000 {row}s); `{prefix}calibration_p`: the share of those "
+            f"draws scoring at least `{prefix}ece`. A small p says the miscalibration is real; a "
+            f"large one that the ECE is within chance on this many {row}s.")
 
 
 LEVEL2_FOOTNOTE = _calibration_footnote("", "OOF row")

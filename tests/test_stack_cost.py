@@ -80,6 +80,21 @@ def test_ece_floor_is_the_exact_chance_ece_of_one_bin() -> None:
     assert ece_floor(np.zeros(5, int), np.tile([1.0, 0.0], (5, 1))) == (0.0, 1.0)
 
 
+def test_ece_floor_draws_fewer_on_big_sets() -> None:
+    """1,000 draws up to 50,000 rows; then rows x draws stays near 50 million (100 at least):
+    p is then a multiple of 1/draws."""
+    rng = np.random.default_rng(3)
+    n = 500_000  # 100 draws
+    conf = rng.uniform(0.5, 1.0, n)
+    proba = np.stack([conf, 1 - conf], axis=1)
+    y = (rng.random(n) >= conf).astype(int)
+    floor, p = ece_floor(y, proba)
+    assert abs(p * 100 - round(p * 100)) < 1e-9 and floor > 0
+    assert ece_floor(y, proba, draws=100) == (floor, p)
+    small = ece_floor(y[:40_000], proba[:40_000])
+    assert small == ece_floor(y[:40_000], proba[:40_000], draws=1000)
+
+
 def test_ece_floor_tells_chance_from_miscalibration() -> None:
     rng = np.random.default_rng(3)
 
