@@ -162,20 +162,47 @@ def predict_views(images: np.ndarray, views: list[TTAView],
     row normalised. ``rows`` are the images' positions in the whole set, so a random view of an
     image is the same whatever batch it falls in.
     """
+    return _predict(images, views, predict_batch, num_classes, batch_size, dtype, False)[0]
+
+
+def predict_each_view(images: np.ndarray, views: list[TTAView],
+                      predict_batch: Callable[[np.ndarray, int], np.ndarray], num_classes: int,
+                      batch_size: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``predict_views`` and, from the same passes, each view alone: (N, C) and (V, N, C), the
+    second's [v] bit for bit ``predict_views`` with ``[views[v]]`` (one pass per view, not two)."""
+    return _predict(images, views, predict_batch, num_classes, batch_size, dtype, True)
+
+
+def _predict(images: np.ndarray, views: list[TTAView],
+             predict_batch: Callable[[np.ndarray, int], np.ndarray], num_classes: int,
+             batch_size: int, dtype: Any, each: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The loop of ``predict_views`` (``each``: keeping every view's own probabilities)."""
     n = len(images)
-    if n == 0:
-        return np.zeros((0, num_classes), dtype=np.float64)
     views = views or tta_views("none", [], 0, "none", 0, 0)
+    if n == 0:
+        return (np.zeros((0, num_classes), dtype=np.float64),
+                np.zeros((len(views) if each else 0, 0, num_classes), dtype=np.float64))
     batch_size = min(batch_size, n)
-    out = []
+    one = np.asarray(1, dtype=dtype)
+    out: list[np.ndarray] = []
+    alone: list[list[np.ndarray]] = [[] for _ in views] if each else []
     for start in range(0, n, batch_size):
         batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
         rows = np.arange(start, start + len(batch))
         probs: Any = 0
-        for view in views:
-            probs = probs + np.asarray(predict_batch(view(batch, rows), batch_size), dtype=dtype)
+        for k, view in enumerate(views):
+            p = np.asarray(predict_batch(view(batch, rows), batch_size), dtype=dtype)
+            probs = probs + p
+            if each:  # what a loop over this view alone computes: (0 + p) / 1
+                alone[k].append(((0 + p) / one).astype(np.float64))
         out.append((probs / np.asarray(len(views), dtype=dtype)).astype(np.float64))
-    probs = np.concatenate(out)
+    mean = _normalised(np.concatenate(out))
+    if not each:
+        return mean, np.zeros((0, n, num_classes), dtype=np.float64)
+    return mean, np.stack([_normalised(np.concatenate(a)) for a in alone])
+
+
+def _normalised(probs: np.ndarray) -> np.ndarray:
     return probs / probs.sum(axis=1, keepdims=True)
 
 
@@ -196,6 +223,13 @@ class PredictingModel(ABC):
         (the probe averages features) overrides this."""
         return predict_views(images, views, self.predict_batch, num_classes,
                              family.predict_batch_size, family.predict_dtype)
+
+    def predict_each_view(self, images: np.ndarray, views: list[TTAView], num_classes: int,
+                          family: Family) -> tuple[np.ndarray, np.ndarray]:
+        """``predict_views`` and each view alone, from one pass per view (``predict_each_view``).
+        A family that overrides ``predict_views`` overrides this too."""
+        return predict_each_view(images, views, self.predict_batch, num_classes,
+                                 family.predict_batch_size, family.predict_dtype)
 
 
 class FoldModel(PredictingModel):
@@ -416,6 +450,12 @@ class FoldProcedure:
         self.model.before_predict()
         return self.model.predict_views(images, views or [], len(self.job.classes), self.family)
 
+    def predict_each(self, images: np.ndarray, views: list[TTAView]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """``predict`` and each view's own probabilities, from the same passes."""
+        self.model.before_predict()
+        return self.model.predict_each_view(images, views, len(self.job.classes), self.family)
+
     def run(self) -> FoldResult:
         """Set up, train the epochs left, predict with the final weights, publish, report."""
         t0 = time.perf_counter()
@@ -468,18 +508,16 @@ class FoldProcedure:
 
     def predict_rows(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
         """Held-out and test probabilities averaged over the TTA views, and with
-        ``tta_save_views`` each view's alone (one more pass per view, issue 30 item 3)."""
+        ``tta_save_views`` each view's alone (issue 30 item 3), from the same passes."""
         job, cfg = self.job, self.job.cfg
         views = tta_views(cfg.tta, cfg.tta_scales, cfg.tta_augment, cfg.augment,
                           job.spec.input_size, job.seed)
-        val_proba = self.predict(job.x_val, views)
-        test_proba = self.predict(job.x_test, views)
-        per_view = None
-        if cfg.tta_save_views and len(views) > 1:
-            per_view = {"names": [v.name for v in views],
-                        "val": np.stack([self.predict(job.x_val, [v]) for v in views]),
-                        "test": np.stack([self.predict(job.x_test, [v]) for v in views])}
-        return val_proba, test_proba, per_view
+        if not (cfg.tta_save_views and len(views) > 1):
+            return self.predict(job.x_val, views), self.predict(job.x_test, views), None
+        val_proba, val_views = self.predict_each(job.x_val, views)
+        test_proba, test_views = self.predict_each(job.x_test, views)
+        return val_proba, test_proba, {"names": [v.name for v in views], "val": val_views,
+                                       "test": test_views}
 
     def resume(self, point: ResumePoint | None) -> int:
         """Callbacks on, and the memory of a killed fold back; the first epoch to train."""

@@ -214,8 +214,8 @@ class RunConfig(DatasetConfig):
         0, "extra test-time views drawn at random from the --augment pipeline (seeded)")
     tta_save_views: bool = opt(
         False, "also store each TTA view's held-out and test probabilities (views_oof.parquet, "
-        "views_test_folds.parquet), so a stack can choose views by their OOF; costs one more "
-        "pass per view over the held-out and test rows")
+        "views_test_folds.parquet), so a stack can choose views by their OOF; from the same "
+        "passes as the mean (the probe: a head per view on stored features)")
     train_seed: NonNegativeInt | None = opt(
         None, "seed of weights and batches (default: the fold seed)")
     device: str = opt("auto", "auto (GPU when present), cpu or cuda[:N]")

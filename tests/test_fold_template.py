@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import backbones
-from backbones.fold import FoldPredictor, checkpoint_weights, predict_views
+from backbones.fold import FoldPredictor, checkpoint_weights, predict_each_view, predict_views
 from oof.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,3 +105,20 @@ def test_the_one_prediction_loop_keeps_the_timm_arithmetic() -> None:
         images, views, trainer.predict_batch, 5, family.predict_batch_size, np.float32))
     in_float64 = predict_views(images, views, trainer.predict_batch, 5, 4, np.float64)
     assert not np.array_equal(in_float64, want)  # the accumulation dtype is part of the bits
+
+    # --tta-save-views: the mean and each view alone from one pass per view and batch, each the
+    # bits of predict_views over that view
+    calls = []
+
+    def counted(batch: np.ndarray, size: int) -> np.ndarray:
+        calls.append(len(batch))
+        return trainer.predict_batch(batch, size)
+
+    mean, alone = predict_each_view(images, views, counted, 5, 4, family.predict_dtype)
+    assert len(calls) == 3 * len(views) and sum(calls) == len(images) * len(views)
+    assert np.array_equal(mean, want) and alone.shape == (len(views), 11, 5)
+    for v, view in enumerate(views):
+        assert np.array_equal(alone[v], predict_views(images, [view], trainer.predict_batch, 5,
+                                                      4, family.predict_dtype))
+    empty = predict_each_view(images[:0], views, counted, 5, 4, np.float32)
+    assert empty[0].shape == (0, 5) and empty[1].shape == (len(views), 0, 5)

@@ -123,6 +123,12 @@ class ProbeFoldModel(FoldModel):
         return self.head.predict_proba(self.extractor.features(
             images, views, store=self.job.cfg.probe_feature_store))
 
+    def predict_each_view(self, images: np.ndarray, views: list[TTAView], num_classes: int,
+                          family: Family) -> tuple[np.ndarray, np.ndarray]:
+        """The head on the views' mean features, and on each view's own (from the store)."""
+        return (self.predict_views(images, views, num_classes, family),
+                np.stack([self.predict_views(images, [v], num_classes, family) for v in views]))
+
     def predict_batch(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         return self.predict_views(images, [], len(self.job.classes), None)  # type: ignore[arg-type]
 
