@@ -47,16 +47,18 @@ CHUNK = 64  # images per decode task: small enough to spread over workers, big e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB: 16-bit and float scaled, alpha composited on white.
+    """Convert any Pillow mode to RGB: 16-bit, 32-bit and float scaled, alpha composited on white.
 
     16-bit pictures are scaled by 65535 whatever their content, so a dark one stays dark: the
-    I;16 modes, and mode I from a 16-bit PGM/PPM (Pillow scales its maxval to 65535). Only an
-    I or F image of another origin (32-bit TIFF) is judged by its largest value.
+    I;16 modes, and mode I from a 16-bit PGM/PPM (Pillow scales its maxval to 65535). Any other
+    I or F image (a 32-bit integer or float TIFF) carries no declared range, so it is scaled by
+    the smallest common full scale that holds its largest value (``_full_scale``), so a float
+    image in [0, 1] is not read as near black.
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
         sixteen = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM")
-        top = 65535.0 if sixteen or arr.max(initial=0) > 255 else 255.0
+        top = 65535.0 if sixteen else _full_scale(arr, floating=img.mode == "F")
         arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode == "P":
@@ -68,6 +70,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode != "RGB":
         return img.convert("RGB")
     return img
+
+
+def _full_scale(arr: np.ndarray, floating: bool) -> float:
+    """The white level of an image without a declared range: 1 (float images only), 255, 65535
+    or 2^31 - 1 (Pillow's mode I is signed 32-bit), the smallest that holds the largest finite
+    value. Negative values are clipped to black by the caller."""
+    top = float(arr[np.isfinite(arr)].max(initial=0.0))
+    scales = ((1.0,) if floating else ()) + (255.0, 65535.0, 2.0 ** 31 - 1)
+    return next((s for s in scales if top <= s), top)
 
 
 def decode_rgb(path: str | os.PathLike[str], size: int | None = None,
@@ -111,9 +122,12 @@ def read_rgb(path: str | os.PathLike[str], size: int | None = None,
 
 
 def _cache_key(paths: Sequence[str], size: int, resize: Resize = "squash") -> str:
-    # squash keeps the key of the caches written before policies existed, so they stay valid
-    digest = hashlib.sha256(f"v1|{size}".encode() if resize == "squash"
-                            else f"v1|{size}|{resize}".encode())
+    # squash keeps the key of the caches written before policies existed, so they stay valid;
+    # v2: 32-bit and float TIFFs decode by their full scale (``to_rgb``), so a cache that holds
+    # a TIFF is rebuilt once, and every other cache keeps its key
+    version = "v2" if any(str(p).lower().endswith((".tif", ".tiff")) for p in paths) else "v1"
+    digest = hashlib.sha256(f"{version}|{size}".encode() if resize == "squash"
+                            else f"{version}|{size}|{resize}".encode())
     for p in paths:
         st = os.stat(p)
         digest.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())

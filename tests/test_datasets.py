@@ -391,6 +391,30 @@ def test_sixteen_bit_keeps_its_range(tmp_path: Path) -> None:
     assert np.all(np.diff(arr[..., 0].ravel().astype(int)) >= 0)  # monotone, not wrapped
 
 
+@pytest.mark.parametrize(("dtype", "white", "expected"), [
+    (np.float32, 1.0, 255),          # float in [0, 1]: read as near black before
+    (np.float32, 255.0, 255),        # float on the 8-bit scale
+    (np.float32, 65535.0, 255),      # float on the 16-bit scale
+    (np.int32, 255, 255),            # 8-bit values stored as 32 bits
+    (np.int32, 2 ** 31 - 1, 255),    # the full signed 32-bit range: clipped to white before
+])
+def test_thirty_two_bit_and_float_tiffs_are_scaled_by_their_full_scale(
+        tmp_path: Path, dtype: type, white: float, expected: int) -> None:
+    """A 32-bit or float TIFF declares no range: a half-grey-to-white ramp on its scale comes out
+    as the same ramp in 8 bits, with NaN as black."""
+    ramp = (np.linspace(0.5, 1.0, 16 * 16) * white).astype(dtype).reshape(16, 16)
+    if np.issubdtype(dtype, np.floating):
+        ramp[0, 0] = np.nan
+    path = tmp_path / "ramp.tif"
+    Image.fromarray(ramp).save(path, format="TIFF")
+    with Image.open(path) as check:
+        assert check.mode == ("F" if np.issubdtype(dtype, np.floating) else "I")
+    arr = read_rgb(path)[..., 0].ravel().astype(int)
+    assert arr[-1] == expected and abs(arr[1] - 127) <= 1
+    assert arr[0] == (0 if np.issubdtype(dtype, np.floating) else 127)
+    assert np.all(np.diff(arr[1:]) >= 0)
+
+
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     """Orientation 6 = 'rotate 90 degrees clockwise to display': the stored left half (red)
     must end up on top and the stored right half (blue) at the bottom."""

@@ -7,6 +7,8 @@ view must answer every lookup the backends make exactly as the array it replaces
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 import signal
 import subprocess
@@ -63,6 +65,33 @@ def test_cache_key_and_name_record_size_and_policy(photos: list[str], tmp_path: 
     assert "_squash" not in cache_path(photos, 16, tmp_path).name
     with pytest.raises(ValueError, match="squash"):
         cached_images(photos, 16, tmp_path, "stretch")  # type: ignore[arg-type]
+
+
+def _key_before_tiff_scaling(paths: list[str], size: int) -> str:
+    """The squash cache key as it was before 32-bit and float TIFFs were scaled by their full
+    scale: the compatibility contract for caches already on users' disks."""
+    digest = hashlib.sha256(f"v1|{size}".encode())
+    for p in paths:
+        st = os.stat(p)
+        digest.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def test_caches_of_tiffs_are_rebuilt_once_and_others_keep_their_key(photos: list[str],
+                                                                     tmp_path: Path) -> None:
+    """A float TIFF used to decode near black: a cache built then must not be read again, while
+    a cache of JPEGs and PNGs keeps its name (no rebuild on upgrade)."""
+    assert cache_path(photos, 16, tmp_path).name.endswith(
+        f"_{_key_before_tiff_scaling(photos, 16)}.npy")
+    tiff = tmp_path / "float.tif"
+    Image.fromarray(np.full((20, 20), 0.8, dtype=np.float32)).save(tiff, format="TIFF")
+    paths = [*photos[:3], str(tiff)]
+    stale = tmp_path / f"images_16px_4_{_key_before_tiff_scaling(paths, 16)}.npy"
+    np.save(stale, np.zeros((4, 16, 16, 3), dtype=np.uint8))  # what the old decoder wrote
+    images = cached_images(paths, 16, tmp_path, progress=False)
+    assert cache_path(paths, 16, tmp_path) != stale
+    assert int(images[3].min()) == int(images[3].max()) == 204  # 0.8 of white, not black
+    np.testing.assert_array_equal(images, decode_images(paths, 16))
 
 
 def test_resize_policies(tmp_path: Path) -> None:
