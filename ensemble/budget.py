@@ -157,23 +157,30 @@ def valid_subset(cands: list[Candidate], members: tuple[int, ...]) -> bool:
 Scorer = Callable[[tuple[int, ...]], dict[str, float]]
 
 
+def level2_oof(cands: list[Candidate], members: tuple[int, ...], y: np.ndarray,
+               folds: np.ndarray, method: str, params: dict[str, Any],
+               rows: np.ndarray | None = None) -> np.ndarray:
+    """The level-2 CV OOF of ``method`` on a subset, over the stored folds of ``rows`` (all
+    rows by default)."""
+    n_classes = cands[0].oof.shape[1]
+    X = np.hstack([cands[i].oof if rows is None else cands[i].oof[rows] for i in members])
+    y_rows, folds_rows = (y, folds) if rows is None else (y[rows], folds[rows])
+    if method in LABEL_FREE and not params and len(np.unique(y_rows)) == n_classes:
+        return label_free_proba(method, X, n_classes)
+    return cross_val_level2(method, make_stacker(method, **params), X, y_rows, folds_rows,
+                            n_classes).oof
+
+
 def cv_scorer(cands: list[Candidate], y: np.ndarray, folds: np.ndarray, method: str,
               params: dict[str, Any], rows: np.ndarray | None = None) -> Scorer:
     """Level-2 CV score of ``method`` on a subset, over the stored folds of ``rows`` (all rows
     by default; the other folds' rows in nested CV), cached per subset."""
-    n_classes = cands[0].oof.shape[1]
     cache: dict[tuple[int, ...], dict[str, float]] = {}
-    y_rows, folds_rows = (y, folds) if rows is None else (y[rows], folds[rows])
+    y_rows = y if rows is None else y[rows]
 
     def score(members: tuple[int, ...]) -> dict[str, float]:
         if members not in cache:
-            X = np.hstack([cands[i].oof if rows is None else cands[i].oof[rows]
-                           for i in members])
-            if method in LABEL_FREE and not params and len(np.unique(y_rows)) == n_classes:
-                oof = label_free_proba(method, X, n_classes)
-            else:
-                oof = cross_val_level2(method, make_stacker(method, **params), X, y_rows,
-                                       folds_rows, n_classes).oof
+            oof = level2_oof(cands, members, y, folds, method, params, rows)
             cache[members] = {**scores(y_rows, oof), "ece": ece(y_rows, oof)}
         return cache[members]
     return score

@@ -24,6 +24,7 @@ from ensemble.budget import (
     cv_scorer,
     exact_limit,
     fit_predict,
+    level2_oof,
     nested_cv,
     search,
 )
@@ -93,8 +94,8 @@ HELD_OUT_FOOTNOTE = _calibration_footnote("held_out_", "image")
 
 # The budget front: one row per point better than every cheaper one (CV over the stored folds
 # of the search method; the held-out columns where the dataset has held-out labels).
-FRONT_COLUMNS = ["passes", "ms_per_image", "runs", "log_loss", "accuracy", "ece",
-                 "held_out_log_loss", "held_out_accuracy", "chosen"]
+FRONT_COLUMNS = ["passes", "ms_per_image", "runs", "log_loss", "accuracy", "ece", "ece_floor",
+                 "calibration_p", "held_out_log_loss", "held_out_accuracy", "chosen"]
 
 
 @config_dataclass
@@ -620,6 +621,7 @@ class BudgetChoice:
     search: Search
     nested: Any  # ensemble.budget.Nested, or None with fewer than 3 folds
     y: np.ndarray
+    folds: np.ndarray  # each OOF row's stored fold
 
     def names(self, members: tuple[int, ...]) -> list[str]:
         return [self.cands[i].name for i in members]
@@ -661,7 +663,8 @@ class BudgetChoice:
         for n, p in enumerate(points):
             out.append({**p.cost.row(), "runs": "+".join(self.names(p.members)),
                         "log_loss": p.scores["log_loss"], "accuracy": p.scores["accuracy"],
-                        "ece": p.scores.get("ece"),
+                        **calibration(y, level2_oof(self.cands, p.members, y, self.folds,
+                                                    self.method, self.params)),
                         "held_out_log_loss": held[n]["held_out_log_loss"] if held else None,
                         "held_out_accuracy": held[n]["held_out_accuracy"] if held else None,
                         "chosen": "* (optimistic)" if p is chosen else ""})
@@ -706,7 +709,8 @@ def choose_under_budget(runs: list[Run], folds: Folds, cfg: StackConfig) -> Budg
     found = search(cands, cv_scorer(cands, y, folds.fold, method, params), cfg.metric, budget,
                    limit)
     nested = nested_cv(cands, y, folds.fold, method, params, cfg.metric, budget, limit)
-    choice = BudgetChoice(budget, method, params, cfg.metric, cands, found, nested, y)
+    choice = BudgetChoice(budget, method, params, cfg.metric, cands, found, nested, y,
+                          folds.fold)
     log.info("budget: %s chosen (%s), %d subsets scored", choice.names(found.chosen.members),
              found.chosen.cost.row(), len(found.points))
     return choice

@@ -467,6 +467,10 @@ def test_budgeted_stack_serves_the_chosen_runs_and_shows_cost_and_front(tmp_path
     assert [p["passes"] for p in front] == sorted(p["passes"] for p in front)
     assert [p["chosen"] for p in front].count("* (optimistic)") == 1
     assert all(p["held_out_accuracy"] is not None for p in front)
+    # each point's ECE beside its chance floor, from the same level-2 OOF the search scored
+    [top] = [p for p in front if p["chosen"]]
+    assert top["ece"] == pytest.approx(res.report["budget"]["chosen_cv_scores"]["ece"], abs=1e-12)
+    assert all(p["ece_floor"] > 0 and 0 <= p["calibration_p"] <= 1 for p in front)
     held = {r["model"]: r for r in res.held_out}
     assert held["tta"]["passes"] == 6 and "held_out_ece" in held["good"]
     good = held["good"]
