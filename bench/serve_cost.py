@@ -2,15 +2,18 @@
 """What the ensemble costs to serve and what it keeps (issue 30 item 6), on the demo.
 
 For the full stack, each point of the budget front and a distilled student (a run whose meta.json
-says ``student: true``, if the run root holds one): held-out accuracy, log loss and ECE (15 bins)
-on the demo's held-out labels, forward passes per image, the recorded ms per image, and measured
-images/s of predict.py's library in-process (``Ensemble.predict_proba`` on encoded files) and of
-the service (serve.py under waitress on 127.0.0.1, one client POSTing the same batches).
+says ``student: true``, if the run root holds one): held-out accuracy, log loss and ECE (15 bins,
+beside the ECE a calibrated predictor scores by chance on these images and its p: see
+``oof.metrics.ece_floor``) on the demo's held-out labels, forward passes per image, the
+recorded ms per image, and measured images/s of predict.py's library in-process
+(``Ensemble.predict_proba`` on encoded files) and of the service (serve.py under waitress on
+127.0.0.1, one client POSTing the same batches).
 
 It trains nothing. The run root is copied to --work first (the original is never written);
 the front points and the student are stacked there with stack.py (``--budget P``; the student
-alone, served by its refit model when it has one). What the copy lacks is printed with the
-command that makes it:
+alone, served by its refit model when it has one; ``--temperature auto``, so a point's output is
+temperature-scaled where that lowers its CV log loss, marked ``+T``). What the copy lacks is
+printed with the command that makes it:
 
 - refit models and per-view rows (for refit/view points on the front): train the runs with
   ``run_folds.py --config configs/demo/<config>.yaml --out runs --refit-full --tta-save-views``
@@ -46,7 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ensemble.cost import Cost  # noqa: E402
 from ensemble.saved import read_stacker_info  # noqa: E402
 from ensemble.variants import load_variant_run  # noqa: E402
-from oof.metrics import accuracy, ece, log_loss  # noqa: E402
+from oof.metrics import accuracy, calibration, log_loss  # noqa: E402
 from oof.rundir import find_runs, load_run  # noqa: E402
 
 
@@ -64,10 +67,12 @@ def copy_root(root: Path, work: Path) -> Path:
     return dest
 
 
-def stack(work: Path, data: str, name: str, runs: list[str], method: str, *flags: str) -> Path:
+def stack(work: Path, data: str, name: str, runs: list[str], method: str, temperature: str,
+          *flags: str) -> Path:
     """stack.py into the copy (its own process: it prints the table and the front)."""
     cmd = [sys.executable, str(ROOT / "stack.py"), "--data", data, "--out", str(work),
-           "--runs", *runs, "--method", method, "--compare", "false", "--name", name, *flags]
+           "--runs", *runs, "--method", method, "--compare", "false", "--name", name,
+           "--temperature", temperature, *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
@@ -82,7 +87,7 @@ def held_out(stack_dir: Path, data_root: Path) -> dict[str, float]:
     classes = list(sub.columns)
     p = sub.loc[truth["Id"], classes].to_numpy(float)
     y = np.array([classes.index(c) for c in truth["Category"]])
-    return {"accuracy": accuracy(y, p), "log_loss": log_loss(y, p), "ece": ece(y, p)}
+    return {"accuracy": accuracy(y, p), "log_loss": log_loss(y, p), **calibration(y, p)}
 
 
 def served_cost(stack_dir: Path) -> tuple[Cost, list[str]]:
@@ -120,6 +125,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="every model is timed once per round, "
                     "rounds interleaved, and its fastest round is the figure: a slow spell of a "
                     "shared machine then cannot land on one model only")
+    ap.add_argument("--temperature", default="auto", choices=("off", "auto", "always"),
+                    help="stack.py --temperature of the stacks made here (front points, "
+                         "students); the full stack is served as --stack was made")
     args = ap.parse_args()
     from oof.datasets import load_dataset
 
@@ -145,27 +153,30 @@ def main() -> None:
         missing.append("ms_per_image not recorded by these runs (trained before issue 30)")
 
     entries: list[tuple[str, Path]] = [(f"full stack ({args.stack})", full)]
-    front_stack = stack(work, args.data, "serve-cost-front", teachers, method, "--budget",
-                        str(full_cost.passes))
+    front_stack = stack(work, args.data, "serve-cost-front", teachers, method, args.temperature,
+                        "--budget", str(full_cost.passes))
     front = json.loads((front_stack / "report.json").read_text())["front"]
     for point in front:
         if point["passes"] < full_cost.passes:
             name = f"serve-cost-b{point['passes']}"
             entries.append((f"front {point['passes']} passes",
-                            stack(work, args.data, name, teachers, method, "--budget",
-                                  str(point["passes"]))))
+                            stack(work, args.data, name, teachers, method,
+                                  args.temperature, "--budget", str(point["passes"]))))
     for s in students:
         run = next(r for r in level1 if r.name == s)
         flags = ["--budget", str(run.meta["refit"]["passes_per_image"])] if run.meta.get(
             "refit") else []
         entries.append((f"student {s}", stack(work, args.data, f"serve-cost-{s}", [s], "mean",
-                                              *flags)))
+                                              args.temperature, *flags)))
 
     files = sorted((data_root / "test_upload").iterdir())
     blobs = [p.read_bytes() for p in files[:args.batch * args.batches]]
     rows: list[dict[str, Any]] = []
     for label, stack_dir in entries:
         cost, served = served_cost(stack_dir)
+        t = json.loads((stack_dir / "report.json").read_text()).get("temperature")
+        if t and t["applied"]:  # the served output is divided by T (ensemble.calibrate)
+            label += f" +T {t['temperature']:.3f}"
         rows.append({"model": label, "runs": "+".join(served), **held_out(stack_dir, data_root),
                      **cost.row(), "predict_img_s": 0.0, "service_img_s": 0.0})
     for k in range(args.rounds):
@@ -179,14 +190,15 @@ def main() -> None:
           f" {args.batches} batches of {args.batch} images, {os.cpu_count()} CPU cores; "
           f"stacker {method}; img/s the fastest of {args.rounds} interleaved rounds; x stack: "
           "against the full stack's in the same run")
-    print("| model | runs served | held-out acc | log loss | ECE | passes | ms/image | "
-          "predict.py img/s | x stack | service img/s | x stack |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | runs served | held-out acc | log loss | ECE | ECE floor | calibration p | "
+          "passes | ms/image | predict.py img/s | x stack | service img/s | x stack |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = rows[0]
     for r in rows:
         ms = "" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}"
         print(f"| {r['model']} | {r['runs']} | {r['accuracy']:.4f} | {r['log_loss']:.4f} | "
-              f"{r['ece']:.4f} | {r['passes']} | {ms} | {r['predict_img_s']:.1f} | "
+              f"{r['ece']:.4f} | {r['ece_floor']:.4f} | {r['calibration_p']:.2f} | "
+              f"{r['passes']} | {ms} | {r['predict_img_s']:.1f} | "
               f"{r['predict_img_s'] / base['predict_img_s']:.2f} | {r['service_img_s']:.1f} | "
               f"{r['service_img_s'] / base['service_img_s']:.2f} |")
     for m in missing:
