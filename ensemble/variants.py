@@ -30,7 +30,9 @@ from oof.rundir import REFIT_DIR, REFIT_MARKER, Run, load_run
 
 FOLDS = Variant()
 REFIT_NOTE = ("refit model: no OOF of its own; the OOF shown is its run's K fold models' "
-              "(each OOF row is one fold model's prediction)")
+              "(each OOF row is one fold model's prediction), its ECE too: a refit model is "
+              "more confident than one fold model, so it can serve overconfident "
+              "(docs/stacking.md)")
 
 
 @dataclass

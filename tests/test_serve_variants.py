@@ -56,6 +56,7 @@ def test_refit_and_view_variants_are_chosen_recorded_and_served(
     assert report["budget"]["passes_chosen"] == 1
     rows = {r["model"]: r for r in report["table"]}
     assert "no OOF of its own" in rows[f"{RUN}[refit:{view}]"]["note"]
+    assert "can serve overconfident" in rows[f"{RUN}[refit:{view}]"]["note"]
     assert rows[RUN]["passes"] == 4 and rows["stack-logreg"]["passes"] == 1
     bundle = tmp_path / "bundle"
     _py("-m", "serve.bundle", str(refit), "--out", str(bundle))
