@@ -96,7 +96,8 @@ ECE_FLOOR_WORK = 50_000_000
 
 
 def ece_floor(y: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS,
-              draws: int | None = None, seed: int = 0) -> tuple[float, float]:
+              draws: int | None = None, seed: int = 0,
+              observed: float | None = None) -> tuple[float, float]:
     """(floor, p): the ECE that exactly calibrated probabilities score on these rows by chance,
     and the share of such chance scores at least the observed ECE.
 
@@ -107,14 +108,16 @@ def ece_floor(y: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS,
     Smith 2007); ``floor`` is the draws' mean ECE. A small ``p`` says the miscalibration is real;
     a large one that the observed ECE is what chance gives a calibrated predictor on this many
     rows. Seeded, so a table shows the same figures each time. ``draws``: default 1,000, fewer
-    above 50,000 rows (``ECE_FLOOR_WORK``), 100 at least.
+    above 50,000 rows (``ECE_FLOOR_WORK``), 100 at least. ``observed``: the ECE of these rows
+    when the caller has it already (else computed here).
     """
     y, proba = _scored(y, proba)
     if not len(y):
         return float("nan"), float("nan")
     if draws is None:
         draws = min(ECE_FLOOR_DRAWS, max(100, ECE_FLOOR_WORK // len(y)))
-    observed = ece(y, proba, n_bins)
+    if observed is None:
+        observed = ece(y, proba, n_bins)
     conf = proba.max(axis=1).astype(np.float64)
     b = _ece_bins(conf, n_bins)
     conf_sum = np.bincount(b, weights=conf, minlength=n_bins)
@@ -132,8 +135,9 @@ def ece_floor(y: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS,
 def calibration(y: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, float]:
     """``ece`` beside ``ece_floor`` and ``calibration_p``: an ECE means little without what
     chance gives a calibrated predictor on the same rows (see ``ece_floor``)."""
-    floor, calibration_p = ece_floor(y, proba, n_bins)
-    return {"ece": ece(y, proba, n_bins), "ece_floor": floor, "calibration_p": calibration_p}
+    observed = ece(y, proba, n_bins)
+    floor, calibration_p = ece_floor(y, proba, n_bins, observed=observed)
+    return {"ece": observed, "ece_floor": floor, "calibration_p": calibration_p}
 
 
 def scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:

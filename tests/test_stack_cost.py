@@ -35,7 +35,7 @@ from ensemble.saved import load_stacker
 from ensemble.stack import stack_runs
 from ensemble.stackers import make_stacker
 from oof.errors import ConfigError
-from oof.metrics import ece, ece_floor, log_loss
+from oof.metrics import calibration, ece, ece_floor, log_loss
 from oof.rundir import Run, load_run
 from tests.synthetic import synthetic_run
 from tests.test_stack import N_TEST, Project
@@ -75,6 +75,9 @@ def test_ece_floor_is_the_exact_chance_ece_of_one_bin() -> None:
     assert floor == pytest.approx(exact, abs=0.003)
     assert chance_p == pytest.approx(2 * binom.cdf(150, n, c), abs=0.03)  # |dev| >= 10 hits
     assert ece_floor(y, p) == (floor, chance_p)  # seeded
+    # calibration() hands its ECE to ece_floor (computed once): the same three figures
+    assert calibration(y, p) == {"ece": ece(y, p), "ece_floor": floor, "calibration_p": chance_p}
+    assert ece_floor(y, p, observed=1.0)[1] == 0.0  # p: draws at least the observed ECE
     # NaN rows are skipped; certainty that is always right is exactly calibrated
     assert ece_floor(np.r_[y, 0], np.vstack([p, [np.nan, np.nan]])) == (floor, chance_p)
     assert ece_floor(np.zeros(5, int), np.tile([1.0, 0.0], (5, 1))) == (0.0, 1.0)
