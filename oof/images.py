@@ -52,8 +52,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     16-bit pictures are scaled by 65535 whatever their content, so a dark one stays dark: the
     I;16 modes, and mode I from a 16-bit PGM/PPM (Pillow scales its maxval to 65535). Any other
     I or F image (a 32-bit integer or float TIFF) carries no declared range, so it is scaled by
-    the smallest common full scale that holds its largest value (``_full_scale``), so a float
-    image in [0, 1] is not read as near black.
+    the smallest common full scale that holds its largest value (``_full_scale``): a float
+    image in [0, 1] is then not read as near black.
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
